@@ -1,0 +1,50 @@
+"""The library's own exceptions.
+
+Driver exceptions (asyncpg, nats) are mapped to these at the boundary, with the original kept as ``__cause__``.
+Every message says what went wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "DeserializationError",
+    "EventBusError",
+    "MigrationsMissing",
+    "NotInTransaction",
+    "RegistrationError",
+    "UnknownTopic",
+]
+
+
+class EventBusError(Exception):
+    """Base class of every error raised by eventbus."""
+
+
+class ConfigurationError(EventBusError):
+    """A setting is invalid (schema name, DSN, option value)."""
+
+
+class RegistrationError(EventBusError):
+    """An event class or a handler cannot be registered as declared."""
+
+
+class UnknownTopic(EventBusError):
+    """A topic name has no registered event class."""
+
+
+class DeserializationError(EventBusError):
+    """A payload does not decode into its event class; it becomes a ``DeserializationFailed`` dead letter."""
+
+
+class NotInTransaction(EventBusError):
+    """``publish`` was given a connection that is not inside a transaction."""
+
+
+class DatabaseUnavailable(EventBusError):
+    """The database cannot be reached."""
+
+
+class MigrationsMissing(EventBusError):
+    """The database schema is older than this version of eventbus expects."""

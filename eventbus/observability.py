@@ -1,0 +1,57 @@
+"""OpenTelemetry: W3C trace context carried in row headers, spans around handling, metric instruments.
+
+Uses only ``opentelemetry-api``; with no SDK configured every call here is a cheap no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import metrics, propagate, trace
+
+__all__ = ["Instruments", "handle_span", "inject_headers"]
+
+_tracer = trace.get_tracer("eventbus")
+_meter = metrics.get_meter("eventbus")
+
+
+def inject_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current trace context (traceparent, tracestate) to ``headers`` and return them."""
+    propagate.inject(headers)
+    return headers
+
+
+@contextmanager
+def handle_span(subscriber: str, topic: str, headers: Mapping[str, str], attempt: int) -> Iterator[Any]:
+    """A consumer span for one handler attempt, parented on the producer's context from the row headers."""
+    context = propagate.extract(headers) if "traceparent" in headers else None
+    with _tracer.start_as_current_span(
+        f"{topic} process",
+        context=context,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "eventbus",
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": subscriber,
+            "eventbus.attempt": attempt,
+        },
+    ) as span:
+        yield span
+
+
+class Instruments:
+    """The bus's metric instruments (counters and a histogram), created once per process."""
+
+    def __init__(self) -> None:
+        self.published = _meter.create_counter("eventbus.published", description="events offered to the outbox")
+        self.delivered = _meter.create_counter("eventbus.delivered", description="handler attempts that succeeded")
+        self.failed = _meter.create_counter("eventbus.failed", description="handler attempts that failed")
+        self.dead_lettered = _meter.create_counter("eventbus.dead_lettered", description="deliveries dead-lettered")
+        self.duplicates = _meter.create_counter(
+            "eventbus.duplicates_skipped", description="identical redeliveries skipped by the inbox"
+        )
+        self.latency = _meter.create_histogram(
+            "eventbus.commit_to_handler", unit="s", description="time from offer to handler start"
+        )

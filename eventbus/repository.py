@@ -1,0 +1,421 @@
+"""The only code that speaks SQL: the outbox and the dead-letter table.
+
+Every method is one statement (or one bounded batch of statements for purges) built from the named queries in
+``sql/queries.sql``. Completions are fenced: a relay can only settle rows it still holds at the attempt it
+claimed, so a relay whose lease ran out cannot overwrite a newer claim.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum, StrEnum
+from typing import Any
+
+import anyio
+import asyncpg
+import msgspec
+
+from ._typing import Connection
+from .events import Envelope, partition_of
+from .ids import max_id_for, min_id_for, new_id
+from .sql import Queries
+
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterRepository",
+    "NewEvent",
+    "OfferResult",
+    "OutboxRepository",
+    "Reason",
+    "Settlement",
+    "Status",
+]
+
+#: Stored error text is cut to this many characters (tracebacks can be long and can carry secrets).
+MAX_ERROR_CHARS = 4096
+
+_json = msgspec.json.Encoder()
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+class Status(IntEnum):
+    PENDING = 0
+    IN_FLIGHT = 1
+    PUBLISHED = 2
+    DEAD = 3
+
+
+class Reason(StrEnum):
+    """Why a delivery ended in the dead-letter table."""
+
+    DELIVERY_FAILED = "DeliveryFailed"
+    DESERIALIZATION_FAILED = "DeserializationFailed"
+    DUPLICATE_EVENT = "DuplicateEvent"
+    HANDLER_MISSING = "HandlerMissing"
+    HANDLER_TIMEOUT = "HandlerTimeout"
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An encoded event ready to be offered to the outbox."""
+
+    topic: str
+    payload: bytes
+    key: str | None = None
+    target: str | None = None
+    tenant: str = ""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    delay: float = 0.0
+    idempotency_key: str | None = None
+    event_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OfferResult:
+    """What an offer inserted: one id per offered event, ``None`` where its idempotency key already existed."""
+
+    ids: tuple[uuid.UUID | None, ...]
+
+    @property
+    def inserted(self) -> tuple[uuid.UUID, ...]:
+        return tuple(i for i in self.ids if i is not None)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(1 for i in self.ids if i is None)
+
+
+@dataclass(slots=True)
+class Settlement:
+    """The outcome of a claimed batch, written back in one statement by :meth:`OutboxRepository.complete`."""
+
+    ids: list[uuid.UUID] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    retry_sources: list[uuid.UUID] = field(default_factory=list)
+    retry_ids: list[uuid.UUID] = field(default_factory=list)
+    retry_targets: list[str] = field(default_factory=list)
+    retry_attempts: list[int] = field(default_factory=list)
+    retry_delays: list[float] = field(default_factory=list)
+    retry_errors: list[str | None] = field(default_factory=list)
+    dead_sources: list[uuid.UUID] = field(default_factory=list)
+    dead_ids: list[uuid.UUID] = field(default_factory=list)
+    dead_reasons: list[str] = field(default_factory=list)
+    dead_subscribers: list[str | None] = field(default_factory=list)
+    dead_attempts: list[int] = field(default_factory=list)
+    dead_error_types: list[str | None] = field(default_factory=list)
+    dead_errors: list[str | None] = field(default_factory=list)
+
+    def settle(self, row: Envelope, status: Status, *, delay: float = 0.0, error: str | None = None) -> None:
+        """Give a claimed row its final status (or, with PENDING, send it back after ``delay`` seconds)."""
+        self.ids.append(row.id)
+        self.attempts.append(row.attempts)
+        self.statuses.append(int(status))
+        self.delays.append(delay)
+        self.errors.append(error)
+
+    def retry(self, row: Envelope, subscriber: str, *, delay: float, error: str | None) -> None:
+        """Cut a row targeted at ``subscriber`` alone from a claimed row, due after ``delay`` seconds."""
+        self.retry_sources.append(row.id)
+        self.retry_ids.append(new_id())
+        self.retry_targets.append(subscriber)
+        self.retry_attempts.append(row.attempts)
+        self.retry_delays.append(delay)
+        self.retry_errors.append(error)
+
+    def dead_letter(
+        self,
+        row: Envelope,
+        reason: Reason,
+        subscriber: str | None,
+        *,
+        error_type: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record a dead letter for ``subscriber``'s delivery of a claimed row."""
+        self.dead_sources.append(row.id)
+        self.dead_ids.append(new_id())
+        self.dead_reasons.append(str(reason))
+        self.dead_subscribers.append(subscriber)
+        self.dead_attempts.append(row.attempts)
+        self.dead_error_types.append(error_type)
+        self.dead_errors.append(error)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: uuid.UUID
+    source: str
+    reason: str
+    event_id: uuid.UUID
+    outbox_id: uuid.UUID | None
+    tenant: str
+    topic: str
+    key: str | None
+    subscriber: str | None
+    payload: str
+    headers: dict[str, str]
+    attempts: int
+    error_type: str | None
+    error: str | None
+    failed_at: datetime
+    replayed_at: datetime | None
+    replay_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters to list, count, replay or purge. Every field narrows; None means any."""
+
+    reason: str | None = None
+    subscriber: str | None = None
+    topic: str | None = None
+    tenant: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    include_replayed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reason is not None and self.reason not in {r.value for r in Reason}:
+            known = ", ".join(r.value for r in Reason)
+            raise ValueError(f"unknown reason {self.reason!r}; use one of {known}")
+
+    def params(self) -> tuple[Any, ...]:
+        since = min_id_for(self.since) if self.since else None
+        until = max_id_for(self.until) if self.until else None
+        return (self.reason, self.subscriber, self.topic, self.tenant, since, until, self.include_replayed)
+
+
+def cap_error(text: str | None, redact: Callable[[str], str] | None = None) -> str | None:
+    """Redact (when a hook is set) and cut error text to :data:`MAX_ERROR_CHARS`."""
+    if text is None:
+        return None
+    if redact is not None:
+        text = redact(text)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 20] + " … [truncated]"
+    return text
+
+
+def envelope_from_row(row: asyncpg.Record) -> Envelope:
+    return Envelope(
+        id=row["id"],
+        event_id=row["event_id"],
+        topic=row["topic"],
+        payload=row["payload"].encode(),
+        key=row["key"],
+        target=row["target"],
+        tenant=row["tenant"],
+        headers=_headers_decoder.decode(row["headers"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+    )
+
+
+def _dead_letter_from_row(row: asyncpg.Record) -> DeadLetter:
+    values = dict(row.items())
+    values["headers"] = _headers_decoder.decode(values["headers"])
+    return DeadLetter(**values)
+
+
+class OutboxRepository:
+    """Offers, claims, settles, reclaims and purges outbox rows."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str = "eventbus") -> None:
+        self.pool = pool
+        self.queries = Queries(schema)
+        self.channel = f"eventbus_{schema}"
+
+    async def offer(self, connection: Connection, events: Sequence[NewEvent]) -> OfferResult:
+        """Insert ``events`` in the caller's transaction, in one round trip.
+
+        A repeated ``idempotency_key`` (per tenant) inserts nothing; its slot in the result is ``None``.
+        Relays are woken when the transaction commits, and only for events that are due now.
+        """
+        if not events:
+            return OfferResult(())
+        ids = [new_id() for _ in events]
+        rows = await connection.fetch(
+            self.queries.offer,
+            ids,
+            [e.event_id or i for e, i in zip(events, ids, strict=True)],
+            [e.tenant for e in events],
+            [e.topic for e in events],
+            [e.key for e in events],
+            [partition_of(e.key) for e in events],
+            [e.target for e in events],
+            [e.payload.decode() for e in events],
+            [_json.encode(e.headers).decode() for e in events],
+            [e.delay for e in events],
+            [e.idempotency_key for e in events],
+            self.channel,
+        )
+        if len(rows) == len(ids):
+            return OfferResult(tuple(ids))
+        inserted = {row["id"] for row in rows}
+        return OfferResult(tuple(i if i in inserted else None for i in ids))
+
+    async def take_pending(
+        self, limit: int, lease: float, worker: str, *, partitions: Sequence[int] | None = None
+    ) -> list[Envelope]:
+        """Claim up to ``limit`` due rows for ``lease`` seconds, oldest id first, skipping rows others hold.
+
+        With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
+        """
+        rows = await self.pool.fetch(
+            self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions)
+        )
+        claimed = [envelope_from_row(row) for row in rows]
+        claimed.sort(key=lambda e: e.id)
+        return claimed
+
+    async def complete(self, worker: str, settlement: Settlement) -> int:
+        """Write a batch's outcomes in one statement; return how many claimed rows were still ours to settle."""
+        if not settlement.ids:
+            return 0
+        s = settlement
+        with anyio.CancelScope(shield=True):
+            row = await self.pool.fetchrow(
+                self.queries.complete,
+                worker,
+                s.ids, s.attempts, s.statuses, s.delays, s.errors,
+                s.retry_sources, s.retry_ids, s.retry_targets, s.retry_attempts, s.retry_delays, s.retry_errors,
+                s.dead_sources, s.dead_ids, s.dead_reasons, s.dead_subscribers, s.dead_attempts,
+                s.dead_error_types, s.dead_errors,
+            )  # fmt: skip
+        assert row is not None
+        return int(row["settled"])
+
+    async def mark_published(self, worker: str, rows: Sequence[Envelope]) -> int:
+        """Mark claimed rows published (fenced by worker and attempt); return how many were."""
+        settlement = Settlement()
+        for row in rows:
+            settlement.settle(row, Status.PUBLISHED)
+        return await self.complete(worker, settlement)
+
+    async def mark_failed(
+        self,
+        worker: str,
+        row: Envelope,
+        *,
+        error: str,
+        retry_in: float | None = None,
+        reason: Reason = Reason.DELIVERY_FAILED,
+        subscriber: str | None = None,
+        error_type: str | None = None,
+    ) -> int:
+        """Send a claimed row back to pending after ``retry_in`` seconds, or, without it, dead-letter it."""
+        settlement = Settlement()
+        if retry_in is not None:
+            settlement.settle(row, Status.PENDING, delay=retry_in, error=cap_error(error))
+        else:
+            settlement.settle(row, Status.DEAD, error=cap_error(error))
+            settlement.dead_letter(
+                row, reason, subscriber or row.target, error_type=error_type, error=cap_error(error)
+            )
+        return await self.complete(worker, settlement)
+
+    async def renew(self, worker: str, ids: Sequence[uuid.UUID], lease: float) -> None:
+        """Extend the lease on rows ``worker`` still holds."""
+        with anyio.CancelScope(shield=True):
+            await self.pool.execute(self.queries.renew, worker, list(ids), lease)
+
+    async def reclaim_expired(self, batch: int = 1000) -> int:
+        """Return rows whose lease ran out to pending; return how many."""
+        total = 0
+        while True:
+            rows = await self.pool.fetch(self.queries.reclaim, batch)
+            total += len(rows)
+            if len(rows) < batch:
+                return total
+
+    async def purge(self, older_than: timedelta, *, batch: int = 5000, pause: float = 0.0) -> int:
+        """Delete published rows older than ``older_than`` in batches of ``batch``; return how many."""
+        bound = min_id_for(datetime.now(UTC) - older_than)
+        total = 0
+        while True:
+            status = await self.pool.execute(self.queries.purge_outbox, bound, batch)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total
+            if pause:
+                await anyio.sleep(pause)
+
+    async def get(self, row_id: uuid.UUID) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(self.queries.outbox_get, row_id)
+
+    async def counts(self) -> asyncpg.Record:
+        row = await self.pool.fetchrow(self.queries.outbox_counts)
+        assert row is not None
+        return row
+
+
+class DeadLetterRepository:
+    """The shared dead-letter table: add, list, get, count, purge (replay lives with the bus)."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str = "eventbus") -> None:
+        self.pool = pool
+        self.queries = Queries(schema)
+
+    async def add(
+        self,
+        *,
+        reason: Reason,
+        event_id: uuid.UUID,
+        topic: str,
+        payload: bytes,
+        subscriber: str | None = None,
+        key: str | None = None,
+        tenant: str = "",
+        headers: dict[str, str] | None = None,
+        attempts: int = 0,
+        error_type: str | None = None,
+        error: str | None = None,
+        source: str = "event",
+    ) -> uuid.UUID:
+        dead_id = new_id()
+        await self.pool.execute(
+            self.queries.dead_letter_add,
+            dead_id, source, str(reason), event_id, tenant, topic, key, subscriber, payload.decode(),
+            _json.encode(headers or {}).decode(), attempts, error_type, cap_error(error),
+        )  # fmt: skip
+        return dead_id
+
+    async def list(
+        self, where: DeadLetterFilter | None = None, *, limit: int = 100, before: uuid.UUID | None = None
+    ) -> list[DeadLetter]:
+        """One page of dead letters, newest first; pass the last id of a page as ``before`` for the next."""
+        params = (where or DeadLetterFilter()).params()
+        rows = await self.pool.fetch(self.queries.dead_letter_list, *params, before, limit)
+        return [_dead_letter_from_row(row) for row in rows]
+
+    async def get(self, dead_letter_id: uuid.UUID) -> DeadLetter | None:
+        row = await self.pool.fetchrow(self.queries.dead_letter_get, dead_letter_id)
+        return None if row is None else _dead_letter_from_row(row)
+
+    async def count(self) -> dict[tuple[str, str | None], int]:
+        """Unreplayed dead letters by (reason, subscriber)."""
+        rows = await self.pool.fetch(self.queries.dead_letter_counts)
+        return {(row["reason"], row["subscriber"]): row["count"] for row in rows}
+
+    async def purge(
+        self, older_than: timedelta, *, include_unreplayed: bool = False, batch: int = 5000
+    ) -> int:
+        """Delete dead letters older than ``older_than`` (only replayed ones unless asked); return how many."""
+        bound = min_id_for(datetime.now(UTC) - older_than)
+        total = 0
+        while True:
+            status = await self.pool.execute(self.queries.dead_letter_purge, bound, batch, include_unreplayed)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total

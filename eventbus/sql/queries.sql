@@ -1,0 +1,314 @@
+-- Named queries. Each block: a "-- name: NAME" header, one line of purpose, then its parameters as "-- $N name type".
+-- __schema__ is replaced by the validated, quoted schema name when the file is loaded.
+
+-- name: offer
+-- Insert a batch of events in the caller's transaction; skip repeated idempotency keys; wake relays on commit.
+-- $1 ids uuid[]
+-- $2 event_ids uuid[]
+-- $3 tenants text[]
+-- $4 topics text[]
+-- $5 keys text[]
+-- $6 partitions smallint[]
+-- $7 targets text[]
+-- $8 payloads text[]
+-- $9 headers text[]
+-- $10 delays_seconds float8[]
+-- $11 idempotency_keys text[]
+-- $12 channel text
+WITH rows AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::text[],
+                         $8::text[], $9::text[], $10::float8[], $11::text[])
+        AS r(id, event_id, tenant, topic, key, partition, target, payload, headers, delay, idempotency_key)
+), inserted AS (
+    INSERT INTO __schema__.eventbus_outbox
+        (id, event_id, tenant, topic, key, partition, target, payload, headers, available_at, idempotency_key)
+    SELECT id, event_id, tenant, topic, key, partition, target, payload::jsonb, headers::jsonb,
+           CASE WHEN delay > 0 THEN now() + make_interval(secs => delay) ELSE now() END, idempotency_key
+    FROM rows
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, available_at
+), wake AS (
+    -- Identical notifications within one transaction are folded into one by PostgreSQL, and none is sent
+    -- before commit or after a rollback. Rows delayed into the future wake nobody.
+    SELECT pg_notify($12, '') FROM (SELECT 1 FROM inserted WHERE available_at <= now() LIMIT 1) AS due
+)
+SELECT inserted.id FROM inserted LEFT JOIN (SELECT count(*) FROM wake) AS w ON true;
+
+-- name: claim
+-- Lease up to $1 due pending rows to worker $2 for $3 seconds, in id order, counting the attempt now.
+-- $1 limit int
+-- $2 worker text
+-- $3 lease_seconds float8
+-- $4 partitions smallint[] (NULL: every partition; rows without a key are always claimable)
+WITH picked AS (
+    SELECT id FROM __schema__.eventbus_outbox
+    WHERE status = 0 AND available_at <= now()
+      AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE __schema__.eventbus_outbox AS o
+SET status = 1, claimed_by = $2, claimed_until = now() + make_interval(secs => $3), attempts = o.attempts + 1
+FROM picked
+WHERE o.id = picked.id
+RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text AS payload, o.headers::text AS headers,
+          o.attempts, o.created_at;
+
+-- name: complete
+-- Settle claimed rows in one statement: set their status, insert targeted retry rows and dead letters.
+-- Only rows still leased to worker $1 at the claimed attempt are touched (a fenced completion).
+-- $1 worker text
+-- $2 ids uuid[]
+-- $3 attempts int[]
+-- $4 statuses smallint[] (0 retry in place, 2 published, 3 dead)
+-- $5 retry_delays float8[] (seconds, for status 0)
+-- $6 errors text[]
+-- $7 retry_sources uuid[] (claimed row each targeted retry row is cut from)
+-- $8 retry_ids uuid[]
+-- $9 retry_targets text[]
+-- $10 retry_attempts int[]
+-- $11 retry_delays float8[]
+-- $12 retry_errors text[]
+-- $13 dead_sources uuid[]
+-- $14 dead_ids uuid[]
+-- $15 dead_reasons text[]
+-- $16 dead_subscribers text[]
+-- $17 dead_attempts int[]
+-- $18 dead_error_types text[]
+-- $19 dead_errors text[]
+WITH settled AS (
+    UPDATE __schema__.eventbus_outbox AS o
+    SET status = u.status,
+        claimed_by = NULL,
+        claimed_until = NULL,
+        published_at = CASE WHEN u.status = 2 THEN now() END,
+        available_at = CASE WHEN u.status = 0 THEN now() + make_interval(secs => u.delay) ELSE o.available_at END,
+        last_error = coalesce(u.error, o.last_error)
+    FROM unnest($2::uuid[], $3::int[], $4::smallint[], $5::float8[], $6::text[])
+        AS u(id, attempts, status, delay, error)
+    WHERE o.id = u.id AND o.attempts = u.attempts AND o.claimed_by = $1 AND o.status = 1
+    RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.partition, o.payload, o.headers
+), retries AS (
+    INSERT INTO __schema__.eventbus_outbox
+        (id, event_id, tenant, topic, key, partition, target, payload, headers, attempts, available_at, last_error)
+    SELECT r.id, s.event_id, s.tenant, s.topic, s.key, s.partition, r.target, s.payload, s.headers, r.attempts,
+           now() + make_interval(secs => r.delay), r.error
+    FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::int[], $11::float8[], $12::text[])
+        AS r(source, id, target, attempts, delay, error)
+    JOIN settled AS s ON s.id = r.source
+    RETURNING 1
+), dead AS (
+    INSERT INTO __schema__.eventbus_dead_letters
+        (id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error)
+    SELECT d.id, d.reason, s.event_id, s.id, s.tenant, s.topic, s.key, d.subscriber, s.payload, s.headers,
+           d.attempts, d.error_type, d.error
+    FROM unnest($13::uuid[], $14::uuid[], $15::text[], $16::text[], $17::int[], $18::text[], $19::text[])
+        AS d(source, id, reason, subscriber, attempts, error_type, error)
+    JOIN settled AS s ON s.id = d.source
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM retries) AS retries,
+       (SELECT count(*) FROM dead) AS dead;
+
+-- name: renew
+-- Extend the lease of rows worker $1 still holds.
+-- $1 worker text
+-- $2 ids uuid[]
+-- $3 lease_seconds float8
+UPDATE __schema__.eventbus_outbox
+SET claimed_until = now() + make_interval(secs => $3)
+WHERE id = ANY($2::uuid[]) AND claimed_by = $1 AND status = 1;
+
+-- name: reclaim
+-- Return up to $1 in-flight rows whose lease ran out (their relay died or stalled) to pending.
+-- $1 limit int
+WITH expired AS (
+    SELECT id FROM __schema__.eventbus_outbox
+    WHERE status = 1 AND claimed_until < now()
+    ORDER BY claimed_until
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE __schema__.eventbus_outbox AS o
+SET status = 0, claimed_by = NULL, claimed_until = NULL,
+    last_error = coalesce(o.last_error, 'lease of ' || o.claimed_by || ' expired before the row was settled')
+FROM expired
+WHERE o.id = expired.id
+RETURNING o.id;
+
+-- name: purge_outbox
+-- Delete up to $2 published rows older than id $1 (a UUIDv7 time bound), oldest first.
+-- $1 before_id uuid
+-- $2 limit int
+WITH doomed AS (
+    SELECT id FROM __schema__.eventbus_outbox
+    WHERE id < $1 AND status = 2
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM __schema__.eventbus_outbox AS o USING doomed WHERE o.id = doomed.id;
+
+-- name: outbox_counts
+-- Rows by status, and the age of the oldest due pending row.
+SELECT
+    count(*) FILTER (WHERE status = 0) AS pending,
+    count(*) FILTER (WHERE status = 1) AS in_flight,
+    count(*) FILTER (WHERE status = 2) AS published,
+    count(*) FILTER (WHERE status = 3) AS dead,
+    extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 0 AND available_at <= now()))::float8
+        AS oldest_pending_seconds
+FROM __schema__.eventbus_outbox;
+
+-- name: outbox_get
+-- One outbox row by id.
+-- $1 id uuid
+SELECT id, event_id, tenant, topic, key, partition, target, payload::text AS payload, headers::text AS headers,
+       status, attempts, available_at, claimed_by, claimed_until, last_error, created_at, published_at,
+       idempotency_key
+FROM __schema__.eventbus_outbox WHERE id = $1;
+
+-- name: dead_letter_add
+-- Record one dead letter directly (not from a claimed row: e.g. a consumer on another transport).
+-- $1 id uuid
+-- $2 source text
+-- $3 reason text
+-- $4 event_id uuid
+-- $5 tenant text
+-- $6 topic text
+-- $7 key text
+-- $8 subscriber text
+-- $9 payload text
+-- $10 headers text
+-- $11 attempts int
+-- $12 error_type text
+-- $13 error text
+INSERT INTO __schema__.eventbus_dead_letters
+    (id, source, reason, event_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13);
+
+-- name: dead_letter_list
+-- Dead letters matching the filters, newest first, one page after cursor $8.
+-- $1 reason text
+-- $2 subscriber text
+-- $3 topic text
+-- $4 tenant text
+-- $5 since_id uuid
+-- $6 until_id uuid
+-- $7 include_replayed bool
+-- $8 before_id uuid (page cursor: the last id of the previous page)
+-- $9 limit int
+SELECT id, source, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
+       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
+FROM __schema__.eventbus_dead_letters
+WHERE ($1::text IS NULL OR reason = $1)
+  AND ($2::text IS NULL OR subscriber = $2)
+  AND ($3::text IS NULL OR topic = $3)
+  AND ($4::text IS NULL OR tenant = $4)
+  AND ($5::uuid IS NULL OR id >= $5)
+  AND ($6::uuid IS NULL OR id <= $6)
+  AND ($7::bool OR replayed_at IS NULL)
+  AND ($8::uuid IS NULL OR id < $8)
+ORDER BY id DESC
+LIMIT $9;
+
+-- name: dead_letter_get
+-- One dead letter by id.
+-- $1 id uuid
+SELECT id, source, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
+       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
+FROM __schema__.eventbus_dead_letters WHERE id = $1;
+
+-- name: dead_letter_counts
+-- Unreplayed dead letters by reason and subscriber.
+SELECT reason, subscriber, count(*) AS count
+FROM __schema__.eventbus_dead_letters
+WHERE replayed_at IS NULL
+GROUP BY reason, subscriber
+ORDER BY reason, subscriber;
+
+-- name: dead_letter_purge
+-- Delete up to $2 dead letters older than id $1; only replayed ones unless $3.
+-- $1 before_id uuid
+-- $2 limit int
+-- $3 include_unreplayed bool
+WITH doomed AS (
+    SELECT id FROM __schema__.eventbus_dead_letters
+    WHERE id < $1 AND ($3::bool OR replayed_at IS NOT NULL)
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM __schema__.eventbus_dead_letters AS d USING doomed WHERE d.id = doomed.id;
+
+-- name: inbox_enter
+-- Record that subscriber $1 processes event $2 (payload hash $3), in the handler's transaction.
+-- Returns inserted = true for a first delivery, else the hash recorded by the earlier one.
+-- $1 subscriber text
+-- $2 event_id uuid
+-- $3 payload_hash bytea
+WITH entered AS (
+    INSERT INTO __schema__.eventbus_inbox (subscriber, event_id, payload_hash)
+    VALUES ($1, $2, $3)
+    ON CONFLICT DO NOTHING
+    RETURNING payload_hash
+)
+SELECT true AS inserted, NULL::bytea AS existing_hash FROM entered
+UNION ALL
+SELECT false, i.payload_hash FROM __schema__.eventbus_inbox AS i
+WHERE i.subscriber = $1 AND i.event_id = $2 AND NOT EXISTS (SELECT 1 FROM entered);
+
+-- name: relay_beat
+-- Register or refresh relay $1 with the partitions it owns.
+-- $1 worker text
+-- $2 hostname text
+-- $3 pid int
+-- $4 partitions smallint[]
+INSERT INTO __schema__.eventbus_relays (worker, hostname, pid, partitions)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (worker) DO UPDATE SET heartbeat_at = now(), partitions = EXCLUDED.partitions;
+
+-- name: relay_forget
+-- Remove relay $1 (clean shutdown) and relays silent for more than $2 seconds.
+-- $1 worker text
+-- $2 stale_seconds float8
+DELETE FROM __schema__.eventbus_relays
+WHERE worker = $1 OR heartbeat_at < now() - make_interval(secs => $2);
+
+-- name: relays_alive
+-- Relays that sent a heartbeat within $1 seconds.
+-- $1 within_seconds float8
+SELECT worker, hostname, pid, started_at, heartbeat_at, partitions
+FROM __schema__.eventbus_relays
+WHERE heartbeat_at >= now() - make_interval(secs => $1)
+ORDER BY worker;
+
+-- name: migrate_lock
+-- Serialise migration runs on this schema across processes until the transaction ends.
+-- $1 lock_name text
+SELECT pg_advisory_xact_lock(hashtextextended($1, 0));
+
+-- name: migrate_prepare
+-- Create the schema and the version table if they are missing.
+CREATE SCHEMA IF NOT EXISTS __schema__;
+CREATE TABLE IF NOT EXISTS __schema__.eventbus_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrate_applied
+-- Versions already applied.
+SELECT version FROM __schema__.eventbus_migrations ORDER BY version;
+
+-- name: migrate_record
+-- Record migration $1 named $2 as applied.
+-- $1 version int
+-- $2 name text
+INSERT INTO __schema__.eventbus_migrations (version, name) VALUES ($1, $2);
+
+-- name: schema_version_table
+-- Whether the version table exists in schema $1.
+-- $1 schema text
+SELECT to_regclass(quote_ident($1) || '.eventbus_migrations') IS NOT NULL AS present;
