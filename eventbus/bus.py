@@ -4,25 +4,47 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
+import anyio
 import asyncpg
 import msgspec
+from anyio.abc import TaskGroup
 
 from ._connections import transactional_connection
 from ._embedded import embedded_dsn
 from ._typing import Connection
-from .errors import ConfigurationError, DatabaseUnavailable
+from .errors import ConfigurationError, DatabaseUnavailable, RegistrationError
 from .events import Registry
+from .handlers import AttemptRunner, Backoff, Subscription, subscription_for
 from .migrations import check_migrations, migrate
 from .observability import inject_headers
-from .repository import DeadLetterRepository, NewEvent, OfferResult, OutboxRepository
+from .relay import Relay, RelayConfig, RelayStatistics
+from .repository import DeadLetterRepository, InboxRepository, NewEvent, OfferResult, OutboxRepository
+from .transports.local import LocalTransport, Unrouted
 
-__all__ = ["EventBus", "Transaction"]
+__all__ = ["BusStatistics", "EventBus", "Transaction"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class BusStatistics:
+    """Counters since the bus started (this process only)."""
+
+    delivered: int
+    failed: int
+    retried: int
+    dead_lettered: int
+    duplicates_skipped: int
+    dropped: int
+    relay: RelayStatistics | None
 
 
 def _seconds(delay: float | timedelta | None) -> float:
@@ -84,7 +106,14 @@ class EventBus:
         migrate: bool = True,
         pool_size: int = 10,
         registry: Registry | None = None,
+        relay: bool | None = None,
+        relay_config: RelayConfig | None = None,
+        unrouted: Unrouted = "dead_letter",
+        redact: Callable[[str], str] | None = None,
+        stop_timeout: float = 10.0,
     ) -> None:
+        if unrouted not in ("dead_letter", "drop"):
+            raise ConfigurationError(f"unrouted must be 'dead_letter' or 'drop', not {unrouted!r}")
         self._dsn = dsn
         self.schema = schema
         self.tenant = tenant
@@ -95,9 +124,59 @@ class EventBus:
         self._pool: asyncpg.Pool | None = None
         self._outbox: OutboxRepository | None = None
         self._dead_letters: DeadLetterRepository | None = None
+        self.run_relay = relay
+        self.relay_config = relay_config or RelayConfig()
+        self.unrouted: Unrouted = unrouted
+        self.redact = redact
+        self.stop_timeout = stop_timeout
+        self.subscriptions: dict[str, Subscription] = {}
+        self._relay: Relay | None = None
+        self._transport: LocalTransport | None = None
+        self._task_group: TaskGroup | None = None
         from .sql import quote_schema
 
         quote_schema(schema)  # fail at construction, not at start
+
+    # -- subscribing -----------------------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        handler: F | None = None,
+        *,
+        name: str | None = None,
+        timeout: float = 30.0,
+        max_attempts: int = 5,
+        backoff: Backoff | float | None = None,
+        transactional: bool = False,
+        ordered: bool = False,
+        concurrency: int = 1,
+    ) -> Any:
+        """Register a handler, as ``@bus.subscribe`` or ``@bus.subscribe(timeout=5, ...)``.
+
+        The handler is ``async def handler(event: SomeEvent, ctx: Context)``; the annotation picks the events
+        (a Union subscribes to several). ``timeout`` bounds each attempt; after ``max_attempts`` a failure is
+        dead-lettered. ``transactional`` runs the handler in a transaction with its inbox row (exactly one
+        effect per event); ``ordered`` keeps each key's events in commit order; ``concurrency`` is the number of
+        events handled at once. Plain ``def`` handlers run in a worker thread.
+        """
+
+        def register(fn: F) -> F:
+            if self._task_group is not None:
+                raise RegistrationError("subscribe handlers before the bus starts")
+            sub = subscription_for(
+                fn, name=name, timeout=timeout, max_attempts=max_attempts, backoff=backoff,
+                transactional=transactional, ordered=ordered, concurrency=concurrency,
+            )  # fmt: skip
+            if sub.name in self.subscriptions:
+                raise RegistrationError(
+                    f"a subscriber named {sub.name!r} exists already; give one of them another name= "
+                    "(the name keys retries, the inbox and dead letters, so keep it stable)"
+                )
+            self.registry.register_all(sub.event_types)
+            self.subscriptions[sub.name] = sub
+            return fn
+
+        return register(handler) if handler is not None else register
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -105,7 +184,7 @@ class EventBus:
         """The DSN in use: the one given, else ``EVENTBUS_DSN``, else the embedded server's."""
         if self._dsn is None:
             self._dsn = os.environ.get("EVENTBUS_DSN") or await embedded_dsn(
-                None if self.data_dir is None else _path(self.data_dir)
+                None if self.data_dir is None else Path(self.data_dir)
             )
         return self._dsn
 
@@ -134,19 +213,86 @@ class EventBus:
         self._outbox = OutboxRepository(pool, self.schema)
         self._dead_letters = DeadLetterRepository(pool, self.schema)
 
+    async def start(self) -> None:
+        """Connect, then start the relay and the subscriber actors (when this bus has subscribers or
+        ``relay=True``). Must be paired with :meth:`stop` in the same task; ``async with bus:`` does both."""
+        await self.connect()
+        wants_relay = self.run_relay if self.run_relay is not None else bool(self.subscriptions)
+        if not wants_relay or self._task_group is not None:
+            return
+        runner = AttemptRunner(
+            registry=self.registry, publisher=self, acquire=self.pool.acquire, inbox=InboxRepository(self.schema),
+            redact=self.redact,
+        )  # fmt: skip
+        self._transport = LocalTransport(list(self.subscriptions.values()), runner, self.unrouted)
+        self._relay = Relay(self.outbox, self._transport, await self.resolve_dsn(), self.relay_config)
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        await task_group.start(self._relay.run)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming, let handlers finish within ``timeout`` seconds (default ``stop_timeout``), then cancel
+        what is left (its rows go back to pending) and close the pool."""
+        try:
+            if self._task_group is not None and self._relay is not None:
+                self._relay.stop()
+                with anyio.move_on_after(self.stop_timeout if timeout is None else timeout):
+                    await self._relay.wait_stopped()
+                self._task_group.cancel_scope.cancel()
+                task_group, self._task_group = self._task_group, None
+                await task_group.__aexit__(None, None, None)
+        finally:
+            await self.close()
+
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
 
     async def __aenter__(self) -> Self:
-        await self.connect()
+        await self.start()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.stop()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every committed event is handled or dead-lettered (no row pending or in flight).
+
+        Raises ``TimeoutError`` saying how many rows are left after ``timeout`` seconds.
+        """
+        left = 0
+        with anyio.move_on_after(timeout):
+            while True:
+                left = await self.outbox.unsettled()
+                if left == 0:
+                    return
+                if self._relay is not None:
+                    self._relay.wake()
+                await anyio.sleep(0.02)
+        raise TimeoutError(
+            f"{left} events were still pending or in flight after {timeout:g} s; is a relay running "
+            "(`async with bus:` with subscribers, or `eventbus relay`)? Delayed retries count as pending"
+        )
+
+    def statistics(self) -> BusStatistics:
+        counters = self._transport.counters if self._transport is not None else None
+        return BusStatistics(
+            delivered=counters.delivered if counters else 0,
+            failed=counters.failed if counters else 0,
+            retried=counters.retried if counters else 0,
+            dead_lettered=counters.dead_lettered if counters else 0,
+            duplicates_skipped=counters.duplicates_skipped if counters else 0,
+            dropped=counters.dropped if counters else 0,
+            relay=self._relay.statistics() if self._relay is not None else None,
+        )
+
+    @property
+    def relay(self) -> Relay | None:
+        return self._relay
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -222,11 +368,12 @@ class EventBus:
         )  # fmt: skip
         return (await self.outbox.offer(conn, [new])).ids[0]
 
-
-def _path(value: str | os.PathLike[str]) -> Any:
-    from pathlib import Path
-
-    return Path(value)
+    async def offer_now(self, connection: Connection | None, new: NewEvent) -> uuid.UUID | None:
+        """Offer on ``connection``'s transaction, or, without one, in a transaction of its own."""
+        if connection is not None:
+            return (await self.outbox.offer(connection, [new])).ids[0]
+        async with self.transaction() as tx:
+            return (await self.outbox.offer(tx.connection, [new])).ids[0]
 
 
 def _redacted(dsn: str) -> str:

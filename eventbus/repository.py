@@ -28,6 +28,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetterFilter",
     "DeadLetterRepository",
+    "InboxRepository",
     "NewEvent",
     "OfferResult",
     "OutboxRepository",
@@ -137,13 +138,14 @@ class Settlement:
         *,
         error_type: str | None = None,
         error: str | None = None,
+        attempts: int | None = None,
     ) -> None:
         """Record a dead letter for ``subscriber``'s delivery of a claimed row."""
         self.dead_sources.append(row.id)
         self.dead_ids.append(new_id())
         self.dead_reasons.append(str(reason))
         self.dead_subscribers.append(subscriber)
-        self.dead_attempts.append(row.attempts)
+        self.dead_attempts.append(row.attempts if attempts is None else attempts)
         self.dead_error_types.append(error_type)
         self.dead_errors.append(error)
 
@@ -358,6 +360,32 @@ class OutboxRepository:
         assert row is not None
         return row
 
+    async def unsettled(self) -> int:
+        """Rows still pending (due or delayed) or in flight."""
+        return int(await self.pool.fetchval(self.queries.outbox_unsettled))
+
+    async def busy_partitions(self, partitions: Sequence[int], worker: str) -> set[int]:
+        """Those of ``partitions`` with rows still leased to a worker other than ``worker``."""
+        rows = await self.pool.fetch(self.queries.partitions_busy, list(partitions), worker)
+        return {row["partition"] for row in rows}
+
+    async def lock_partition(self, session: Connection, partition: int) -> bool:
+        """Take ownership of ``partition`` on ``session`` (an advisory lock held while the session lives)."""
+        return bool(await session.fetchval(self.queries.partition_lock, self.channel, partition))
+
+    async def unlock_partition(self, session: Connection, partition: int) -> None:
+        await session.fetchval(self.queries.partition_unlock, self.channel, partition)
+
+    async def heartbeat(self, worker: str, hostname: str, pid: int, partitions: Sequence[int]) -> None:
+        await self.pool.execute(self.queries.relay_beat, worker, hostname, pid, list(partitions))
+
+    async def forget_relay(self, worker: str, stale_after: float) -> None:
+        """Remove ``worker``'s heartbeat row and every row silent for ``stale_after`` seconds."""
+        await self.pool.execute(self.queries.relay_forget, worker, stale_after)
+
+    async def relays_alive(self, within: float) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(self.queries.relays_alive, within))
+
 
 class DeadLetterRepository:
     """The shared dead-letter table: add, list, get, count, purge (replay lives with the bus)."""
@@ -419,3 +447,22 @@ class DeadLetterRepository:
             total += deleted
             if deleted < batch:
                 return total
+
+
+class InboxRepository:
+    """Consumer-side dedupe: one row per (subscriber, event_id), written in the handler's own transaction."""
+
+    def __init__(self, schema: str = "eventbus") -> None:
+        self.queries = Queries(schema)
+
+    async def enter(
+        self, connection: Connection, subscriber: str, event_id: uuid.UUID, payload_hash: bytes
+    ) -> tuple[bool, bytes | None]:
+        """Record a first delivery; return (True, None), or (False, hash recorded by the earlier delivery).
+
+        The hash is None when a concurrent delivery of the same event committed while this one waited.
+        """
+        row = await connection.fetchrow(self.queries.inbox_enter, subscriber, event_id, payload_hash)
+        if row is None:
+            return False, None
+        return bool(row["inserted"]), row["existing_hash"]

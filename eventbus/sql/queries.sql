@@ -312,3 +312,30 @@ INSERT INTO __schema__.eventbus_migrations (version, name) VALUES ($1, $2);
 -- Whether the version table exists in schema $1.
 -- $1 schema text
 SELECT to_regclass(quote_ident($1) || '.eventbus_migrations') IS NOT NULL AS present;
+
+-- name: partition_lock
+-- Try to take ownership of partition $2 for this session (released when the session ends or on unlock).
+-- $1 lock_space text
+-- $2 partition int
+SELECT pg_try_advisory_lock(hashtext($1), $2) AS acquired;
+
+-- name: partition_unlock
+-- Give up ownership of partition $2.
+-- $1 lock_space text
+-- $2 partition int
+SELECT pg_advisory_unlock(hashtext($1), $2) AS released;
+
+-- name: partitions_busy
+-- Partitions among $1 with rows still leased to another worker than $2 (not yet safe to claim in order).
+-- $1 partitions smallint[]
+-- $2 worker text
+SELECT DISTINCT partition FROM __schema__.eventbus_outbox
+WHERE status = 1 AND partition = ANY($1::smallint[]) AND claimed_by <> $2;
+
+-- name: outbox_unsettled
+-- Rows not yet settled: pending (due or not) and in flight.
+SELECT count(*) AS unsettled FROM __schema__.eventbus_outbox WHERE status IN (0, 1);
+
+-- name: ping
+-- Check that a connection is alive.
+SELECT 1;

@@ -1,0 +1,308 @@
+"""Typed handlers: what ``@bus.subscribe`` records, the ``Context`` a handler receives, and one attempt's run.
+
+An attempt decodes the payload into the handler's type, runs the handler under its timeout (inside a
+transaction that first enters the inbox, for a transactional subscriber) and turns whatever happened into an
+:class:`Outcome`. Nothing here decides where the outcome goes; the relay writes it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import random
+import types
+import typing
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import Enum
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from ._typing import Connection
+from .errors import ConfigurationError, DeserializationError, RegistrationError
+from .events import Envelope, Registry, topic_of
+from .observability import handle_span
+from .repository import InboxRepository, NewEvent, Reason, cap_error
+
+__all__ = ["AttemptRunner", "Backoff", "Context", "Outcome", "Subscription", "Verdict", "subscription_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits ``initial * factor**(n-1)`` seconds, at most ``maximum``,
+    spread by ``±jitter`` (a fraction) so that retries of many events do not arrive together."""
+
+    initial: float = 1.0
+    factor: float = 2.0
+    maximum: float = 300.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+class Publisher(Protocol):
+    """What a handler's ``ctx.publish`` needs from the bus."""
+
+    def encode(
+        self,
+        event: msgspec.Struct,
+        *,
+        key: str | None = None,
+        delay: float | timedelta | None = None,
+        idempotency_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        tenant: str | None = None,
+        target: str | None = None,
+    ) -> NewEvent: ...
+
+    async def offer_now(self, connection: Connection | None, new: NewEvent) -> uuid.UUID | None: ...
+
+
+class Context:
+    """What a handler knows about the delivery it is handling."""
+
+    __slots__ = ("_connection", "_publisher", "attempt", "event_id", "headers", "key", "subscriber", "tenant", "topic")
+
+    def __init__(
+        self,
+        envelope: Envelope,
+        subscriber: str,
+        attempt: int,
+        publisher: Publisher,
+        connection: Connection | None = None,
+    ) -> None:
+        self.event_id: uuid.UUID = envelope.event_id
+        self.topic: str = envelope.topic
+        self.key: str | None = envelope.key
+        self.tenant: str = envelope.tenant
+        self.headers: Mapping[str, str] = envelope.headers
+        self.attempt: int = attempt
+        self.subscriber: str = subscriber
+        self._publisher = publisher
+        self._connection = connection
+
+    @property
+    def connection(self) -> Connection:
+        """The transaction this handler's writes share with its inbox row (transactional subscribers only)."""
+        if self._connection is None:
+            raise ConfigurationError(
+                f"subscriber {self.subscriber!r} has no ctx.connection: declare it with "
+                "@bus.subscribe(transactional=True) to run the handler in a transaction with its inbox row"
+            )
+        return self._connection
+
+    async def publish(
+        self,
+        event: msgspec.Struct,
+        *,
+        key: str | None = None,
+        delay: float | timedelta | None = None,
+        idempotency_key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> uuid.UUID | None:
+        """Publish a follow-up event: in the handler's transaction when it has one, else in one of its own.
+
+        The causation id (this event's id) is added to the headers.
+        """
+        merged = {"causation_id": str(self.event_id), **(headers or {})}
+        if "correlation_id" in self.headers:
+            merged.setdefault("correlation_id", self.headers["correlation_id"])
+        new = self._publisher.encode(
+            event, key=key, delay=delay, idempotency_key=idempotency_key, headers=merged, tenant=self.tenant
+        )
+        return await self._publisher.offer_now(self._connection, new)
+
+
+Handler = Callable[[Any, Context], Awaitable[None]] | Callable[[Any, Context], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A registered handler and its delivery settings."""
+
+    name: str
+    handler: Callable[..., Any]
+    event_types: tuple[type[msgspec.Struct], ...]
+    timeout: float = 30.0
+    max_attempts: int = 5
+    backoff: Backoff = field(default_factory=Backoff)
+    transactional: bool = False
+    ordered: bool = False
+    concurrency: int = 1
+    is_async: bool = True
+    takes_context: bool = True
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(topic_of(cls) for cls in self.event_types)
+
+
+def _event_types(annotation: Any, where: str) -> tuple[type[msgspec.Struct], ...]:
+    origin = typing.get_origin(annotation)
+    is_union = origin is typing.Union or origin is types.UnionType
+    members = typing.get_args(annotation) if is_union else (annotation,)
+    found = []
+    for member in members:
+        if not (isinstance(member, type) and issubclass(member, msgspec.Struct)):
+            raise RegistrationError(
+                f"{where}: the event parameter is annotated {annotation!r}; annotate it with an event class "
+                "(a msgspec.Struct subclass) or a Union of them, e.g. `async def handle(event: OrderPlaced, ctx)`"
+            )
+        found.append(member)
+    return tuple(found)
+
+
+def subscription_for(
+    handler: Callable[..., Any],
+    *,
+    name: str | None = None,
+    timeout: float = 30.0,
+    max_attempts: int = 5,
+    backoff: Backoff | float | None = None,
+    transactional: bool = False,
+    ordered: bool = False,
+    concurrency: int = 1,
+    event_types: tuple[type[msgspec.Struct], ...] | None = None,
+) -> Subscription:
+    """Build a :class:`Subscription` from a handler's signature; raise :class:`RegistrationError` if unusable."""
+    where = f"handler {getattr(handler, '__qualname__', handler)!r}"
+    if not callable(handler):
+        raise RegistrationError(f"{where} is not callable")
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise RegistrationError(f"{where}: cannot read its signature ({exc})") from exc
+    if not 1 <= len(params) <= 2:
+        raise RegistrationError(f"{where} must take (event) or (event, ctx); it takes {len(params)} parameters")
+    if event_types is None:
+        try:
+            hints = typing.get_type_hints(handler)
+        except Exception as exc:
+            raise RegistrationError(f"{where}: its annotations do not resolve ({exc})") from exc
+        if params[0].name not in hints:
+            raise RegistrationError(
+                f"{where}: the event parameter {params[0].name!r} has no annotation; "
+                "annotate it with the event class, e.g. `event: OrderPlaced`"
+            )
+        event_types = _event_types(hints[params[0].name], where)
+    is_async = inspect.iscoroutinefunction(handler)
+    if transactional and not is_async:
+        raise RegistrationError(f"{where}: a transactional handler must be `async def` (it awaits ctx.connection)")
+    if timeout <= 0 or max_attempts < 1 or concurrency < 1:
+        raise RegistrationError(f"{where}: timeout must be > 0, max_attempts >= 1 and concurrency >= 1")
+    if backoff is None:
+        backoff = Backoff()
+    elif not isinstance(backoff, Backoff):
+        backoff = Backoff(initial=float(backoff))
+    return Subscription(
+        name=name or f"{handler.__module__}.{handler.__qualname__}",
+        handler=handler,
+        event_types=event_types,
+        timeout=float(timeout),
+        max_attempts=max_attempts,
+        backoff=backoff,
+        transactional=transactional,
+        ordered=ordered,
+        concurrency=concurrency,
+        is_async=is_async,
+        takes_context=len(params) == 2,
+    )
+
+
+class Verdict(Enum):
+    DONE = "done"
+    DUPLICATE = "duplicate"  # an identical redelivery, skipped
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    delay: float = 0.0
+    reason: Reason | None = None
+    error_type: str | None = None
+    error: str | None = None
+    attempts: int = 0
+
+
+DONE = Outcome(Verdict.DONE)
+DUPLICATE = Outcome(Verdict.DUPLICATE)
+
+
+def payload_hash(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class AttemptRunner:
+    """Runs attempts of handlers against one database (for transactional subscribers) and one registry."""
+
+    registry: Registry
+    publisher: Publisher
+    acquire: Callable[[], Any]  # pool.acquire
+    inbox: InboxRepository
+    redact: Callable[[str], str] | None = None
+
+    async def run(self, sub: Subscription, envelope: Envelope, attempt: int) -> Outcome:
+        """One attempt of ``sub`` on ``envelope``: its outcome, never an exception (except cancellation)."""
+        try:
+            event = self.registry.decode(envelope.topic, envelope.payload)
+        except DeserializationError as exc:
+            return Outcome(
+                Verdict.DEAD, reason=Reason.DESERIALIZATION_FAILED, error_type="DeserializationError",
+                error=cap_error(str(exc), self.redact), attempts=attempt,
+            )  # fmt: skip
+        try:
+            with handle_span(sub.name, envelope.topic, envelope.headers, attempt):
+                if sub.transactional:
+                    return await self._transactional(sub, envelope, event, attempt)
+                ctx = Context(envelope, sub.name, attempt, self.publisher)
+                await self._call(sub, event, ctx)
+                return DONE
+        except Exception as exc:
+            return self._failure(sub, exc, attempt)
+
+    async def _transactional(self, sub: Subscription, envelope: Envelope, event: Any, attempt: int) -> Outcome:
+        digest = payload_hash(envelope.payload)
+        async with self.acquire() as conn, conn.transaction():
+            first, seen = await self.inbox.enter(conn, sub.name, envelope.event_id, digest)
+            if not first:
+                if seen is None or seen == digest:
+                    return DUPLICATE
+                return Outcome(
+                    Verdict.DEAD, reason=Reason.DUPLICATE_EVENT, error_type="DuplicateEvent",
+                    error=f"event {envelope.event_id} was already processed by {sub.name} with a different payload",
+                    attempts=attempt,
+                )  # fmt: skip
+            await self._call(sub, event, Context(envelope, sub.name, attempt, self.publisher, conn))
+        return DONE
+
+    async def _call(self, sub: Subscription, event: Any, ctx: Context) -> None:
+        args = (event, ctx) if sub.takes_context else (event,)
+        with anyio.fail_after(sub.timeout):
+            if sub.is_async:
+                await sub.handler(*args)
+            else:
+                # A thread cannot be interrupted: on timeout it is abandoned and finishes on its own.
+                await anyio.to_thread.run_sync(sub.handler, *args, abandon_on_cancel=True)
+
+    def _failure(self, sub: Subscription, exc: Exception, attempt: int) -> Outcome:
+        timed_out = isinstance(exc, TimeoutError)
+        text = f"handler exceeded its timeout of {sub.timeout:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
+        if attempt < sub.max_attempts:
+            return Outcome(Verdict.RETRY, delay=sub.backoff.delay(attempt), error=cap_error(text, self.redact))
+        return Outcome(
+            Verdict.DEAD,
+            reason=Reason.HANDLER_TIMEOUT if timed_out else Reason.DELIVERY_FAILED,
+            error_type=type(exc).__name__,
+            error=cap_error(text, self.redact),
+            attempts=attempt,
+        )

@@ -1,0 +1,344 @@
+"""The relay: claims committed rows, hands them to a transport, and writes the outcomes back.
+
+It wakes on the commit notification (LISTEN) and polls as a safety net, keeps several batches in flight,
+renews the lease of rows still being handled, reclaims rows of relays that died, and shares the key-hash
+partitions with the other relays through advisory locks so that each key is relayed by one process at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncpg
+from anyio.abc import TaskGroup, TaskStatus
+
+from .events import PARTITIONS, Envelope, partition_of
+from .repository import OutboxRepository, Settlement, Status
+from .transports import Transport
+
+__all__ = ["Relay", "RelayConfig", "RelayStatistics"]
+
+log = logging.getLogger("eventbus.relay")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """How a relay claims and leases rows."""
+
+    batch_size: int = 500
+    lease: float = 30.0
+    poll_interval: float = 1.0
+    use_notify: bool = True
+    max_batches_in_flight: int = 3
+    reclaim_interval: float = 5.0
+    heartbeat_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStatistics:
+    worker: str
+    batches: int
+    claimed: int
+    settled: int
+    in_flight: int
+    partitions_owned: int
+    partitions_ready: int
+    listening: bool
+
+
+class _Wakeup:
+    """A resettable flag with a timed wait: set by notifications, cleared before each claim."""
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._flag = True
+        self._event.set()
+
+    def clear(self) -> None:
+        self._flag = False
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        if self._flag:
+            return
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+
+
+class Relay:
+    def __init__(
+        self,
+        outbox: OutboxRepository,
+        transport: Transport,
+        dsn: str,
+        config: RelayConfig | None = None,
+        *,
+        worker: str | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.transport = transport
+        self.dsn = dsn
+        self.config = config or RelayConfig()
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._wakeup = _Wakeup()
+        self._stopping = False
+        self._stopped = anyio.Event()
+        self._slots = anyio.Semaphore(self.config.max_batches_in_flight)
+        self._in_flight: dict[uuid.UUID, Envelope] = {}
+        self._partition_load: Counter[int] = Counter()
+        self._session: asyncpg.Connection | None = None
+        self._session_lock = anyio.Lock()
+        self._owned: set[int] = set()
+        self._ready: set[int] = set()
+        self._listening = False
+        self._batches = 0
+        self._claimed = 0
+        self._settled = 0
+
+    # -- public ----------------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll."""
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        """Stop claiming; batches in flight finish, then :meth:`run` returns."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def statistics(self) -> RelayStatistics:
+        return RelayStatistics(
+            worker=self.worker, batches=self._batches, claimed=self._claimed, settled=self._settled,
+            in_flight=len(self._in_flight), partitions_owned=len(self._owned), partitions_ready=len(self._ready),
+            listening=self._listening,
+        )  # fmt: skip
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with anyio.create_task_group() as background:
+                background.start_soon(self._session_loop)
+                background.start_soon(self._maintenance_loop)
+                async with anyio.create_task_group() as work:
+                    await work.start(self.transport.run)
+                    task_status.started()
+                    async with anyio.create_task_group() as batches:
+                        await self._claim_loop(batches)
+                    self.transport.close()
+                background.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_unsettled()
+                await self._close_session()
+                try:
+                    await self.outbox.forget_relay(self.worker, stale_after=self.config.heartbeat_interval * 10)
+                except Exception:
+                    log.debug("could not remove relay heartbeat row", exc_info=True)
+            self._stopped.set()
+
+    # -- claiming --------------------------------------------------------------------------------------------
+
+    def _claimable(self) -> list[int] | None:
+        if len(self._ready) == PARTITIONS:
+            return None
+        return sorted(self._ready)
+
+    async def _claim_loop(self, batches: TaskGroup) -> None:
+        config = self.config
+        failures = 0
+        while not self._stopping:
+            await self._slots.acquire()
+            self._wakeup.clear()
+            try:
+                rows = await self.outbox.take_pending(
+                    config.batch_size, config.lease, self.worker, partitions=self._claimable()
+                )
+            except Exception as exc:
+                self._slots.release()
+                failures += 1
+                delay = min(config.poll_interval * failures, 5.0)
+                log.warning("relay %s: claim failed (%s); retrying in %.1f s", self.worker, exc, delay)
+                await anyio.sleep(delay)
+                continue
+            failures = 0
+            if not rows:
+                self._slots.release()
+                await self._wakeup.wait(config.poll_interval)
+                continue
+            self._track(rows)
+            batches.start_soon(self._run_batch, rows)
+            if len(rows) < config.batch_size:
+                await self._wakeup.wait(config.poll_interval)
+
+    def _track(self, rows: Sequence[Envelope]) -> None:
+        self._batches += 1
+        self._claimed += len(rows)
+        for row in rows:
+            self._in_flight[row.id] = row
+            partition = partition_of(row.key)
+            if partition is not None:
+                self._partition_load[partition] += 1
+
+    def _untrack(self, rows: Sequence[Envelope]) -> None:
+        for row in rows:
+            if self._in_flight.pop(row.id, None) is not None:
+                partition = partition_of(row.key)
+                if partition is not None:
+                    self._partition_load[partition] -= 1
+
+    async def _run_batch(self, rows: list[Envelope]) -> None:
+        try:
+            settlement = Settlement()
+            await self.transport.deliver(rows, settlement)
+            await self._complete(settlement)
+        finally:
+            self._untrack(rows)
+            self._slots.release()
+
+    async def _complete(self, settlement: Settlement) -> None:
+        """Write outcomes, retrying through a dropped connection until the lease would have run out."""
+        with anyio.CancelScope(shield=True):
+            deadline = anyio.current_time() + self.config.lease
+            delay = 0.1
+            while True:
+                try:
+                    self._settled += await self.outbox.complete(self.worker, settlement)
+                    return
+                except Exception as exc:
+                    if anyio.current_time() + delay > deadline:
+                        log.error("relay %s: giving up writing %d outcomes (%s); the rows will be reclaimed "
+                                  "and delivered again", self.worker, len(settlement), exc)
+                        return
+                    log.warning("relay %s: writing outcomes failed (%s); retrying", self.worker, exc)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+
+    async def _release_unsettled(self) -> None:
+        """On shutdown, hand rows still held back to pending so another relay need not wait for the lease."""
+        if not self._in_flight:
+            return
+        settlement = Settlement()
+        for row in self._in_flight.values():
+            settlement.settle(row, Status.PENDING, error="relay stopped before the row was settled")
+        try:
+            await self.outbox.complete(self.worker, settlement)
+        except Exception:
+            log.warning("relay %s: could not release %d rows; they return when their lease ends",
+                        self.worker, len(settlement))
+        self._in_flight.clear()
+
+    # -- the session connection: LISTEN and partition ownership ----------------------------------------------
+
+    async def _session_loop(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn)
+            except Exception as exc:
+                log.warning("relay %s: session connection failed (%s); polling meanwhile", self.worker, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.2
+            try:
+                if self.config.use_notify:
+                    await conn.add_listener(self.outbox.channel, self._on_notify)
+                    self._listening = True
+                self._session = conn
+                await self._rebalance()
+                self._wakeup.set()  # notifications may have been missed while disconnected
+                while True:
+                    await anyio.sleep(self.config.heartbeat_interval)
+                    async with self._session_lock:
+                        with anyio.fail_after(max(5.0, self.config.heartbeat_interval)):
+                            await conn.fetchval(self.outbox.queries.ping)
+            except Exception as exc:
+                log.warning("relay %s: session connection lost (%s); reconnecting", self.worker, exc)
+            finally:
+                self._listening = False
+                self._session = None
+                self._owned.clear()
+                self._ready.clear()
+                conn.terminate()
+
+    def _on_notify(self, *_args: Any) -> None:
+        self._wakeup.set()
+
+    async def _close_session(self) -> None:
+        if self._session is not None:
+            self._session.terminate()
+            self._session = None
+
+    async def _rebalance(self) -> None:
+        """Own a fair share of the partitions; a newly owned one is claimable once no other relay holds its rows."""
+        session = self._session
+        if session is None:
+            return
+        config = self.config
+        await self.outbox.heartbeat(self.worker, socket.gethostname(), os.getpid(), sorted(self._owned))
+        alive = await self.outbox.relays_alive(within=config.heartbeat_interval * 3)
+        target = math.ceil(PARTITIONS / max(1, len(alive)))
+        async with self._session_lock:
+            if len(self._owned) > target:
+                for partition in sorted(self._owned, reverse=True):
+                    if len(self._owned) <= target:
+                        break
+                    if self._partition_load[partition] == 0:
+                        self._ready.discard(partition)
+                        self._owned.discard(partition)
+                        await self.outbox.unlock_partition(session, partition)
+            if len(self._owned) < target:
+                start = int(self.worker.encode().hex(), 16) % PARTITIONS
+                for step in range(PARTITIONS):
+                    if len(self._owned) >= target:
+                        break
+                    partition = (start + step) % PARTITIONS
+                    if partition not in self._owned and await self.outbox.lock_partition(session, partition):
+                        self._owned.add(partition)
+        waiting = self._owned - self._ready
+        if waiting:
+            busy = await self.outbox.busy_partitions(sorted(waiting), self.worker)
+            newly_ready = waiting - busy
+            if newly_ready:
+                self._ready |= newly_ready
+                self._wakeup.set()
+
+    # -- maintenance -----------------------------------------------------------------------------------------
+
+    async def _maintenance_loop(self) -> None:
+        config = self.config
+        tick = min(config.heartbeat_interval, config.lease / 3, config.reclaim_interval)
+        last_reclaim = last_beat = last_renew = anyio.current_time()
+        while True:
+            await anyio.sleep(tick)
+            now = anyio.current_time()
+            try:
+                if self._in_flight and now - last_renew >= config.lease / 3:
+                    last_renew = now
+                    await self.outbox.renew(self.worker, list(self._in_flight), config.lease)
+                if now - last_reclaim >= config.reclaim_interval:
+                    last_reclaim = now
+                    if await self.outbox.reclaim_expired():
+                        self._wakeup.set()
+                if now - last_beat >= config.heartbeat_interval:
+                    last_beat = now
+                    await self._rebalance()
+                    await self.outbox.forget_relay("", stale_after=config.heartbeat_interval * 10)
+            except Exception as exc:
+                log.warning("relay %s: maintenance failed (%s); will retry", self.worker, exc)
