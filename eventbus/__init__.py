@@ -4,7 +4,7 @@ Publish typed events inside your own PostgreSQL transaction (a transactional out
 hands them to your subscribers, with timeouts, retries and one shared dead-letter table.
 """
 
-from .bus import EventBus, Transaction
+from .bus import BusStatistics, EventBus, Transaction
 from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -16,8 +16,10 @@ from .errors import (
     UnknownTopic,
 )
 from .events import Envelope, Registry, topic
+from .handlers import Backoff, Context, Subscription
 from .ids import id_time, max_id_for, min_id_for, new_id
 from .migrations import check_migrations, migrate
+from .relay import RelayConfig, RelayStatistics
 from .repository import (
     DeadLetter,
     DeadLetterFilter,
@@ -33,7 +35,10 @@ from .repository import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backoff",
+    "BusStatistics",
     "ConfigurationError",
+    "Context",
     "DatabaseUnavailable",
     "DeadLetter",
     "DeadLetterFilter",
@@ -50,8 +55,11 @@ __all__ = [
     "Reason",
     "RegistrationError",
     "Registry",
+    "RelayConfig",
+    "RelayStatistics",
     "Settlement",
     "Status",
+    "Subscription",
     "Transaction",
     "UnknownTopic",
     "__version__",
