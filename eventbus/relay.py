@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
 from .events import PARTITIONS, Envelope, partition_of
-from .repository import OutboxRepository, Settlement, Status
+from .repository import DeadLetterRepository, OutboxRepository, Settlement, Status
 from .transports import Transport
 
 __all__ = ["Relay", "RelayConfig", "RelayStatistics"]
@@ -42,6 +43,14 @@ class RelayConfig:
     max_batches_in_flight: int = 3
     reclaim_interval: float = 5.0
     heartbeat_interval: float = 2.0
+    #: Delete published rows and replayed dead letters older than this (None: keep everything).
+    retention: timedelta | None = None
+    retention_interval: float = 60.0
+    retention_batch: int = 2000
+    retention_pause: float = 0.05
+
+#: The advisory lock (in the partition lock space) whose holder runs retention: one relay per schema.
+_RETENTION_LOCK = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +97,10 @@ class Relay:
         config: RelayConfig | None = None,
         *,
         worker: str | None = None,
+        dead_letters: DeadLetterRepository | None = None,
     ) -> None:
         self.outbox = outbox
+        self.dead_letters = dead_letters
         self.transport = transport
         self.dsn = dsn
         self.config = config or RelayConfig()
@@ -105,6 +116,8 @@ class Relay:
         self._owned: set[int] = set()
         self._ready: set[int] = set()
         self._listening = False
+        self._retention_leader = False
+        self._purged = 0
         self._batches = 0
         self._claimed = 0
         self._settled = 0
@@ -135,6 +148,8 @@ class Relay:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._session_loop)
                 background.start_soon(self._maintenance_loop)
+                if self.config.retention is not None:
+                    background.start_soon(self._retention_loop)
                 async with anyio.create_task_group() as work:
                     await work.start(self.transport.run)
                     task_status.started()
@@ -218,7 +233,8 @@ class Relay:
             delay = 0.1
             while True:
                 try:
-                    self._settled += await self.outbox.complete(self.worker, settlement)
+                    settled = await self.outbox.complete(self.worker, settlement)
+                    self._settled += settled
                     return
                 except Exception as exc:
                     if anyio.current_time() + delay > deadline:
@@ -272,6 +288,7 @@ class Relay:
                 log.warning("relay %s: session connection lost (%s); reconnecting", self.worker, exc)
             finally:
                 self._listening = False
+                self._retention_leader = False
                 self._session = None
                 self._owned.clear()
                 self._ready.clear()
@@ -320,6 +337,27 @@ class Relay:
                 self._wakeup.set()
 
     # -- maintenance -----------------------------------------------------------------------------------------
+
+    async def _retention_loop(self) -> None:
+        """On the one relay holding the retention lock, purge old published rows and replayed dead letters
+        in small batches with pauses, so claims never wait behind a long delete."""
+        config = self.config
+        assert config.retention is not None
+        while True:
+            try:
+                session = self._session
+                if session is not None and not self._retention_leader:
+                    async with self._session_lock:
+                        self._retention_leader = await self.outbox.lock_partition(session, _RETENTION_LOCK)
+                if self._retention_leader:
+                    self._purged += await self.outbox.purge(
+                        config.retention, batch=config.retention_batch, pause=config.retention_pause
+                    )
+                    if self.dead_letters is not None:
+                        await self.dead_letters.purge(config.retention, batch=config.retention_batch)
+            except Exception as exc:
+                log.warning("relay %s: retention purge failed (%s); will retry", self.worker, exc)
+            await anyio.sleep(config.retention_interval)
 
     async def _maintenance_loop(self) -> None:
         config = self.config

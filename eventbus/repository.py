@@ -7,6 +7,7 @@ claimed, so a relay whose lease ran out cannot overwrite a newer claim.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -387,12 +388,25 @@ class OutboxRepository:
         return list(await self.pool.fetch(self.queries.relays_alive, within))
 
 
+def _replay_event(letter: DeadLetter) -> NewEvent:
+    return NewEvent(
+        topic=letter.topic,
+        payload=letter.payload.encode(),
+        key=letter.key,
+        target=letter.subscriber,
+        tenant=letter.tenant,
+        headers={**letter.headers, "eventbus-replay-of": str(letter.id)},
+        event_id=letter.event_id,
+    )
+
+
 class DeadLetterRepository:
-    """The shared dead-letter table: add, list, get, count, purge (replay lives with the bus)."""
+    """The shared dead-letter table: add, list, get, count, replay, purge."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "eventbus") -> None:
         self.pool = pool
         self.queries = Queries(schema)
+        self._outbox = OutboxRepository(pool, schema)
 
     async def add(
         self,
@@ -434,6 +448,60 @@ class DeadLetterRepository:
         """Unreplayed dead letters by (reason, subscriber)."""
         rows = await self.pool.fetch(self.queries.dead_letter_counts)
         return {(row["reason"], row["subscriber"]): row["count"] for row in rows}
+
+    async def replay(
+        self,
+        where: DeadLetterFilter | None = None,
+        *,
+        ids: Sequence[uuid.UUID] | None = None,
+        dry_run: bool = False,
+        rate: float | None = None,
+        page: int = 500,
+        on_page: Callable[[int], None] | None = None,
+    ) -> builtins.list[DeadLetter]:
+        """Re-offer unreplayed dead letters (by ``ids`` or by filter) as rows targeted at their subscriber.
+
+        Each page is one transaction: lock letters with ``SKIP LOCKED``, offer the rows, mark the letters
+        replayed. So a letter is replayed once however many replays run at once, and replaying it again does
+        nothing. ``rate`` caps letters per second; ``dry_run`` returns what would be replayed and writes nothing.
+        Returns the letters replayed (or that would be).
+        """
+        if where is not None and where.include_replayed:
+            raise ValueError("replay takes only unreplayed dead letters; drop include_replayed from the filter")
+        params = (where or DeadLetterFilter()).params()[:6]
+        id_list = None if ids is None else list(ids)
+        if rate is not None:
+            if rate <= 0:
+                raise ValueError(f"rate must be positive (letters per second), not {rate}")
+            page = max(1, min(page, int(rate)))
+        done: builtins.list[DeadLetter] = []
+        cursor: uuid.UUID | None = None
+        started = anyio.current_time()
+        while True:
+            async with self.pool.acquire() as conn:
+                tx = conn.transaction()
+                await tx.start()
+                try:
+                    rows = await conn.fetch(self.queries.dead_letter_pick, *params, id_list, cursor, page)
+                    letters = [_dead_letter_from_row(row) for row in rows]
+                    if letters and not dry_run:
+                        await self._outbox.offer(conn, [_replay_event(letter) for letter in letters])
+                        await conn.execute(self.queries.dead_letter_mark_replayed, [d.id for d in letters])
+                except BaseException:
+                    await tx.rollback()
+                    raise
+                if dry_run:
+                    await tx.rollback()
+                else:
+                    await tx.commit()
+            done.extend(letters)
+            if letters and on_page is not None:
+                on_page(len(letters))
+            if len(letters) < page:
+                return done
+            cursor = letters[-1].id
+            if rate is not None:
+                await anyio.sleep(max(0.0, len(done) / rate - (anyio.current_time() - started)))
 
     async def purge(
         self, older_than: timedelta, *, include_unreplayed: bool = False, batch: int = 5000

@@ -116,22 +116,28 @@ class Actor:
             send.close()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            for worker in self._workers:
-                tg.start_soon(self._supervise, worker)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                for worker in self._workers:
+                    tg.start_soon(self._supervise, worker)
+                task_status.started()
+        finally:
+            # Cancelled (a stop past its timeout): close the mailbox too, or its send streams leak
+            # (ResourceWarning: Unclosed MemoryObjectSendStream). Closing twice is harmless.
+            self.close()
 
     async def _supervise(self, worker: _Worker) -> None:
         delay = self.restart_backoff
-        while True:
-            try:
-                await self._work(worker)
-                return
-            except Exception:
-                worker.restarts += 1
-                log.exception("subscriber %s: worker crashed; restarting in %.2f s", self.name, delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        with worker.receive:
+            while True:
+                try:
+                    await self._work(worker)
+                    return
+                except Exception:
+                    worker.restarts += 1
+                    log.exception("subscriber %s: worker crashed; restarting in %.2f s", self.name, delay)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
 
     async def _work(self, worker: _Worker) -> None:
         while True:

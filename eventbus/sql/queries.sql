@@ -32,7 +32,9 @@ WITH rows AS (
     -- before commit or after a rollback. Rows delayed into the future wake nobody.
     SELECT pg_notify($12, '') FROM (SELECT 1 FROM inserted WHERE available_at <= now() LIMIT 1) AS due
 )
-SELECT inserted.id FROM inserted LEFT JOIN (SELECT count(*) FROM wake) AS w ON true;
+-- An inner join the planner cannot remove: a LEFT JOIN to an unused one-row subquery is dropped, and with it
+-- the notification.
+SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken FROM wake) AS w;
 
 -- name: claim
 -- Lease up to $1 due pending rows to worker $2 for $3 seconds, in id order, counting the attempt now.
@@ -339,3 +341,38 @@ SELECT count(*) AS unsettled FROM __schema__.eventbus_outbox WHERE status IN (0,
 -- name: ping
 -- Check that a connection is alive.
 SELECT 1;
+
+-- name: dead_letter_pick
+-- Lock up to $9 unreplayed dead letters matching the filters (or the ids $7) after cursor $8, oldest first;
+-- letters another replay holds are skipped, so concurrent replays never take the same letter.
+-- $1 reason text
+-- $2 subscriber text
+-- $3 topic text
+-- $4 tenant text
+-- $5 since_id uuid
+-- $6 until_id uuid
+-- $7 ids uuid[]
+-- $8 after_id uuid
+-- $9 limit int
+SELECT id, source, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
+       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
+FROM __schema__.eventbus_dead_letters
+WHERE replayed_at IS NULL
+  AND ($1::text IS NULL OR reason = $1)
+  AND ($2::text IS NULL OR subscriber = $2)
+  AND ($3::text IS NULL OR topic = $3)
+  AND ($4::text IS NULL OR tenant = $4)
+  AND ($5::uuid IS NULL OR id >= $5)
+  AND ($6::uuid IS NULL OR id <= $6)
+  AND ($7::uuid[] IS NULL OR id = ANY($7::uuid[]))
+  AND ($8::uuid IS NULL OR id > $8)
+ORDER BY id
+LIMIT $9
+FOR UPDATE SKIP LOCKED;
+
+-- name: dead_letter_mark_replayed
+-- Mark dead letters $1 replayed (in the transaction that re-offered them).
+-- $1 ids uuid[]
+UPDATE __schema__.eventbus_dead_letters
+SET replayed_at = now(), replay_count = replay_count + 1
+WHERE id = ANY($1::uuid[]) AND replayed_at IS NULL;

@@ -20,7 +20,7 @@ def eventbus_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from .._embedded import _start
+    from ._embedded import _start
 
     data_dir: Path = tmp_path_factory.mktemp("eventbus-embedded")
     yield _start(data_dir)
@@ -30,8 +30,8 @@ def eventbus_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def eventbus_schema(eventbus_dsn: str) -> AsyncIterator[str]:
     import asyncpg
 
-    from ..migrations import migrate
-    from ..sql import quote_schema
+    from .migrations import migrate
+    from .sql import quote_schema
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(eventbus_dsn)

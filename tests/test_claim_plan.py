@@ -1,0 +1,81 @@
+"""The claim query's plan with a large backlog of published rows: it must walk the partial index of pending rows,
+never the table (see DESIGN.md, "Lessons": claims that scan past published history slow down without bound)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from eventbus.sql import Queries, quote_schema
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ROWS = 1_000_000
+PENDING_EVERY = 100  # 1% pending, spread evenly through the id range
+
+# A UUIDv7-shaped id per row: 48 bits of milliseconds (one per row, from 2023-11-14), version 7, variant 10.
+BACKLOG = f"""
+INSERT INTO __table__ (id, event_id, topic, payload, status, attempts, published_at, created_at, available_at)
+SELECT u, u, 'orders.placed', '{{}}'::jsonb,
+       CASE WHEN g % {PENDING_EVERY} = 0 THEN 0 ELSE 2 END,
+       CASE WHEN g % {PENDING_EVERY} = 0 THEN 0 ELSE 1 END,
+       CASE WHEN g % {PENDING_EVERY} = 0 THEN NULL ELSE now() END,
+       now() - interval '1 hour', now() - interval '1 hour'
+FROM generate_series(1, {ROWS}) AS g,
+     LATERAL (SELECT (lpad(to_hex(1700000000000 + g), 12, '0') || '7000' || '8000'
+                      || lpad(to_hex(g), 12, '0'))::uuid AS u) AS ids
+"""
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [plan]
+    for child in plan.get("Plans", []):
+        found.extend(_nodes(child))
+    return found
+
+
+async def _explain(conn: asyncpg.Connection, sql: str, args: tuple[Any, ...]) -> tuple[list[dict[str, Any]], str]:
+    # EXPLAIN without ANALYZE plans the UPDATE but does not run it; bind parameters give it a custom plan.
+    raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    text = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+    return _nodes(plan), text
+
+
+@pytest.mark.parametrize("partitions", [None, [0, 1, 2, 3, 4, 5, 6, 7]], ids=["every-partition", "some-partitions"])
+async def test_claim_uses_pending_index_with_large_published_backlog(
+    eventbus_dsn: str, eventbus_schema: str, partitions: list[int] | None
+) -> None:
+    table = f"{quote_schema(eventbus_schema)}.eventbus_outbox"
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        started = time.perf_counter()
+        await conn.execute(BACKLOG.replace("__table__", table))
+        await conn.execute(f"ANALYZE {table}")
+        built = time.perf_counter() - started
+        counts = await conn.fetchrow(
+            f"SELECT count(*) AS total, count(*) FILTER (WHERE status = 0) AS pending FROM {table}"
+        )
+        assert (counts["total"], counts["pending"]) == (ROWS, ROWS // PENDING_EVERY)
+
+        claim = Queries(eventbus_schema).claim
+        nodes, text = await _explain(conn, claim, (100, "relay-1", 30.0, partitions))
+        print(f"\nbacklog of {ROWS} rows built and analysed in {built:.1f} s; claim plan ({partitions=}):\n{text}")
+
+        scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
+        assert not any(kind == "Seq Scan" and relation == "eventbus_outbox" for kind, relation, _ in scans), scans
+        assert any(index == "eventbus_outbox_pending" for _, _, index in scans), scans
+        picked = [n for n in nodes if n.get("Index Name") == "eventbus_outbox_pending"]
+        assert all(n["Node Type"] in {"Index Scan", "Index Only Scan", "Bitmap Index Scan"} for n in picked)
+
+        # And the claim really takes the oldest pending rows, none of the published history.
+        oldest = [r["id"] for r in await conn.fetch(f"SELECT id FROM {table} WHERE status = 0 ORDER BY id LIMIT 100")]
+        rows = await conn.fetch(claim, 100, "relay-1", 30.0, partitions)
+        assert sorted(r["id"] for r in rows) == oldest
+        assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE status = 1") == 100
+    finally:
+        await conn.close()
