@@ -19,7 +19,7 @@ import traceback
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import anyio
@@ -46,8 +46,6 @@ EXIT_MIGRATIONS = 4
 DEFAULT_SCHEMA = "eventbus"
 DEMO_SCHEMA = "eventbus_demo"
 
-# TODO(later issue): `dlq replay`, `dlq purge` and `outbox purge` (DeadLetterRepository.replay/purge and
-# OutboxRepository.purge exist; the commands, their confirmations and dry runs do not yet).
 
 
 # -- output --------------------------------------------------------------------------------------------------
@@ -387,6 +385,128 @@ async def cmd_dlq_show(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _duration(value: str) -> timedelta:
+    """``30d``, ``12h``, ``45m``, ``90s`` (or plain seconds) as a timedelta."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = value.strip().lower()
+    try:
+        seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration: write e.g. 30d, 12h, 45m or 90s") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: a duration cannot be negative")
+    return timedelta(seconds=seconds)
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of letters per second") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("--rate must be positive (letters per second)")
+    return rate
+
+
+class _Progress:
+    """A progress bar on a terminal (rich), else nothing; counts what a long operation has done."""
+
+    def __init__(self, out: Output, label: str, total: int | None) -> None:
+        self._bar: Any = None
+        self._task: Any = None
+        self.done = 0
+        if out.as_json or not sys.stderr.isatty():
+            return
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            return
+        self._bar = Progress(transient=True)
+        self._task = self._bar.add_task(label, total=total)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+
+async def cmd_dlq_replay(args: argparse.Namespace, out: Output) -> int:
+    schema = _schema(args)
+    where = DeadLetterFilter(reason=args.reason, subscriber=args.subscriber, topic=args.topic)
+    bus = _bus(args, schema=schema)
+    await _connect(bus)
+    try:
+        if args.dry_run:
+            letters = await bus.dead_letters.replay(where, ids=args.id or None, dry_run=True)
+        else:
+            expected = sum((await bus.dead_letters.count()).values())
+            with _Progress(out, "replaying", expected or None) as progress:
+                letters = await bus.dead_letters.replay(
+                    where, ids=args.id or None, rate=args.rate, on_page=progress.advance
+                )
+    finally:
+        await bus.close()
+    verb = "would replay" if args.dry_run else "replayed"
+    if args.json:
+        out.json({"dry_run": args.dry_run, "count": len(letters), "dead_letters": [str(d.id) for d in letters]})
+        return EXIT_OK
+    if not letters:
+        out.line("nothing to replay: no unreplayed dead letters match")
+        return EXIT_OK
+    by_target: dict[tuple[str, str], int] = {}
+    for d in letters:
+        slot = (d.reason, d.subscriber or "(every subscriber)")
+        by_target[slot] = by_target.get(slot, 0) + 1
+    out.table(["reason", "subscriber", "letters"], [[r, s, n] for (r, s), n in sorted(by_target.items())])
+    out.line(f"{verb} {_count(len(letters), 'dead letter')}")
+    if args.dry_run:
+        out.line("nothing was written; run again without --dry-run to replay")
+    else:
+        out.line("each went back to its subscriber as a new outbox row; a relay delivers it with fresh attempts")
+    return EXIT_OK
+
+
+async def cmd_dlq_purge(args: argparse.Namespace, out: Output) -> int:
+    schema = _schema(args)
+    bus = _bus(args, schema=schema)
+    await _connect(bus)
+    try:
+        deleted = await bus.dead_letters.purge(args.older_than, include_unreplayed=args.include_unreplayed)
+    finally:
+        await bus.close()
+    if args.json:
+        out.json({"deleted": deleted})
+    else:
+        kind = "dead letters" if args.include_unreplayed else "replayed dead letters"
+        out.line(f"deleted {deleted} {kind} older than {args.older_than}")
+    return EXIT_OK
+
+
+async def cmd_outbox_purge(args: argparse.Namespace, out: Output) -> int:
+    schema = _schema(args)
+    bus = _bus(args, schema=schema)
+    await _connect(bus)
+    try:
+        with _Progress(out, "purging", None) as progress:
+            deleted = await bus.outbox.purge(args.older_than, batch=args.batch, on_batch=progress.advance)
+    finally:
+        await bus.close()
+    if args.json:
+        out.json({"deleted": deleted})
+    else:
+        out.line(f"deleted {deleted} published outbox rows older than {args.older_than} (in batches of {args.batch})")
+    return EXIT_OK
+
+
 def _load_app(spec: str) -> EventBus:
     """Import ``module:attribute`` and return the EventBus it names (or that a zero-argument callable returns)."""
     module_name, _, attribute = spec.partition(":")
@@ -636,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(command=cmd_relay)
 
-    dlq = commands.add_parser("dlq", parents=[common], help="look at dead letters (list, show)")
+    dlq = commands.add_parser("dlq", parents=[common], help="dead letters: list, show, replay, purge")
     dlq_commands = dlq.add_subparsers(title="commands", metavar="COMMAND")
     dlq.set_defaults(command=None, help_parser=dlq)
     p = dlq_commands.add_parser("list", parents=[common], help="list dead letters, newest first")
@@ -649,6 +769,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = dlq_commands.add_parser("show", parents=[common], help="show one dead letter in full")
     p.add_argument("id", type=_dead_letter_id, help="the dead letter's id (from `eventbus dlq list`)")
     p.set_defaults(command=cmd_dlq_show)
+    p = dlq_commands.add_parser(
+        "replay", parents=[common], help="send dead letters back to their subscribers (once each)",
+        description="Re-offer unreplayed dead letters as rows targeted at their subscriber. Each letter is "
+        "replayed once, however often or from however many shells this runs.",
+    )  # fmt: skip
+    p.add_argument("--id", type=_dead_letter_id, action="append", help="a dead letter id (repeatable)")
+    p.add_argument("--reason", type=_reason, help=f"one of {', '.join(r.value for r in Reason)}")
+    p.add_argument("--subscriber", help="subscriber name")
+    p.add_argument("--topic", help="event topic")
+    p.add_argument("--dry-run", action="store_true", help="say what would be replayed; write nothing")
+    p.add_argument("--rate", type=_rate, help="at most this many letters per second (spare a recovering service)")
+    p.set_defaults(command=cmd_dlq_replay)
+    p = dlq_commands.add_parser("purge", parents=[common], help="delete old replayed dead letters")
+    p.add_argument("--older-than", type=_duration, required=True, metavar="AGE", help="e.g. 30d, 12h")
+    p.add_argument("--include-unreplayed", action="store_true", help="also delete letters never replayed")
+    p.set_defaults(command=cmd_dlq_purge)
+
+    outbox = commands.add_parser("outbox", parents=[common], help="maintain the outbox table (purge)")
+    outbox_commands = outbox.add_subparsers(title="commands", metavar="COMMAND")
+    outbox.set_defaults(command=None, help_parser=outbox)
+    p = outbox_commands.add_parser("purge", parents=[common], help="delete published rows older than an age")
+    p.add_argument("--older-than", type=_duration, required=True, metavar="AGE", help="e.g. 7d, 12h")
+    p.add_argument("--batch", type=_positive, default=5000, help="rows per delete statement (default 5000)")
+    p.set_defaults(command=cmd_outbox_purge)
 
     p = commands.add_parser(
         "demo", parents=[common], help="see delivery, retries and dead letters at work (on its own schema)",

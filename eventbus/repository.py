@@ -225,6 +225,7 @@ def envelope_from_row(row: asyncpg.Record) -> Envelope:
 
 def _dead_letter_from_row(row: asyncpg.Record) -> DeadLetter:
     values = dict(row.items())
+    values.pop("picked_at", None)
     values["headers"] = _headers_decoder.decode(values["headers"])
     return DeadLetter(**values)
 
@@ -340,14 +341,24 @@ class OutboxRepository:
             if len(rows) < batch:
                 return total
 
-    async def purge(self, older_than: timedelta, *, batch: int = 5000, pause: float = 0.0) -> int:
-        """Delete published rows older than ``older_than`` in batches of ``batch``; return how many."""
+    async def purge(
+        self,
+        older_than: timedelta,
+        *,
+        batch: int = 5000,
+        pause: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete published rows older than ``older_than`` in batches of ``batch`` (short transactions that
+        never block claims), pausing ``pause`` seconds between them; return how many."""
         bound = min_id_for(datetime.now(UTC) - older_than)
         total = 0
         while True:
             status = await self.pool.execute(self.queries.purge_outbox, bound, batch)
             deleted = int(status.split()[-1])
             total += deleted
+            if on_batch is not None:
+                on_batch(deleted)
             if deleted < batch:
                 return total
             if pause:
@@ -461,10 +472,11 @@ class DeadLetterRepository:
     ) -> builtins.list[DeadLetter]:
         """Re-offer unreplayed dead letters (by ``ids`` or by filter) as rows targeted at their subscriber.
 
-        Each page is one transaction: lock letters with ``SKIP LOCKED``, offer the rows, mark the letters
-        replayed. So a letter is replayed once however many replays run at once, and replaying it again does
-        nothing. ``rate`` caps letters per second; ``dry_run`` returns what would be replayed and writes nothing.
-        Returns the letters replayed (or that would be).
+        Only letters that failed before the replay began are taken, so letters that fail again while it runs
+        wait for the next replay. Each page is one transaction: lock letters with ``SKIP LOCKED``, offer the
+        rows, mark the letters replayed. So a letter is replayed once however many replays run at once, and
+        replaying it again does nothing. ``rate`` caps letters per second; ``dry_run`` returns what would be
+        replayed and writes nothing. Returns the letters replayed (or that would be).
         """
         if where is not None and where.include_replayed:
             raise ValueError("replay takes only unreplayed dead letters; drop include_replayed from the filter")
@@ -476,13 +488,18 @@ class DeadLetterRepository:
             page = max(1, min(page, int(rate)))
         done: builtins.list[DeadLetter] = []
         cursor: uuid.UUID | None = None
+        started_at: datetime | None = None  # letters failing after the replay began are not part of it
         started = anyio.current_time()
         while True:
             async with self.pool.acquire() as conn:
                 tx = conn.transaction()
                 await tx.start()
                 try:
-                    rows = await conn.fetch(self.queries.dead_letter_pick, *params, id_list, cursor, page)
+                    rows = await conn.fetch(
+                        self.queries.dead_letter_pick, *params, id_list, cursor, page, started_at
+                    )
+                    if rows and started_at is None:
+                        started_at = rows[0]["picked_at"]
                     letters = [_dead_letter_from_row(row) for row in rows]
                     if letters and not dry_run:
                         await self._outbox.offer(conn, [_replay_event(letter) for letter in letters])

@@ -354,10 +354,13 @@ SELECT 1;
 -- $7 ids uuid[]
 -- $8 after_id uuid
 -- $9 limit int
+-- $10 failed_before timestamptz (the first page's now(): letters that fail while the replay runs wait for the next)
 SELECT id, source, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
-       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
+       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count,
+       now() AS picked_at
 FROM __schema__.eventbus_dead_letters
 WHERE replayed_at IS NULL
+  AND ($10::timestamptz IS NULL OR failed_at <= $10)
   AND ($1::text IS NULL OR reason = $1)
   AND ($2::text IS NULL OR subscriber = $2)
   AND ($3::text IS NULL OR topic = $3)
