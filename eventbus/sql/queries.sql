@@ -89,7 +89,10 @@ WITH settled AS (
         last_error = coalesce(u.error, o.last_error)
     FROM unnest($2::uuid[], $3::int[], $4::smallint[], $5::float8[], $6::text[])
         AS u(id, attempts, status, delay, error)
-    WHERE o.id = u.id AND o.attempts = u.attempts AND o.claimed_by = $1 AND o.status = 1
+    -- claimed_by is set only while a row is in flight. No "status = 1" here: with it, the cached generic
+    -- plan drove the join from the in-flight index and rescanned unnest() per row (55 ms against 6 ms for
+    -- 500 rows, measured), since a generic plan guesses ten array elements.
+    WHERE o.id = u.id AND o.attempts = u.attempts AND o.claimed_by = $1
     RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.partition, o.payload, o.headers
 ), retries AS (
     INSERT INTO __schema__.eventbus_outbox

@@ -1,0 +1,1 @@
+"""Runnable examples (a package so that ``python -m examples.orders`` and ``--app examples.orders.app:bus`` work)."""
