@@ -1,0 +1,506 @@
+"""Property tests of the delivery invariants in DESIGN.md over random histories, against a real PostgreSQL.
+
+A history is a list of steps: commit or roll back a few events (each with random keys and a per-subscriber
+fault plan: raise or hang past the timeout on given attempts), start or gracefully stop an extra relay (up to
+three EventBus instances on the same schema with the same subscribers), crash a relay (its task group is
+cancelled with no graceful hand-back and its pool terminated, so its claimed rows stay leased until the short
+lease runs out), and pauses. After a drain on a surviving relay the invariants are checked:
+
+1. every committed event reached every subscriber, or has that subscriber's dead letter with the reason of its
+   last attempt (HandlerTimeout when it hung, DeliveryFailed when it raised);
+2. nothing from a rolled-back transaction was delivered (or even stored);
+3. the transactional subscriber has exactly one effect row per handled event (none for a dead-lettered one);
+4. the ordered subscriber's first successful handlings of each key are in commit order.
+
+Without crashes the check is exact: each subscriber saw attempts 1, 2, ... once each, stopped at its first
+success, and was dead-lettered after exactly max_attempts failures.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import asyncpg
+import msgspec
+import pytest
+from anyio.abc import TaskGroup, TaskStatus
+from hypothesis import HealthCheck, Phase, event, example, given, settings
+from hypothesis import strategies as st
+
+from eventbus import Backoff, Context, EventBus, Reason, RelayConfig, migrate
+from eventbus.sql import quote_schema
+
+pytestmark = pytest.mark.slow  # about a minute with the default 30 examples
+
+EXAMPLES = int(os.environ.get("EVENTBUS_RELAY_EXAMPLES", "30"))
+CONFIG = RelayConfig(poll_interval=0.05, lease=2, reclaim_interval=0.2, heartbeat_interval=0.2)
+QUICK = Backoff(initial=0.01, jitter=0)
+MAX_ATTEMPTS = 3
+TIMEOUT = 0.4  # the healthy handlers do next to nothing; a hang sleeps far past this
+MAX_RELAYS = 3
+DRAIN = 120.0
+SUBSCRIBERS = ("plain", "tx", "ordered")
+KEYS = ("a", "b", "c", None)
+
+Fault = Literal["raise", "timeout"]
+Plan = dict[str, dict[int, Fault]]  # subscriber -> attempt -> fault
+History = tuple[int, list[tuple[Any, ...]]]
+
+
+class Item(msgspec.Struct, frozen=True):
+    n: int
+    key: str | None
+
+
+class Boom(Exception):
+    pass
+
+
+# -- histories ----------------------------------------------------------------------------------------------
+
+fault = st.sampled_from(["raise", "timeout"])
+faults = st.one_of(
+    st.dictionaries(st.integers(1, MAX_ATTEMPTS), fault, max_size=MAX_ATTEMPTS),
+    # every attempt fails: a dead letter, whose reason is that of the last attempt
+    st.lists(fault, min_size=MAX_ATTEMPTS, max_size=MAX_ATTEMPTS).map(lambda fs: dict(enumerate(fs, 1))),
+)
+plans = st.one_of(st.just({}), st.dictionaries(st.sampled_from(SUBSCRIBERS), faults, max_size=2))
+events = st.tuples(st.sampled_from(KEYS), plans)
+commit = st.tuples(st.just("commit"), st.lists(events, min_size=1, max_size=6))
+#: crash after a delay, or once the relay holds rows plus a delay (mid-batch: some handlers done, some not)
+crash_step = st.tuples(
+    st.just("crash"), st.integers(0, MAX_RELAYS - 1), st.booleans(), st.sampled_from([0.0, 0.02, 0.06, 0.2])
+)
+steps = st.one_of(
+    commit,
+    commit,  # listed twice (as is crash): one_of picks its branches about equally often
+    st.tuples(st.just("rollback"), st.lists(st.sampled_from(KEYS), min_size=1, max_size=4)),
+    st.tuples(st.just("start")),
+    st.tuples(st.just("stop"), st.integers(0, MAX_RELAYS - 1)),
+    crash_step,
+    crash_step,
+    st.tuples(st.just("pause"), st.sampled_from([0.0, 0.05, 0.3])),
+)
+#: (relays running at first, steps)
+histories = st.tuples(st.integers(1, MAX_RELAYS), st.lists(steps, min_size=2, max_size=12))
+
+
+# -- what the handlers saw ----------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    plans: dict[int, Plan] = field(default_factory=dict)
+    keys: dict[int, str | None] = field(default_factory=dict)
+    committed: dict[int, uuid.UUID] = field(default_factory=dict)  # n -> event_id
+    rolled_back: set[int] = field(default_factory=set)
+    #: (subscriber, n) -> one [attempt, outcome] per run, outcome "ok", "raise" or "hang" (never finished)
+    runs: defaultdict[tuple[str, int], list[list[Any]]] = field(default_factory=lambda: defaultdict(list))
+    ordered_first: list[tuple[str | None, int]] = field(default_factory=list)
+    ordered_done: set[int] = field(default_factory=set)
+    crashed: int = 0
+    most_relays: int = 0
+    next_n: int = 0
+    effects_table: str = ""
+
+    def new_n(self) -> int:
+        self.next_n += 1
+        return self.next_n
+
+
+async def behave(world: World, sub: str, event: Item, ctx: Context) -> None:
+    run: list[Any] = [ctx.attempt, "hang"]
+    world.runs[(sub, event.n)].append(run)
+    if sub == "plain":
+        # Dawdle a little, so a batch is often settled well after the transactional subscriber committed:
+        # a crash in between must not double its effect.
+        await anyio.sleep(0.05)
+    if sub == "tx":
+        await ctx.connection.execute(
+            f"INSERT INTO {world.effects_table} (event_id, n) VALUES ($1, $2)", ctx.event_id, event.n
+        )
+    fault = world.plans.get(event.n, {}).get(sub, {}).get(ctx.attempt)
+    if fault == "raise":
+        run[1] = "raise"
+        raise Boom(f"planned failure of {sub} on attempt {ctx.attempt}")
+    if fault == "timeout":
+        await anyio.sleep(60)
+    run[1] = "ok"
+    if sub == "ordered" and event.n not in world.ordered_done:
+        world.ordered_done.add(event.n)
+        world.ordered_first.append((event.key, event.n))
+
+
+def build_bus(dsn: str, schema: str, world: World, **kwargs: Any) -> EventBus:
+    bus = EventBus(dsn, schema=schema, relay_config=CONFIG, pool_size=5, stop_timeout=60, migrate=False, **kwargs)
+    common: dict[str, Any] = {"timeout": TIMEOUT, "max_attempts": MAX_ATTEMPTS, "backoff": QUICK}
+
+    @bus.subscribe(name="plain", concurrency=3, **common)
+    async def plain(event: Item, ctx: Context) -> None:
+        await behave(world, "plain", event, ctx)
+
+    @bus.subscribe(name="tx", transactional=True, concurrency=2, **common)
+    async def tx(event: Item, ctx: Context) -> None:
+        await behave(world, "tx", event, ctx)
+
+    @bus.subscribe(name="ordered", ordered=True, concurrency=2, **common)
+    async def ordered(event: Item, ctx: Context) -> None:
+        await behave(world, "ordered", event, ctx)
+
+    return bus
+
+
+# -- relays that stop, or crash ------------------------------------------------------------------------------
+
+
+class RelayHandle:
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+        self.mode: Literal["stop", "crash"] = "stop"
+        self.requested = anyio.Event()
+        self.done = anyio.Event()
+
+    async def end(self, mode: Literal["stop", "crash"]) -> None:
+        self.mode = mode
+        self.requested.set()
+        await self.done.wait()
+
+
+async def _abandon() -> None:
+    """A killed process hands nothing back: its rows wait for their lease to run out."""
+
+
+async def crash(bus: EventBus) -> None:
+    """Cancel the bus's relay and subscribers abruptly, as kill -9 would, and drop its connections."""
+    relay = bus.relay
+    assert relay is not None
+    relay._release_unsettled = _abandon  # type: ignore[method-assign]
+    group = bus._task_group
+    assert group is not None
+    bus._task_group = None
+    group.cancel_scope.cancel()
+    await group.__aexit__(None, None, None)
+    pool, bus._pool = bus._pool, None
+    assert pool is not None
+    # Its transactions roll back on the server as they would when the process dies. (Closing, then
+    # terminating, lets asyncpg finish the releases it started, instead of failing them noisily.)
+    with anyio.move_on_after(2):
+        await pool.close()
+    pool.terminate()
+
+
+async def run_relay(handle: RelayHandle, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Own one bus in this task (its task group must be entered and left in one task)."""
+    await handle.bus.start()
+    try:
+        task_status.started()
+        await handle.requested.wait()
+    finally:
+        # No shield here: the bus's task group must be left from the scope it was entered in. When the test
+        # itself is cancelled (a failure elsewhere), the relay is torn down like a crash.
+        if handle.mode == "crash" or not handle.requested.is_set():
+            await crash(handle.bus)
+        else:
+            await handle.bus.stop()
+        handle.done.set()
+
+
+# -- one history ---------------------------------------------------------------------------------------------
+
+
+class Rollback(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    letters: list[asyncpg.Record]
+    effects: dict[int, int]
+    stored_ns: set[int]
+    unsettled: int
+
+
+async def run_history(dsn: str, history: History) -> tuple[World, Outcome]:
+    schema = f"p_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, schema)
+        world = World(effects_table=f"{quote_schema(schema)}.effects")
+        await conn.execute(f"CREATE TABLE {world.effects_table} (event_id uuid NOT NULL, n int NOT NULL)")
+        publisher = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=2)
+        await publisher.connect()
+        try:
+            async with anyio.create_task_group() as tg:
+                await _play(dsn, schema, world, publisher, tg, history)
+            outcome = await _collect(conn, schema)
+        finally:
+            await publisher.close()
+        return world, outcome
+    finally:
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_schema(schema)} CASCADE")
+        finally:
+            await conn.close()
+
+
+async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: TaskGroup, history: History) -> None:
+    relays, steps = history
+    live: list[RelayHandle] = []
+
+    async def start_relay() -> None:
+        handle = RelayHandle(build_bus(dsn, schema, world))
+        await tg.start(run_relay, handle)
+        live.append(handle)
+        world.most_relays = max(world.most_relays, len(live))
+
+    try:
+        for _ in range(relays):
+            await start_relay()
+        for step in steps:
+            kind = step[0]
+            if kind == "commit":
+                async with publisher.transaction() as tx:
+                    for key, plan in step[1]:
+                        n = world.new_n()
+                        world.plans[n], world.keys[n] = plan, key
+                        event_id = await tx.publish(Item(n, key), key=key)
+                        assert event_id is not None
+                        world.committed[n] = event_id
+            elif kind == "rollback":
+                doomed: list[int] = []
+                try:
+                    async with publisher.transaction() as tx:
+                        for key in step[1]:
+                            n = world.new_n()
+                            doomed.append(n)
+                            await tx.publish(Item(n, key), key=key)
+                        raise Rollback
+                except Rollback:
+                    world.rolled_back.update(doomed)
+            elif kind == "start":
+                if len(live) < MAX_RELAYS:
+                    await start_relay()
+            elif kind == "stop":
+                if live:
+                    await live.pop(step[1] % len(live)).end("stop")
+            elif kind == "crash":
+                if live:
+                    handle = live.pop(step[1] % len(live))
+                    when_busy, delay = step[2], step[3]
+                    if when_busy:
+                        relay = handle.bus.relay
+                        assert relay is not None
+                        with anyio.move_on_after(1.0):
+                            while relay.statistics().in_flight == 0:  # noqa: ASYNC110 - polling a counter
+                                await anyio.sleep(0.005)
+                    await anyio.sleep(delay)
+                    await handle.end("crash")
+                    world.crashed += 1
+            elif kind == "pause":
+                await anyio.sleep(step[1])
+        if not live:
+            await start_relay()
+        await live[0].bus.drain(DRAIN)
+    finally:
+        while live:
+            await live.pop().end("stop")
+
+
+async def _collect(conn: asyncpg.Connection, schema: str) -> Outcome:
+    s = quote_schema(schema)
+    letters = await conn.fetch(
+        f"SELECT event_id, subscriber, reason, attempts, error_type, error, (payload->>'n')::int AS n "
+        f"FROM {s}.eventbus_dead_letters"
+    )
+    effects = {r["n"]: r["count"] for r in await conn.fetch(f"SELECT n, count(*) FROM {s}.effects GROUP BY n")}
+    stored = {r["n"] for r in await conn.fetch(f"SELECT (payload->>'n')::int AS n FROM {s}.eventbus_outbox")}
+    unsettled = await conn.fetchval(f"SELECT count(*) FROM {s}.eventbus_outbox WHERE status IN (0, 1)")
+    return Outcome(list(letters), effects, stored, unsettled)
+
+
+# -- the invariants ------------------------------------------------------------------------------------------
+
+
+def check_invariants(world: World, out: Outcome) -> None:
+    assert out.unsettled == 0
+
+    # 2. Nothing from a rolled-back transaction was stored or delivered.
+    assert not (world.rolled_back & out.stored_ns)
+    assert not any(n in world.rolled_back for _, n in world.runs)
+    assert set(world.committed) <= out.stored_ns
+
+    letters: dict[tuple[int, str], asyncpg.Record] = {}
+    for letter in out.letters:
+        n, sub = letter["n"], letter["subscriber"]
+        assert n in world.committed and letter["event_id"] == world.committed[n], letter
+        assert sub in SUBSCRIBERS, letter
+        assert (n, sub) not in letters, f"two dead letters for event {n} and {sub}"
+        assert letter["reason"] in (Reason.DELIVERY_FAILED, Reason.HANDLER_TIMEOUT), letter
+        letters[(n, sub)] = letter
+
+    for n in world.committed:
+        for sub in SUBSCRIBERS:
+            runs = world.runs.get((sub, n), [])
+            plan = world.plans[n].get(sub, {})
+            letter = letters.get((n, sub))
+            where = f"event {n} (key {world.keys[n]!r}, plan {world.plans[n]}), {sub}: runs {runs}, letter {letter}"
+            if world.crashed:
+                check_with_crashes(sub, runs, plan, letter, out.effects.get(n, 0), where)
+            else:
+                check_exactly(sub, runs, plan, letter, out.effects.get(n, 0), where)
+
+    # 4. Per key, first successful handlings by the ordered subscriber are in commit (= publish) order.
+    by_key: defaultdict[str, list[int]] = defaultdict(list)
+    for key, n in world.ordered_first:
+        if key is not None:
+            by_key[key].append(n)
+    for key, ns in by_key.items():
+        assert ns == sorted(ns), f"key {key!r} handled out of commit order: {ns}"
+
+
+def _reason_of_last(runs: list[list[Any]]) -> Reason:
+    return Reason.HANDLER_TIMEOUT if runs[-1][1] == "hang" else Reason.DELIVERY_FAILED
+
+
+def check_exactly(
+    sub: str, runs: list[list[Any]], plan: dict[int, Fault], letter: asyncpg.Record | None, effects: int, where: str
+) -> None:
+    """No crash: attempts 1..k ran once each, up to the first success or max_attempts failures."""
+    assert [a for a, _ in runs] == list(range(1, len(runs) + 1)), where
+    for attempt, outcome in runs:
+        planned = plan.get(attempt)
+        # A healthy attempt may time out on a badly stalled machine ("hang"); a planned fault never succeeds.
+        allowed = {"raise": {"raise"}, "timeout": {"hang"}, None: {"ok", "hang"}}[planned]
+        assert outcome in allowed, where
+    outcomes = [o for _, o in runs]
+    if "ok" in outcomes:
+        assert outcomes.index("ok") == len(outcomes) - 1, where  # nothing ran after the success
+        assert letter is None, where
+        if sub == "tx":
+            assert effects == 1, where
+    else:
+        # 1 and 5: every failure is dead-lettered after max_attempts, with the reason of the last attempt.
+        assert len(runs) == MAX_ATTEMPTS, where
+        assert letter is not None, where
+        assert letter["attempts"] == MAX_ATTEMPTS, where
+        assert letter["reason"] == _reason_of_last(runs), where
+        if sub == "tx":
+            assert effects == 0, where
+    if sub != "tx":
+        assert effects in (0, 1)
+
+
+def check_with_crashes(
+    sub: str, runs: list[list[Any]], plan: dict[int, Fault], letter: asyncpg.Record | None, effects: int, where: str
+) -> None:
+    """With crashes, attempts can repeat or be cut short; the outcome must still be delivered or dead-lettered."""
+    outcomes = [o for _, o in runs]
+    for attempt, outcome in runs:
+        if plan.get(attempt) == "timeout":
+            assert outcome == "hang", where
+        if outcome == "raise":
+            assert plan.get(attempt) == "raise", where
+    # 1. At least once, or a dead letter.
+    assert "ok" in outcomes or letter is not None, where
+    if sub == "tx":
+        # 3. Exactly one effect per handled event, through crashes and redeliveries.
+        assert effects <= 1, where
+        if letter is None:
+            assert effects == 1, where
+        elif effects == 1:
+            # Handled and committed, then its relay died before settling, so it came back too many times.
+            assert letter["error_type"] == "AttemptsExhausted", where
+    if letter is not None:
+        if letter["error_type"] == "AttemptsExhausted":
+            assert letter["reason"] == Reason.DELIVERY_FAILED, where
+            assert letter["attempts"] > MAX_ATTEMPTS, where
+        else:
+            # 5. The reason is that of the last attempt (its run may also have been cut short by a crash).
+            assert letter["attempts"] == MAX_ATTEMPTS, where
+            last = [o for a, o in runs if a == MAX_ATTEMPTS]
+            wanted = "hang" if letter["reason"] == Reason.HANDLER_TIMEOUT else "raise"
+            assert wanted in last, where
+
+
+# -- the test -------------------------------------------------------------------------------------------------
+
+
+HEALTHY = [("a", {}), ("b", {}), ("c", {}), (None, {}), ("a", {})]
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # The explain phase re-runs a failure many times; with relays and leases it costs minutes.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+)
+@given(history=histories)
+# Histories worth running every time: a relay killed after the transactional subscriber committed but before
+# the batch was settled (its rows come back after the lease); an ordered subscriber failing and retrying while
+# later events of its key wait, with the partitions handed over between relays; every attempt failing.
+@example(history=(1, [("commit", HEALTHY), ("crash", 0, True, 0.02), ("start",)]))
+@example(history=(2, [("commit", HEALTHY), ("crash", 1, True, 0.03), ("commit", HEALTHY), ("crash", 0, True, 0.0)]))
+@example(history=(2, [
+    ("commit", [
+        ("a", {"ordered": {1: "raise"}}), ("a", {}), ("b", {"ordered": {1: "timeout", 2: "raise"}}), ("b", {}),
+    ]),
+    ("stop", 0),
+    ("commit", [("a", {}), ("b", {"ordered": {1: "raise"}}), ("a", {})]),
+    ("start",),
+    ("commit", [("b", {}), ("a", {})]),
+]))  # fmt: skip
+@example(history=(1, [
+    ("commit", [
+        ("a", {"plain": {1: "raise", 2: "raise", 3: "timeout"}, "tx": {1: "timeout", 2: "timeout", 3: "raise"}}),
+        ("a", {"ordered": {1: "timeout", 2: "raise", 3: "timeout"}, "tx": {1: "raise", 2: "raise", 3: "raise"}}),
+    ]),
+    ("rollback", ["a", "b", None]),
+]))  # fmt: skip
+def test_delivery_invariants_hold_over_random_histories(eventbus_dsn: str, history: History) -> None:
+    world, outcome = anyio.run(run_history, eventbus_dsn, history, backend="asyncio")
+    event("crashed" if world.crashed else "no crash (exact check)")
+    event(f"relays at once: {world.most_relays}")
+    event("with dead letters" if outcome.letters else "no dead letters")
+    redelivered = any(any(o == "ok" for _, o in runs[:-1]) for runs in world.runs.values())
+    event("a handled event came back after a crash" if redelivered else "no redelivery after success")
+    check_invariants(world, outcome)
+
+
+def test_the_checker_catches_broken_histories() -> None:
+    """The invariant checks can fail: feed them outcomes that break each invariant."""
+    event_id = uuid.uuid4()
+
+    def world_with(runs: dict[str, list[list[Any]]], crashed: int = 0) -> World:
+        world = World(crashed=crashed)
+        world.plans[1], world.keys[1], world.committed[1] = {}, "a", event_id
+        for sub, sub_runs in runs.items():
+            world.runs[(sub, 1)] = sub_runs
+        return world
+
+    healthy = {sub: [[1, "ok"]] for sub in SUBSCRIBERS}
+    good = Outcome(letters=[], effects={1: 1}, stored_ns={1}, unsettled=0)
+    check_invariants(world_with(healthy), good)
+    check_invariants(world_with(healthy, crashed=1), good)
+
+    broken: list[tuple[World, Outcome]] = [
+        (world_with({**healthy, "plain": []}), good),  # never delivered, no dead letter
+        (world_with(healthy), Outcome([], {1: 2}, {1}, 0)),  # two effects
+        (world_with(healthy, crashed=1), Outcome([], {1: 2}, {1}, 0)),
+        (world_with({**healthy, "tx": [[1, "ok"], [2, "ok"]]}), good),  # ran again after success
+        (world_with(healthy), Outcome([], {1: 1}, {1}, 1)),  # left pending
+    ]
+    rolled = world_with(healthy)
+    rolled.rolled_back.add(1)
+    broken.append((rolled, good))
+    out_of_order = world_with(healthy)
+    out_of_order.ordered_first = [("a", 3), ("a", 2)]
+    broken.append((out_of_order, good))
+    for world, outcome in broken:
+        with pytest.raises(AssertionError):
+            check_invariants(world, outcome)
