@@ -113,6 +113,7 @@ class Relay:
         self._partition_load: Counter[int] = Counter()
         self._session: asyncpg.Connection | None = None
         self._session_lock = anyio.Lock()
+        self._claim_lock = anyio.Lock()
         self._owned: set[int] = set()
         self._ready: set[int] = set()
         self._listening = False
@@ -181,9 +182,12 @@ class Relay:
             await self._slots.acquire()
             self._wakeup.clear()
             try:
-                rows = await self.outbox.take_pending(
-                    config.batch_size, config.lease, self.worker, partitions=self._claimable()
-                )
+                # Under the claim lock a partition cannot be given up between the claim and its tracking.
+                async with self._claim_lock:
+                    rows = await self.outbox.take_pending(
+                        config.batch_size, config.lease, self.worker, partitions=self._claimable()
+                    )
+                    self._track(rows)
             except Exception as exc:
                 self._slots.release()
                 failures += 1
@@ -196,12 +200,13 @@ class Relay:
                 self._slots.release()
                 await self._wakeup.wait(config.poll_interval)
                 continue
-            self._track(rows)
             batches.start_soon(self._run_batch, rows)
             if len(rows) < config.batch_size:
                 await self._wakeup.wait(config.poll_interval)
 
     def _track(self, rows: Sequence[Envelope]) -> None:
+        if not rows:
+            return
         self._batches += 1
         self._claimed += len(rows)
         for row in rows:
@@ -311,7 +316,7 @@ class Relay:
         await self.outbox.heartbeat(self.worker, socket.gethostname(), os.getpid(), sorted(self._owned))
         alive = await self.outbox.relays_alive(within=config.heartbeat_interval * 3)
         target = math.ceil(PARTITIONS / max(1, len(alive)))
-        async with self._session_lock:
+        async with self._session_lock, self._claim_lock:
             if len(self._owned) > target:
                 for partition in sorted(self._owned, reverse=True):
                     if len(self._owned) <= target:
