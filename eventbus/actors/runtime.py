@@ -24,6 +24,9 @@ __all__ = ["Actor", "BatchTracker", "Delivery"]
 
 log = logging.getLogger("eventbus.actors")
 
+#: A worker yields to the event loop at least once per this many deliveries.
+_YIELD_EVERY = 64
+
 
 class BatchTracker:
     """Collects the outcomes of one batch's deliveries; :meth:`wait` returns when every one has reported."""
@@ -104,11 +107,15 @@ class Actor:
     async def send(self, delivery: Delivery) -> None:
         """Put a delivery in the mailbox, waiting while it is full."""
         if len(self._sends) == 1:
-            await self._sends[0].send(delivery)
-            return
-        envelope = delivery.envelope
-        lane_key = envelope.key if envelope.key is not None else str(envelope.event_id)
-        await self._sends[zlib.crc32(lane_key.encode()) % len(self._sends)].send(delivery)
+            stream = self._sends[0]
+        else:
+            envelope = delivery.envelope
+            lane_key = envelope.key if envelope.key is not None else str(envelope.event_id)
+            stream = self._sends[zlib.crc32(lane_key.encode()) % len(self._sends)]
+        try:
+            stream.send_nowait(delivery)  # no trip through the event loop while there is room
+        except anyio.WouldBlock:
+            await stream.send(delivery)
 
     def close(self) -> None:
         """Accept no more deliveries; workers finish what is queued, then :meth:`run` returns."""
@@ -140,10 +147,24 @@ class Actor:
                     delay = min(delay * 2, 5.0)
 
     async def _work(self, worker: _Worker) -> None:
+        unyielded = 0
         while True:
             if worker.current is None:
                 try:
-                    worker.current = await worker.receive.receive()
+                    # Take what is queued without a trip through the event loop, but yield now and then so
+                    # that handlers which never await cannot starve the relay.
+                    if unyielded < _YIELD_EVERY:
+                        unyielded += 1
+                        worker.current = worker.receive.receive_nowait()
+                    else:
+                        unyielded = 0
+                        worker.current = await worker.receive.receive()
+                except anyio.WouldBlock:
+                    unyielded = 0
+                    try:
+                        worker.current = await worker.receive.receive()
+                    except anyio.EndOfStream:
+                        return
                 except anyio.EndOfStream:
                     return
             delivery = worker.current
