@@ -6,7 +6,7 @@ outbox-shaped table (UUIDv7 primary key, topic, key, jsonb payload and headers, 
 index and no NOTIFY. A diagnostic third run adds ``pg_notify`` to the raw transaction, separating what the
 commit-time NOTIFY costs (PostgreSQL serialises committing transactions that notify) from the rest. Every
 worker loops for a fixed time; transactions finished in the window after a short warm-up are counted. The
-runs follow each other (ours, raw, raw + notify) on one schema; background load is not controlled.
+runs take turns in short rounds in a rotating order on one schema; background load is not controlled.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ._common import Outcome, Row, Settings, scratch_schema
 
 NAME = "offer"
 WARMUP = 0.3
+ROUNDS = 6
 
 
 class OrderPlaced(msgspec.Struct, frozen=True):
@@ -85,8 +86,8 @@ async def _timed_loop(workers: int, duration: float, one: Any) -> dict[str, Any]
             "last_error": last_error}  # fmt: skip
 
 
-async def _ours(dsn: str, schema: str, connections: int, duration: float) -> dict[str, Any]:
-    bus = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=connections)
+async def _ours(dsn: str, schema: str, connections: int, duration: float, *, notify: bool = True) -> dict[str, Any]:
+    bus = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=connections, notify=notify)
     insert = f"INSERT INTO {quote_schema(schema)}.bench_orders (order_id, total_cents) VALUES ($1, $2)"
     await bus.connect()
     try:
@@ -138,17 +139,45 @@ async def run(settings: Settings) -> Outcome:
                 await conn.execute(_ddl(schema))
             finally:
                 await conn.close()
-            print(f"  offer with {connections} connections: eventbus ...", flush=True)
-            ours = await _ours(settings.dsn, schema, connections, duration)
-            print(f"  offer with {connections} connections: raw asyncpg ...", flush=True)
-            raw = await _raw(settings.dsn, schema, connections, duration)
-            print(f"  offer with {connections} connections: raw asyncpg + pg_notify (diagnostic) ...", flush=True)
-            raw_notify = await _raw(settings.dsn, schema, connections, duration, notify=True)
-        outcome.details[f"{connections} connections"] = {"eventbus": ours, "raw": raw, "raw_notify": raw_notify}
+            # The three runs take turns in short rounds, in a rotating order, so that drift on a shared machine
+            # (autovacuum, other load, table growth) falls on all of them alike.
+            dsn, n = settings.dsn, connections
+            runs = {
+                "eventbus": lambda d, dsn=dsn, n=n, schema=schema: _ours(dsn, schema, n, d),
+                "eventbus_no_notify": lambda d, dsn=dsn, n=n, schema=schema: _ours(dsn, schema, n, d, notify=False),
+                "raw": lambda d, dsn=dsn, n=n, schema=schema: _raw(dsn, schema, n, d),
+                "raw_notify": lambda d, dsn=dsn, n=n, schema=schema: _raw(dsn, schema, n, d, notify=True),
+            }
+            names = list(runs)
+            totals = {name: {"transactions": 0, "seconds": 0.0, "errors": 0, "last_error": None} for name in names}
+            print(f"  offer with {connections} connections: 4 variants taking turns in {ROUNDS} rounds ...",
+                  flush=True)  # fmt: skip
+            for round_ in range(ROUNDS):
+                turn = round_ % len(names)
+                for name in names[turn:] + names[:turn]:
+                    result = await runs[name](duration / ROUNDS)
+                    total = totals[name]
+                    total["transactions"] += result["transactions"]
+                    total["seconds"] += result["seconds"]
+                    total["errors"] += result["errors"]
+                    total["last_error"] = result["last_error"] or total["last_error"]
+            for total in totals.values():
+                total["tx_per_s"] = total["transactions"] / total["seconds"]
+            ours, raw, raw_notify = totals["eventbus"], totals["raw"], totals["raw_notify"]
+            quiet = totals["eventbus_no_notify"]
+        outcome.details[f"{connections} connections"] = totals
         note = f"errors {ours['errors']}/{raw['errors']}" if ours["errors"] or raw["errors"] else ""
         outcome.rows.append(
             Row.compare(NAME, f"{connections} conns", "business row + event", ours["tx_per_s"], "tx/s",
                         raw["tx_per_s"], "raw asyncpg 2 inserts", note=note)
+        )  # fmt: skip
+        outcome.rows.append(
+            Row.compare(NAME, f"{connections} conns", "business row + event, notify=False", quiet["tx_per_s"],
+                        "tx/s", raw["tx_per_s"], "raw asyncpg 2 inserts", note="relays poll instead of waking")
+        )  # fmt: skip
+        outcome.rows.append(
+            Row.compare(NAME, f"{connections} conns", "business row + event", ours["tx_per_s"], "tx/s",
+                        raw_notify["tx_per_s"], "raw 2 inserts + pg_notify", note="like for like")
         )  # fmt: skip
         outcome.rows.append(
             Row.compare(NAME, f"{connections} conns", "raw + pg_notify", raw_notify["tx_per_s"], "tx/s",

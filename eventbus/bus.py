@@ -93,7 +93,9 @@ class EventBus:
     ``dsn``: a PostgreSQL URL. Without one, ``EVENTBUS_DSN`` is used, else an embedded PostgreSQL server is
     started in ``data_dir`` (default ``.eventbus`` in the current directory, or ``EVENTBUS_DATA_DIR``).
     ``schema`` holds eventbus's tables; ``migrate`` applies missing migrations on start (else start fails
-    with a message saying how to apply them).
+    with a message saying how to apply them). ``notify=False`` sends no wake-up at commit: relays then find new
+    events by polling (``RelayConfig.poll_interval``); it saves the cost of a notifying commit, which
+    PostgreSQL serialises across the database (measured 15-20% of producer throughput at 4 connections).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class EventBus:
         unrouted: Unrouted = "dead_letter",
         redact: Callable[[str], str] | None = None,
         stop_timeout: float = 10.0,
+        notify: bool = True,
     ) -> None:
         if unrouted not in ("dead_letter", "drop"):
             raise ConfigurationError(f"unrouted must be 'dead_letter' or 'drop', not {unrouted!r}")
@@ -129,6 +132,7 @@ class EventBus:
         self.unrouted: Unrouted = unrouted
         self.redact = redact
         self.stop_timeout = stop_timeout
+        self.notify = notify
         self.subscriptions: dict[str, Subscription] = {}
         self._relay: Relay | None = None
         self._transport: LocalTransport | None = None
@@ -231,7 +235,7 @@ class EventBus:
             await pool.close()
             raise
         self._pool = pool
-        self._outbox = OutboxRepository(pool, self.schema)
+        self._outbox = OutboxRepository(pool, self.schema, notify=self.notify)
         self._dead_letters = DeadLetterRepository(pool, self.schema)
 
     async def start(self) -> None:

@@ -233,10 +233,11 @@ def _dead_letter_from_row(row: asyncpg.Record) -> DeadLetter:
 class OutboxRepository:
     """Offers, claims, settles, reclaims and purges outbox rows."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str = "eventbus") -> None:
+    def __init__(self, pool: asyncpg.Pool, schema: str = "eventbus", *, notify: bool = True) -> None:
         self.pool = pool
         self.queries = Queries(schema)
         self.channel = f"eventbus_{schema}"
+        self.notify = notify
 
     async def offer(self, connection: Connection, events: Sequence[NewEvent]) -> OfferResult:
         """Insert ``events`` in the caller's transaction, in one round trip.
@@ -246,6 +247,16 @@ class OutboxRepository:
         """
         if not events:
             return OfferResult(())
+        channel = self.channel if self.notify else None
+        if len(events) == 1:
+            e = events[0]
+            row_id = new_id()
+            inserted = await connection.fetchval(
+                self.queries.offer_one,
+                row_id, e.event_id or row_id, e.tenant, e.topic, e.key, partition_of(e.key), e.target,
+                e.payload.decode(), _json.encode(e.headers).decode(), e.delay, e.idempotency_key, channel,
+            )  # fmt: skip
+            return OfferResult((inserted,))
         ids = [new_id() for _ in events]
         rows = await connection.fetch(
             self.queries.offer,
@@ -260,7 +271,7 @@ class OutboxRepository:
             [_json.encode(e.headers).decode() for e in events],
             [e.delay for e in events],
             [e.idempotency_key for e in events],
-            self.channel,
+            channel,
         )
         if len(rows) == len(ids):
             return OfferResult(tuple(ids))

@@ -57,7 +57,7 @@ async def test_offer_of_a_thousand_events_is_one_statement(bus: EventBus) -> Non
     async with bus.pool.acquire() as conn, conn.transaction():
         # asyncpg looks up the array types (uuid[], smallint[], float8[]) once per connection; warm that up so
         # only the offer's own statements are counted. The logger is added after BEGIN and removed before COMMIT.
-        await bus.outbox.offer(conn, [_event(-1)])
+        await bus.outbox.offer(conn, [_event(-1), _event(-2)])
         await conn.execute(f"DELETE FROM {quote_schema(bus.schema)}.eventbus_outbox")
         conn.add_query_logger(log)
         try:
@@ -219,6 +219,23 @@ async def test_no_notification_when_every_event_is_delayed(bus: EventBus, listen
     async with bus.transaction() as tx:  # one due event among delayed ones wakes the relays
         await tx.publish_many([_event(1, delay=3600), _event(2), _event(3, delay=3600)])
     assert await listener.wait_for(1) == 1
+
+
+async def test_single_event_offer_notifies_once_and_quiet_bus_never(
+    bus: EventBus, listener: Listener, eventbus_dsn: str
+) -> None:
+    async with bus.transaction() as tx:  # single events take the array-free statement
+        assert await tx.publish(OrderPlaced("o-1", 1)) is not None
+        assert await tx.publish(OrderPlaced("o-2", 2), idempotency_key="k") is not None
+        assert await tx.publish(OrderPlaced("o-2", 2), idempotency_key="k") is None
+    assert await listener.wait_for(1) == 1
+
+    async with EventBus(eventbus_dsn, schema=bus.schema, notify=False) as quiet:
+        async with quiet.transaction() as tx:
+            await tx.publish(OrderPlaced("o-3", 3))
+            await tx.publish_many([_event(7), _event(8)])
+    assert await listener.settle() == 1  # still only the first one
+    assert await _count(bus) == 5
 
 
 async def test_no_notification_when_every_event_is_a_duplicate(bus: EventBus, listener: Listener) -> None:

@@ -14,7 +14,7 @@
 -- $9 headers text[]
 -- $10 delays_seconds float8[]
 -- $11 idempotency_keys text[]
--- $12 channel text
+-- $12 channel text (NULL: wake nobody; relays find the rows by polling)
 WITH rows AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::text[],
                          $8::text[], $9::text[], $10::float8[], $11::text[])
@@ -31,9 +31,36 @@ WITH rows AS (
     -- Identical notifications within one transaction are folded into one by PostgreSQL, and none is sent
     -- before commit or after a rollback. Rows delayed into the future wake nobody.
     SELECT pg_notify($12, '') FROM (SELECT 1 FROM inserted WHERE available_at <= now() LIMIT 1) AS due
+    WHERE $12 IS NOT NULL
 )
 -- An inner join the planner cannot remove: a LEFT JOIN to an unused one-row subquery is dropped, and with it
 -- the notification.
+SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken FROM wake) AS w;
+
+-- name: offer_one
+-- The offer of a single event (the common case), without arrays: measured about 5% more transactions/s.
+-- $1 id uuid
+-- $2 event_id uuid
+-- $3 tenant text
+-- $4 topic text
+-- $5 key text
+-- $6 partition smallint
+-- $7 target text
+-- $8 payload text
+-- $9 headers text
+-- $10 delay_seconds float8
+-- $11 idempotency_key text
+-- $12 channel text (NULL: wake nobody)
+WITH inserted AS (
+    INSERT INTO __schema__.eventbus_outbox
+        (id, event_id, tenant, topic, key, partition, target, payload, headers, available_at, idempotency_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb,
+            CASE WHEN $10::float8 > 0 THEN now() + make_interval(secs => $10::float8) ELSE now() END, $11)
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, available_at
+), wake AS (
+    SELECT pg_notify($12, '') FROM inserted WHERE available_at <= now() AND $12 IS NOT NULL
+)
 SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken FROM wake) AS w;
 
 -- name: claim
