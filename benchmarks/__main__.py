@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 import asyncpg
 
-from . import burndown, fanout, latency, offer, peer
+from . import burndown, fanout, latency, offer, peer, purge
 from ._common import Outcome, Row, Settings, format_table, machine_info, redact_dsn, row_dicts
 
 Benchmark = Callable[[Settings], Awaitable[Outcome]]
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, float, float]] = {
     offer.NAME: (offer.run, 30, 150),
     burndown.NAME: (burndown.run, 75, 900),
     fanout.NAME: (fanout.run, 45, 300),
+    purge.NAME: (purge.run, 60, 300),
     peer.NAME: (peer.run, 90, 900),
 }
 
