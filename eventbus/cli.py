@@ -18,7 +18,7 @@ import sys
 import traceback
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -185,6 +185,17 @@ async def _connect(bus: EventBus) -> None:
         ) from exc
 
 
+@contextlib.asynccontextmanager
+async def _connected(args: argparse.Namespace, schema: str) -> AsyncIterator[EventBus]:
+    """A connected bus (no relay) for one command, closed afterwards."""
+    bus = _bus(args, schema=schema)
+    await _connect(bus)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
 def _command_hint(args: argparse.Namespace, command: str, schema: str) -> str:
     """``command`` as the user would type it again against the same database and schema."""
     parts = ["eventbus", command]
@@ -236,15 +247,11 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     schema = _schema(args)
-    bus = _bus(args, schema=schema)
-    await _connect(bus)
-    try:
+    async with _connected(args, schema) as bus:
         counts = await bus.outbox.counts()
         dead = await bus.dead_letters.count()
         relays = await bus.outbox.relays_alive(within=RelayConfig().heartbeat_interval * 3)
         dsn = _redacted(await bus.resolve_dsn())
-    finally:
-        await bus.close()
     if args.json:
         out.json({
             "dsn": dsn,
@@ -298,12 +305,8 @@ async def cmd_dlq_list(args: argparse.Namespace, out: Output) -> int:
     where = DeadLetterFilter(
         reason=args.reason, subscriber=args.subscriber, topic=args.topic, include_replayed=args.all
     )
-    bus = _bus(args, schema=schema)
-    await _connect(bus)
-    try:
+    async with _connected(args, schema) as bus:
         letters = await bus.dead_letters.list(where, limit=args.limit + 1)
-    finally:
-        await bus.close()
     more = len(letters) > args.limit
     letters = letters[: args.limit]
     if args.json:
@@ -335,12 +338,8 @@ async def cmd_dlq_list(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_dlq_show(args: argparse.Namespace, out: Output) -> int:
     schema = _schema(args)
-    bus = _bus(args, schema=schema)
-    await _connect(bus)
-    try:
+    async with _connected(args, schema) as bus:
         letter = await bus.dead_letters.get(args.id)
-    finally:
-        await bus.close()
     if letter is None:
         raise EventBusError(
             f"no dead letter with id {args.id} in schema {schema!r}; list them with "
@@ -442,9 +441,7 @@ class _Progress:
 async def cmd_dlq_replay(args: argparse.Namespace, out: Output) -> int:
     schema = _schema(args)
     where = DeadLetterFilter(reason=args.reason, subscriber=args.subscriber, topic=args.topic)
-    bus = _bus(args, schema=schema)
-    await _connect(bus)
-    try:
+    async with _connected(args, schema) as bus:
         if args.dry_run:
             letters = await bus.dead_letters.replay(where, ids=args.id or None, dry_run=True)
         else:
@@ -453,8 +450,6 @@ async def cmd_dlq_replay(args: argparse.Namespace, out: Output) -> int:
                 letters = await bus.dead_letters.replay(
                     where, ids=args.id or None, rate=args.rate, on_page=progress.advance
                 )
-    finally:
-        await bus.close()
     verb = "would replay" if args.dry_run else "replayed"
     if args.json:
         out.json({"dry_run": args.dry_run, "count": len(letters), "dead_letters": [str(d.id) for d in letters]})
@@ -477,12 +472,8 @@ async def cmd_dlq_replay(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_dlq_purge(args: argparse.Namespace, out: Output) -> int:
     schema = _schema(args)
-    bus = _bus(args, schema=schema)
-    await _connect(bus)
-    try:
+    async with _connected(args, schema) as bus:
         deleted = await bus.dead_letters.purge(args.older_than, include_unreplayed=args.include_unreplayed)
-    finally:
-        await bus.close()
     if args.json:
         out.json({"deleted": deleted})
     else:
@@ -493,13 +484,9 @@ async def cmd_dlq_purge(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_outbox_purge(args: argparse.Namespace, out: Output) -> int:
     schema = _schema(args)
-    bus = _bus(args, schema=schema)
-    await _connect(bus)
-    try:
+    async with _connected(args, schema) as bus:
         with _Progress(out, "purging", None) as progress:
             deleted = await bus.outbox.purge(args.older_than, batch=args.batch, on_batch=progress.advance)
-    finally:
-        await bus.close()
     if args.json:
         out.json({"deleted": deleted})
     else:

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import anyio
+import asyncpg
+import msgspec
+import pytest
+
+from eventbus import DeadLetterFilter, EventBus, RelayConfig
+from eventbus.cli import main
+
+
+class Ping(msgspec.Struct, frozen=True):
+    n: int
+
+
+@pytest.fixture
+def schema(eventbus_dsn: str) -> Iterator[str]:
+    name = f"cli_{uuid.uuid4().hex[:10]}"
+    yield name
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(eventbus_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+    anyio.run(drop)
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, object]:
+    code = main(argv)
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else None
+
+
+def test_missing_migrations_then_migrate_then_status(
+    eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--dsn", eventbus_dsn, "--schema", schema]
+    assert main(["status", *common]) == 4
+    assert "eventbus migrate" in capsys.readouterr().err
+    code, applied = _json(capsys, ["migrate", "--json", *common])
+    assert code == 0 and applied["applied"] == ["0001_initial"]  # type: ignore[index]
+    code, status = _json(capsys, ["status", "--json", *common])
+    assert code == 0
+    assert status["outbox"]["pending"] == 0 and status["dead_letters"] == []  # type: ignore[index]
+
+
+def test_dead_letters_listed_replayed_once(eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]) -> None:
+    async def make_letters() -> None:
+        bus = EventBus(eventbus_dsn, schema=schema, relay_config=RelayConfig(poll_interval=0.02))
+
+        @bus.subscribe(max_attempts=1, name="cli.fails")
+        async def fails(event: Ping) -> None:
+            raise RuntimeError("down")
+
+        async with bus:
+            async with bus.transaction() as tx:
+                await tx.publish_many([bus.encode(Ping(n)) for n in range(3)])
+            await bus.drain(timeout=30)
+
+    anyio.run(make_letters)
+    common = ["--dsn", eventbus_dsn, "--schema", schema]
+    code, listed = _json(capsys, ["dlq", "list", "--json", "--reason", "delivery_failed", *common])
+    assert code == 0 and len(listed["dead_letters"]) == 3  # type: ignore[index]
+    assert main(["dlq", "list", "--reason", "Nonsense", *common]) == 2
+    assert "DeliveryFailed" in capsys.readouterr().err
+
+    code, dry = _json(capsys, ["dlq", "replay", "--dry-run", "--json", *common])
+    assert code == 0 and dry == {"dry_run": True, "count": 3, "dead_letters": dry["dead_letters"]}  # type: ignore[index]
+    code, done = _json(capsys, ["dlq", "replay", "--json", "--subscriber", "cli.fails", *common])
+    assert code == 0 and done["count"] == 3  # type: ignore[index]
+    code, again = _json(capsys, ["dlq", "replay", "--json", *common])
+    assert code == 0 and again["count"] == 0  # type: ignore[index]
+
+    async def replayed() -> int:
+        async with EventBus(eventbus_dsn, schema=schema, relay=False) as bus:
+            letters = await bus.dead_letters.list(DeadLetterFilter(include_replayed=True))
+            return sum(1 for d in letters if d.replay_count == 1)
+
+    assert anyio.run(replayed) == 3
+
+
+def test_unreachable_database_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--dsn", "postgresql://postgres@127.0.0.1:1/none"]) == 3
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "Traceback" not in err
