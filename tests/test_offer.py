@@ -230,10 +230,9 @@ async def test_single_event_offer_notifies_once_and_quiet_bus_never(
         assert await tx.publish(OrderPlaced("o-2", 2), idempotency_key="k") is None
     assert await listener.wait_for(1) == 1
 
-    async with EventBus(eventbus_dsn, schema=bus.schema, notify=False) as quiet:
-        async with quiet.transaction() as tx:
-            await tx.publish(OrderPlaced("o-3", 3))
-            await tx.publish_many([_event(7), _event(8)])
+    async with EventBus(eventbus_dsn, schema=bus.schema, notify=False) as quiet, quiet.transaction() as tx:
+        await tx.publish(OrderPlaced("o-3", 3))
+        await tx.publish_many([_event(7), _event(8)])
     assert await listener.settle() == 1  # still only the first one
     assert await _count(bus) == 5
 
