@@ -10,10 +10,11 @@ nothing it creates is shared with eventbus's schemas or with another pgqueuer in
   when it logs its completion, as eventbus's figure stops when no outbox row is pending or in flight. pgqueuer runs
   at the relay's batch size and at its own default batch size (10). eventbus's figure is burndown.py's relay drain
   of the same N at the same batch size, in this run. Ratio: eventbus / pgqueuer (above 1: eventbus is faster).
-- Steady state: latency.py's producer schedule, pool size and warm-up; each slot enqueues one job in a committed
-  transaction; latency = entrypoint start - commit, with pgqueuer woken by its LISTEN/NOTIFY trigger (its poll,
-  ``dequeue_timeout``, set to latency.py's 1 s relay poll). eventbus's figure is latency.py's NOTIFY case at the
-  same rate, in this run. Ratio: eventbus / pgqueuer (below 1: eventbus is quicker).
+- Steady state: latency.py's producer (in a child process), schedule, pool size and warm-up; each slot enqueues
+  one job (``ceil(rate / 2000)`` jobs above 2000/s) in a committed transaction; latency = entrypoint start -
+  commit, with pgqueuer woken by its LISTEN/NOTIFY trigger (its poll, ``dequeue_timeout``, set to latency.py's
+  1 s relay poll). eventbus's figure is latency.py's NOTIFY case at the same rate, in this run. Ratio:
+  eventbus / pgqueuer (below 1: eventbus is quicker).
 """
 
 from __future__ import annotations
@@ -168,32 +169,22 @@ async def pgqueuer_drain(dsn: str, settings: Any, count: int, batch_size: int) -
 
 
 async def pgqueuer_latency(dsn: str, rate: float, duration: float) -> dict[str, Any]:
-    """latency.py's steady producer enqueueing pgqueuer jobs; latency = entrypoint start - commit."""
+    """latency.py's steady producer (a child process) enqueueing pgqueuer jobs; latency = entrypoint start -
+    commit."""
     started = latency.Arrivals()
 
     async def probe(job: Any) -> None:
         started.record(int(job.payload))
 
-    async with pgqueuer_schema(dsn) as settings:
-        pool = await asyncpg.create_pool(
-            dsn, min_size=latency.PRODUCER_CONNECTIONS, max_size=latency.PRODUCER_CONNECTIONS
+    async with (
+        pgqueuer_schema(dsn) as settings,
+        queue_manager(dsn, settings, probe, dequeue_timeout=timedelta(seconds=1.0)) as qm,
+    ):
+        await _wait_listening(qm)
+        run = await latency.run_producer(
+            "pgqueuer", dsn, rate, duration, schema=settings.db_schema, channel=settings.channel
         )
-        try:
-            await latency.grow_pool(pool, latency.PRODUCER_CONNECTIONS)
-            async with queue_manager(dsn, settings, probe, dequeue_timeout=timedelta(seconds=1.0)) as qm:
-                await _wait_listening(qm)
-
-                async def publish_one(seq: int) -> float:
-                    async with pool.acquire() as conn:
-                        async with conn.transaction():
-                            await queries_for(conn, settings).enqueue(ENTRYPOINT, str(seq).encode())
-                        return perf_counter()
-
-                run = await latency.steady_producer(publish_one, rate, duration, latency.PRODUCER_CONNECTIONS)
-                await started.wait_for(len(run.committed), 3.0)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pool.close()
+        await started.wait_for(len(run.committed), 3.0)
     return latency.latency_report(run, started.times, {"dequeue_timeout_s": 1.0,
                                                        "batch_size": PGQUEUER_DEFAULT_BATCH})  # fmt: skip
 
