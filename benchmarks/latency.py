@@ -55,7 +55,8 @@ POLL_INTERVAL = 0.05
 async def run_producer(kind: str, dsn: str, rate: float, duration: float, **target: str) -> ProducerRun:
     """Run the ``kind`` producer of :mod:`benchmarks._producer` in a child process until its schedule is done.
 
-    ``target``: ``schema`` and/or ``channel``; ``notify`` ("" for no) for the eventbus producer. The spec goes through stdin (the DSN may hold a password).
+    ``target``: ``schema`` and/or ``channel``; ``notify`` ("" for no) for the eventbus producer. The spec goes
+    through stdin (the DSN may hold a password).
     """
     spec = {"kind": kind, "dsn": dsn, "rate": rate, "duration": duration, "connections": PRODUCER_CONNECTIONS,
             **target}  # fmt: skip
