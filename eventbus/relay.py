@@ -181,6 +181,7 @@ class Relay:
         while not self._stopping:
             await self._slots.acquire()
             self._wakeup.clear()
+            claimed_at = anyio.current_time()
             try:
                 # Under the claim lock a partition cannot be given up between the claim and its tracking.
                 async with self._claim_lock:
@@ -196,13 +197,16 @@ class Relay:
                 await anyio.sleep(delay)
                 continue
             failures = 0
+            # Polls keep a steady cadence: the interval counts from the start of the previous claim (but a slow
+            # claim still leaves a tenth of an interval of rest).
+            next_poll = max(config.poll_interval / 10, claimed_at + config.poll_interval - anyio.current_time())
             if not rows:
                 self._slots.release()
-                await self._wakeup.wait(config.poll_interval)
+                await self._wakeup.wait(next_poll)
                 continue
             batches.start_soon(self._run_batch, rows)
             if len(rows) < config.batch_size:
-                await self._wakeup.wait(config.poll_interval)
+                await self._wakeup.wait(next_poll)
 
     def _track(self, rows: Sequence[Envelope]) -> None:
         if not rows:
