@@ -46,7 +46,7 @@ class RelayConfig:
     #: Delete published rows and replayed dead letters older than this (None: keep everything).
     retention: timedelta | None = None
     retention_interval: float = 60.0
-    retention_batch: int = 2000
+    retention_batch: int = 1000
     retention_pause: float = 0.05
 
 #: The advisory lock (in the partition lock space) whose holder runs retention: one relay per schema.
