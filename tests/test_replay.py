@@ -131,6 +131,7 @@ def _planted_bus(transactional: bool) -> object:
 ORDERS = events_of(Ordered, order_id=st.sampled_from(["o-1", "o-2", "o-3"]))
 
 
+@pytest.mark.slow
 def test_harness_finds_a_non_idempotent_handler_and_shrinks_it(eventbus_dsn: str) -> None:
     with pytest.raises(ReplayCheckFailed) as failure:
         assert_replay_safe(
