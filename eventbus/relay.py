@@ -63,6 +63,7 @@ class RelayStatistics:
     partitions_owned: int
     partitions_ready: int
     listening: bool
+    purged: int
 
 
 class _Wakeup:
@@ -141,7 +142,7 @@ class Relay:
         return RelayStatistics(
             worker=self.worker, batches=self._batches, claimed=self._claimed, settled=self._settled,
             in_flight=len(self._in_flight), partitions_owned=len(self._owned), partitions_ready=len(self._ready),
-            listening=self._listening,
+            listening=self._listening, purged=self._purged,
         )  # fmt: skip
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
