@@ -79,8 +79,7 @@ class Transaction:
             event, key=key, delay=delay, idempotency_key=idempotency_key, headers=headers, tenant=tenant,
             target=target,
         )  # fmt: skip
-        result = await self.bus.outbox.offer(self.connection, [new])
-        return result.ids[0]
+        return await self.bus.offer_now(self.connection, new)
 
     async def publish_many(self, events: Sequence[NewEvent]) -> OfferResult:
         """Offer many already-encoded events (see :meth:`EventBus.encode`) in one round trip."""
@@ -397,14 +396,14 @@ class EventBus:
             event, key=key, delay=delay, idempotency_key=idempotency_key, headers=headers, tenant=tenant,
             target=target,
         )  # fmt: skip
-        return (await self.outbox.offer(conn, [new])).ids[0]
+        return await self.offer_now(conn, new)
 
     async def offer_now(self, connection: Connection | None, new: NewEvent) -> uuid.UUID | None:
         """Offer on ``connection``'s transaction, or, without one, in a transaction of its own."""
-        if connection is not None:
-            return (await self.outbox.offer(connection, [new])).ids[0]
-        async with self.transaction() as tx:
-            return (await self.outbox.offer(tx.connection, [new])).ids[0]
+        if connection is None:
+            async with self.transaction() as tx:
+                return await self.offer_now(tx.connection, new)
+        return (await self.outbox.offer(connection, [new])).ids[0]
 
 
 def _redacted(dsn: str) -> str:

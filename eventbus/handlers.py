@@ -13,7 +13,7 @@ import random
 import types
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
@@ -118,9 +118,6 @@ class Context:
             event, key=key, delay=delay, idempotency_key=idempotency_key, headers=merged, tenant=self.tenant
         )
         return await self._publisher.offer_now(self._connection, new)
-
-
-Handler = Callable[[Any, Context], Awaitable[None]] | Callable[[Any, Context], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +284,7 @@ class AttemptRunner:
 
     async def _call(self, sub: Subscription, event: Any, ctx: Context) -> None:
         args = (event, ctx) if sub.takes_context else (event,)
-        # A bare deadline scope: the same as anyio.fail_after, measured 15 µs cheaper per attempt.
+        # A bare deadline scope: the same as anyio.fail_after, measured about 5 µs cheaper per attempt.
         with anyio.CancelScope(deadline=anyio.current_time() + sub.timeout) as scope:
             if sub.is_async:
                 await sub.handler(*args)

@@ -1,4 +1,4 @@
-"""OpenTelemetry: W3C trace context carried in row headers, spans around handling, metric instruments.
+"""OpenTelemetry: W3C trace context carried in row headers, and a consumer span around each handler attempt.
 
 Uses only ``opentelemetry-api``; with no SDK configured every call here is a cheap no-op.
 """
@@ -9,12 +9,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import propagate, trace
 
-__all__ = ["Instruments", "handle_span", "inject_headers", "tracing_enabled"]
+__all__ = ["handle_span", "inject_headers", "tracing_enabled"]
 
 _tracer = trace.get_tracer("eventbus")
-_meter = metrics.get_meter("eventbus")
 
 
 def inject_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -52,19 +51,3 @@ def _handle_span(subscriber: str, topic: str, headers: Mapping[str, str], attemp
         },
     ) as span:
         yield span
-
-
-class Instruments:
-    """The bus's metric instruments (counters and a histogram), created once per process."""
-
-    def __init__(self) -> None:
-        self.published = _meter.create_counter("eventbus.published", description="events offered to the outbox")
-        self.delivered = _meter.create_counter("eventbus.delivered", description="handler attempts that succeeded")
-        self.failed = _meter.create_counter("eventbus.failed", description="handler attempts that failed")
-        self.dead_lettered = _meter.create_counter("eventbus.dead_lettered", description="deliveries dead-lettered")
-        self.duplicates = _meter.create_counter(
-            "eventbus.duplicates_skipped", description="identical redeliveries skipped by the inbox"
-        )
-        self.latency = _meter.create_histogram(
-            "eventbus.commit_to_handler", unit="s", description="time from offer to handler start"
-        )
