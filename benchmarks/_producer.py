@@ -165,11 +165,10 @@ async def _eventbus(spec: dict[str, Any]) -> ProducerRun:
         await grow_pool(bus.pool, connections, lambda conn: offer(conn, -per_tx, per_tx))
 
         async def publish_tx(first: int, count: int) -> float:
-            # What bus.transaction() does, with the clock read between COMMIT and the pool's reset.
-            async with bus.pool.acquire() as conn:
-                async with conn.transaction():
-                    await offer(conn, first, count)
-                return monotonic()
+            # The COMMIT, the connection's reset and the wake-up are one round trip, so the clock is read after it.
+            async with bus.transaction() as tx:
+                await offer(tx.connection, first, count)
+            return monotonic()
 
         return await _produce(spec, publish_tx)
     finally:

@@ -19,6 +19,7 @@ from anyio.abc import TaskGroup
 
 from ._connections import transactional_connection
 from ._embedded import embedded_dsn
+from ._pool import bus_connection, create_pool
 from ._typing import Connection
 from .errors import ConfigurationError, DatabaseUnavailable, RegistrationError
 from .events import Registry
@@ -216,7 +217,7 @@ class EventBus:
             return
         dsn = await self.resolve_dsn()
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=self.pool_size)
+            pool = await create_pool(dsn, max_size=self.pool_size)
         except (asyncpg.ClientConfigurationError, ValueError) as exc:
             raise ConfigurationError(f"the DSN {_redacted(dsn)!r} is not usable: {exc}") from exc
         except (OSError, asyncpg.PostgresError) as exc:
@@ -245,8 +246,8 @@ class EventBus:
         if not wants_relay or self._task_group is not None:
             return
         runner = AttemptRunner(
-            registry=self.registry, publisher=self, acquire=self.pool.acquire, inbox=InboxRepository(self.schema),
-            redact=self.redact,
+            registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
+            inbox=InboxRepository(self.schema), redact=self.redact,
         )  # fmt: skip
         self._transport = LocalTransport(list(self.subscriptions.values()), runner, self.unrouted)
         self._relay = Relay(
@@ -369,9 +370,29 @@ class EventBus:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        """A transaction on a pooled connection: commits on normal exit, rolls back on an exception."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        """A transaction on a pooled connection: commits on normal exit, rolls back on an exception.
+
+        The COMMIT, the pool's connection reset and the relay wake-up travel in one round trip.
+        """
+        async with self._connection_in_transaction() as conn:
             yield Transaction(self, conn)
+
+    @asynccontextmanager
+    async def _connection_in_transaction(self) -> AsyncIterator[Connection]:
+        """A pooled connection in a transaction (what :meth:`transaction` wraps)."""
+        async with self.pool.acquire() as conn:
+            folded = bus_connection(conn)
+            if folded is None:  # a pool from elsewhere
+                async with conn.transaction():
+                    yield conn
+                return
+            folded.open_fold()
+            try:
+                async with conn.transaction():
+                    yield conn
+                    folded.ready_to_commit()
+            finally:
+                folded.close_fold()
 
     async def publish(
         self,

@@ -14,6 +14,7 @@ import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
@@ -244,7 +245,7 @@ class AttemptRunner:
 
     registry: Registry
     publisher: Publisher
-    acquire: Callable[[], Any]  # pool.acquire
+    transaction: Callable[[], AbstractAsyncContextManager[Any]]  # a pooled connection in a transaction
     inbox: InboxRepository
     redact: Callable[[str], str] | None = None
 
@@ -269,7 +270,7 @@ class AttemptRunner:
 
     async def _transactional(self, sub: Subscription, envelope: Envelope, event: Any, attempt: int) -> Outcome:
         digest = payload_hash(envelope.payload)
-        async with self.acquire() as conn, conn.transaction():
+        async with self.transaction() as conn:
             first, seen = await self.inbox.enter(conn, sub.name, envelope.event_id, digest)
             if not first:
                 if seen is None or seen == digest:

@@ -19,6 +19,7 @@ import anyio
 import asyncpg
 import msgspec
 
+from . import _pool as pooled
 from ._typing import Connection
 from .events import Envelope, partition_of
 from .ids import max_id_for, min_id_for, new_id
@@ -247,7 +248,16 @@ class OutboxRepository:
         """
         if not events:
             return OfferResult(())
-        channel = self.channel if self.notify else None
+        folded = pooled.bus_connection(connection) if self.notify else None
+        if folded is not None and folded.in_bus_transaction:
+            # In a bus transaction the wake-up is sent after the COMMIT, outside the user's transaction.
+            result = await self._insert(connection, events, None)
+            if any(i is not None and e.delay <= 0 for e, i in zip(events, result.ids, strict=True)):
+                folded.wake_after_commit(self.channel)
+            return result
+        return await self._insert(connection, events, self.channel if self.notify else None)
+
+    async def _insert(self, connection: Connection, events: Sequence[NewEvent], channel: str | None) -> OfferResult:
         if len(events) == 1:
             e = events[0]
             row_id = new_id()
@@ -285,8 +295,8 @@ class OutboxRepository:
 
         With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
         """
-        rows = await self.pool.fetch(
-            self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions)
+        rows = await pooled.fetch(
+            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions)
         )
         claimed = [envelope_from_row(row) for row in rows]
         claimed.sort(key=lambda e: e.id)
@@ -298,8 +308,8 @@ class OutboxRepository:
             return 0
         s = settlement
         with anyio.CancelScope(shield=True):
-            row = await self.pool.fetchrow(
-                self.queries.complete,
+            row = await pooled.fetchrow(
+                self.pool, self.queries.complete,
                 worker,
                 s.ids, s.attempts, s.statuses, s.delays, s.errors,
                 s.retry_sources, s.retry_ids, s.retry_targets, s.retry_attempts, s.retry_delays, s.retry_errors,
@@ -341,13 +351,13 @@ class OutboxRepository:
     async def renew(self, worker: str, ids: Sequence[uuid.UUID], lease: float) -> None:
         """Extend the lease on rows ``worker`` still holds."""
         with anyio.CancelScope(shield=True):
-            await self.pool.execute(self.queries.renew, worker, list(ids), lease)
+            await pooled.execute(self.pool, self.queries.renew, worker, list(ids), lease)
 
     async def reclaim_expired(self, batch: int = 1000) -> int:
         """Return rows whose lease ran out to pending; return how many."""
         total = 0
         while True:
-            rows = await self.pool.fetch(self.queries.reclaim, batch)
+            rows = await pooled.fetch(self.pool, self.queries.reclaim, batch)
             total += len(rows)
             if len(rows) < batch:
                 return total
@@ -365,7 +375,7 @@ class OutboxRepository:
         bound = min_id_for(datetime.now(UTC) - older_than)
         total = 0
         while True:
-            status = await self.pool.execute(self.queries.purge_outbox, bound, batch)
+            status = await pooled.execute(self.pool, self.queries.purge_outbox, bound, batch)
             deleted = int(status.split()[-1])
             total += deleted
             if on_batch is not None:
@@ -376,20 +386,20 @@ class OutboxRepository:
                 await anyio.sleep(pause)
 
     async def get(self, row_id: uuid.UUID) -> asyncpg.Record | None:
-        return await self.pool.fetchrow(self.queries.outbox_get, row_id)
+        return await pooled.fetchrow(self.pool, self.queries.outbox_get, row_id)
 
     async def counts(self) -> asyncpg.Record:
-        row = await self.pool.fetchrow(self.queries.outbox_counts)
+        row = await pooled.fetchrow(self.pool, self.queries.outbox_counts)
         assert row is not None
         return row
 
     async def unsettled(self) -> int:
         """Rows still pending (due or delayed) or in flight."""
-        return int(await self.pool.fetchval(self.queries.outbox_unsettled))
+        return int(await pooled.fetchval(self.pool, self.queries.outbox_unsettled))
 
     async def busy_partitions(self, partitions: Sequence[int], worker: str) -> set[int]:
         """Those of ``partitions`` with rows still leased to a worker other than ``worker``."""
-        rows = await self.pool.fetch(self.queries.partitions_busy, list(partitions), worker)
+        rows = await pooled.fetch(self.pool, self.queries.partitions_busy, list(partitions), worker)
         return {row["partition"] for row in rows}
 
     async def lock_partition(self, session: Connection, partition: int) -> bool:
@@ -400,14 +410,14 @@ class OutboxRepository:
         await session.fetchval(self.queries.partition_unlock, self.channel, partition)
 
     async def heartbeat(self, worker: str, hostname: str, pid: int, partitions: Sequence[int]) -> None:
-        await self.pool.execute(self.queries.relay_beat, worker, hostname, pid, list(partitions))
+        await pooled.execute(self.pool, self.queries.relay_beat, worker, hostname, pid, list(partitions))
 
     async def forget_relay(self, worker: str, stale_after: float) -> None:
         """Remove ``worker``'s heartbeat row and every row silent for ``stale_after`` seconds."""
-        await self.pool.execute(self.queries.relay_forget, worker, stale_after)
+        await pooled.execute(self.pool, self.queries.relay_forget, worker, stale_after)
 
     async def relays_alive(self, within: float) -> list[asyncpg.Record]:
-        return list(await self.pool.fetch(self.queries.relays_alive, within))
+        return list(await pooled.fetch(self.pool, self.queries.relays_alive, within))
 
 
 def _replay_event(letter: DeadLetter) -> NewEvent:
@@ -447,8 +457,8 @@ class DeadLetterRepository:
         source: str = "event",
     ) -> uuid.UUID:
         dead_id = new_id()
-        await self.pool.execute(
-            self.queries.dead_letter_add,
+        await pooled.execute(
+            self.pool, self.queries.dead_letter_add,
             dead_id, source, str(reason), event_id, tenant, topic, key, subscriber, payload.decode(),
             _json.encode(headers or {}).decode(), attempts, error_type, cap_error(error),
         )  # fmt: skip
@@ -459,16 +469,16 @@ class DeadLetterRepository:
     ) -> list[DeadLetter]:
         """One page of dead letters, newest first; pass the last id of a page as ``before`` for the next."""
         params = (where or DeadLetterFilter()).params()
-        rows = await self.pool.fetch(self.queries.dead_letter_list, *params, before, limit)
+        rows = await pooled.fetch(self.pool, self.queries.dead_letter_list, *params, before, limit)
         return [_dead_letter_from_row(row) for row in rows]
 
     async def get(self, dead_letter_id: uuid.UUID) -> DeadLetter | None:
-        row = await self.pool.fetchrow(self.queries.dead_letter_get, dead_letter_id)
+        row = await pooled.fetchrow(self.pool, self.queries.dead_letter_get, dead_letter_id)
         return None if row is None else _dead_letter_from_row(row)
 
     async def count(self) -> dict[tuple[str, str | None], int]:
         """Unreplayed dead letters by (reason, subscriber)."""
-        rows = await self.pool.fetch(self.queries.dead_letter_counts)
+        rows = await pooled.fetch(self.pool, self.queries.dead_letter_counts)
         return {(row["reason"], row["subscriber"]): row["count"] for row in rows}
 
     async def replay(
@@ -538,7 +548,9 @@ class DeadLetterRepository:
         bound = min_id_for(datetime.now(UTC) - older_than)
         total = 0
         while True:
-            status = await self.pool.execute(self.queries.dead_letter_purge, bound, batch, include_unreplayed)
+            status = await pooled.execute(
+                self.pool, self.queries.dead_letter_purge, bound, batch, include_unreplayed
+            )
             deleted = int(status.split()[-1])
             total += deleted
             if deleted < batch:

@@ -1,0 +1,151 @@
+"""The bus's connection pool: fewer round trips per transaction and per internal statement.
+
+asyncpg's pool resets every connection it takes back (advisory locks, cursors, LISTENs, settings) with a round
+trip of its own. Two cases make that round trip unnecessary:
+
+- A transaction from :meth:`EventBus.transaction` ends with COMMIT; the reset statements are sent in the same
+  simple-query message, right after it, and so is the relay wake-up. The wake-up then runs in a transaction of
+  its own instead of in the user's: PostgreSQL serialises committing transactions that notify, through their
+  WAL flush, so a NOTIFY inside the user's transaction costs producers 10-25% of their throughput (measured;
+  BENCHMARKS.md). The wake-up transaction commits asynchronously (it writes nothing worth keeping) and skips the
+  notification when the queue is half full, so it cannot fail once the user's COMMIT has succeeded.
+- The bus's own single statements (claims, settlements, heartbeats) change no session state, so the connection
+  goes back to the pool as it came.
+
+Whenever the shortcut did not run (an exception, a failed COMMIT, a connection a user acquired), the full reset
+runs as asyncpg would run it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import asyncpg
+
+__all__ = ["BusConnection", "bus_connection", "create_pool", "fetch", "fetchrow", "fetchval", "execute"]
+
+# What asyncpg's Transaction sends to commit a top-level transaction. If a future asyncpg sends something
+# else, the shortcut silently stops applying and the ordinary reset runs (tests/test_pool.py counts the trips).
+_COMMIT = "COMMIT;"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class BusConnection(asyncpg.Connection):
+    """An asyncpg connection that can send its reset, and a relay wake-up, in the round trip of its COMMIT."""
+
+    # Class-level defaults: asyncpg's Connection has no __dict__-free contract for subclasses to honour.
+    _fold_open: bool = False
+    _fold_ready: bool = False
+    _wake_channel: str | None = None
+    _is_reset: bool = False
+
+    def open_fold(self) -> None:
+        """A bus transaction starts: a later COMMIT may carry the reset (see :meth:`ready_to_commit`)."""
+        self._fold_open, self._fold_ready, self._wake_channel, self._is_reset = True, False, None, False
+
+    @property
+    def in_bus_transaction(self) -> bool:
+        """Whether a transaction of :meth:`EventBus.transaction` is open (its COMMIT is then folded)."""
+        return self._fold_open
+
+    def wake_after_commit(self, channel: str) -> None:
+        """Send ``NOTIFY channel`` after the open bus transaction commits (not after a rollback)."""
+        self._wake_channel = channel
+
+    def ready_to_commit(self) -> None:
+        """The transaction body finished without an exception: the next COMMIT carries the reset."""
+        self._fold_ready = self._fold_open
+
+    def close_fold(self) -> None:
+        self._fold_open = self._fold_ready = False
+        self._wake_channel = None
+
+    def skip_next_reset(self) -> None:
+        """The statements run since the pool handed this connection out left no session state behind."""
+        self._is_reset = True
+
+    def take_reset(self) -> bool:
+        """Whether the connection is already reset (and forget it: the next release resets again)."""
+        done, self._is_reset = self._is_reset, False
+        return done
+
+    async def execute(self, query: str, *args: object, timeout: float | None = None) -> str:
+        if not (self._fold_ready and query == _COMMIT and not args):
+            return await super().execute(query, *args, timeout=timeout)
+        channel = self._wake_channel
+        self.close_fold()
+        after = self.get_reset_query()
+        if channel is not None:
+            # Its own implicit transaction, after the user's COMMIT; asynchronous commit is safe for a
+            # notification (nothing to keep), and a queue over half full means relays lag: they poll anyway.
+            after += (
+                " SET LOCAL synchronous_commit TO off;"
+                f" SELECT pg_notify({_literal(channel)}, '') WHERE pg_notification_queue_usage() < 0.5;"
+            )
+        status = await super().execute(f"{_COMMIT} {after}", timeout=timeout)
+        # Reached only when every statement succeeded: on an error PostgreSQL skips the rest of the message, and
+        # the pool's ordinary reset runs on release.
+        self._is_reset = True
+        return status
+
+
+def bus_connection(connection: object) -> BusConnection | None:
+    """``connection`` when it is a :class:`BusConnection` or a pool's proxy of one (a proxy forwards every
+    attribute to its connection), else None."""
+    return cast(BusConnection, connection) if hasattr(connection, "in_bus_transaction") else None
+
+
+async def _reset(connection: asyncpg.Connection) -> None:
+    # asyncpg has already dropped client-side listeners and rolled back an open transaction.
+    if isinstance(connection, BusConnection):
+        connection.close_fold()
+        if connection.take_reset():
+            return
+    query = connection.get_reset_query()
+    if query:
+        await connection.execute(query)
+
+
+async def create_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=max_size, connection_class=BusConnection, reset=_reset
+    )
+    return pool
+
+
+async def fetch(pool: asyncpg.Pool, query: str, *args: Any) -> list[asyncpg.Record]:
+    """``pool.fetch`` for a statement that leaves no session state: no reset round trip on release."""
+    async with pool.acquire() as conn:
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        _clean(conn)
+    return rows
+
+
+async def fetchrow(pool: asyncpg.Pool, query: str, *args: Any) -> asyncpg.Record | None:
+    async with pool.acquire() as conn:
+        row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+        _clean(conn)
+    return row
+
+
+async def fetchval(pool: asyncpg.Pool, query: str, *args: Any) -> Any:
+    async with pool.acquire() as conn:
+        value = await conn.fetchval(query, *args)
+        _clean(conn)
+    return value
+
+
+async def execute(pool: asyncpg.Pool, query: str, *args: Any) -> str:
+    async with pool.acquire() as conn:
+        status = await conn.execute(query, *args)
+        _clean(conn)
+    return status
+
+
+def _clean(conn: object) -> None:
+    target = bus_connection(conn)
+    if target is not None:
+        target.skip_next_reset()
