@@ -6,11 +6,15 @@ outbox-shaped table (UUIDv7 primary key, topic, key, jsonb payload and headers, 
 index and no NOTIFY. A diagnostic third run adds ``pg_notify`` to the raw transaction, separating what the
 commit-time NOTIFY costs (PostgreSQL serialises committing transactions that notify) from the rest. Every
 worker loops for a fixed time; transactions finished in the window after a short warm-up are counted. The
-runs take turns in short rounds in a rotating order on one schema; background load is not controlled.
+runs take turns in short rounds in a rotating order on one schema; background load is not controlled. The
+printed ratio is the median of the rounds' ratios (the totals are printed beside it and kept in the JSON).
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from time import perf_counter
 from typing import Any
 
@@ -25,8 +29,7 @@ from eventbus.sql import quote_schema
 from ._common import Outcome, Row, Settings, scratch_schema
 
 NAME = "offer"
-WARMUP = 0.3
-ROUNDS = 6
+WARMUP = 0.5  # per variant, once, before the rounds
 
 
 class OrderPlaced(msgspec.Struct, frozen=True):
@@ -54,11 +57,12 @@ def _ddl(schema: str) -> str:
     """
 
 
-async def _timed_loop(workers: int, duration: float, one: Any) -> dict[str, Any]:
-    """Run ``one(worker, i)`` in ``workers`` tasks for ``duration`` s; count what finished after the warm-up."""
-    start = perf_counter()
-    measure_from = start + WARMUP
-    end = measure_from + duration
+One = Callable[[int, int], Awaitable[None]]
+
+
+async def _timed_loop(workers: int, duration: float, one: One) -> dict[str, Any]:
+    """Run ``one(worker, i)`` in ``workers`` tasks for ``duration`` s; count what finished in that time."""
+    end = perf_counter() + duration
     counted = 0
     errors = 0
     last_error = None
@@ -75,7 +79,7 @@ async def _timed_loop(workers: int, duration: float, one: Any) -> dict[str, Any]
                 if errors > 100:
                     raise
             else:
-                if perf_counter() >= measure_from:
+                if perf_counter() < end:
                     counted += 1
             i += 1
 
@@ -86,7 +90,8 @@ async def _timed_loop(workers: int, duration: float, one: Any) -> dict[str, Any]
             "last_error": last_error}  # fmt: skip
 
 
-async def _ours(dsn: str, schema: str, connections: int, duration: float, *, notify: bool = True) -> dict[str, Any]:
+@asynccontextmanager
+async def _ours(dsn: str, schema: str, connections: int, *, notify: bool = True) -> AsyncIterator[One]:
     bus = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=connections, notify=notify)
     insert = f"INSERT INTO {quote_schema(schema)}.bench_orders (order_id, total_cents) VALUES ($1, $2)"
     await bus.connect()
@@ -98,12 +103,13 @@ async def _ours(dsn: str, schema: str, connections: int, duration: float, *, not
                 await tx.connection.execute(insert, order_id, i)
                 await tx.publish(OrderPlaced(order_id, i), key=order_id)
 
-        return await _timed_loop(connections, duration, one)
+        yield one
     finally:
         await bus.close()
 
 
-async def _raw(dsn: str, schema: str, connections: int, duration: float, *, notify: bool = False) -> dict[str, Any]:
+@asynccontextmanager
+async def _raw(dsn: str, schema: str, connections: int, *, notify: bool = False) -> AsyncIterator[One]:
     s = quote_schema(schema)
     insert = f"INSERT INTO {s}.bench_orders (order_id, total_cents) VALUES ($1, $2)"
     outbox = (
@@ -123,15 +129,25 @@ async def _raw(dsn: str, schema: str, connections: int, duration: float, *, noti
                 if notify:
                     await conn.execute("SELECT pg_notify($1, '')", channel)
 
-        return await _timed_loop(connections, duration, one)
+        yield one
     finally:
         await pool.close()
+
+
+def _paired(case: str, metric: str, ours: dict[str, Any], base: dict[str, Any], label: str, note: str = "") -> Row:
+    """A row whose ratio is the median of the rounds' ratios: each round ran every variant back to back, so
+    drift, and a noisy round on a shared machine, fall out of it."""
+    ratios = [x / y for x, y in zip(ours["tx_per_s_by_round"], base["tx_per_s_by_round"], strict=True) if y]
+    row = Row.compare(NAME, case, metric, ours["tx_per_s"], "tx/s", base["tx_per_s"], label, note=note)
+    row.ratio = statistics.median(ratios) if ratios else None
+    return row
 
 
 async def run(settings: Settings) -> Outcome:
     levels = [4] if settings.quick else [1, 4, 8]
     duration = 3.0 if settings.quick else 10.0
-    outcome = Outcome(details={"duration_s": duration, "warmup_s": WARMUP})
+    rounds = 12 if settings.quick else 20
+    outcome = Outcome(details={"duration_s": duration, "warmup_s": WARMUP, "rounds": rounds})
     for connections in levels:
         async with scratch_schema(settings.dsn, NAME) as schema:
             conn = await asyncpg.connect(settings.dsn)
@@ -139,48 +155,50 @@ async def run(settings: Settings) -> Outcome:
                 await conn.execute(_ddl(schema))
             finally:
                 await conn.close()
-            # The three runs take turns in short rounds, in a rotating order, so that drift on a shared machine
-            # (autovacuum, other load, table growth) falls on all of them alike.
-            dsn, n = settings.dsn, connections
-            runs = {
-                "eventbus": lambda d, dsn=dsn, n=n, schema=schema: _ours(dsn, schema, n, d),
-                "eventbus_no_notify": lambda d, dsn=dsn, n=n, schema=schema: _ours(dsn, schema, n, d, notify=False),
-                "raw": lambda d, dsn=dsn, n=n, schema=schema: _raw(dsn, schema, n, d),
-                "raw_notify": lambda d, dsn=dsn, n=n, schema=schema: _raw(dsn, schema, n, d, notify=True),
-            }
-            names = list(runs)
-            totals = {name: {"transactions": 0, "seconds": 0.0, "errors": 0, "last_error": None} for name in names}
-            print(f"  offer with {connections} connections: 4 variants taking turns in {ROUNDS} rounds ...",
+            # The variants take turns in short rounds, in a rotating order, so that drift on a shared machine
+            # (autovacuum, checkpoints, other load, table growth) falls on all of them alike. Each keeps its pool
+            # open across rounds.
+            names = ["eventbus", "eventbus_no_notify", "raw", "raw_notify"]
+            totals: dict[str, dict[str, Any]] = {
+                name: {"transactions": 0, "seconds": 0.0, "errors": 0, "last_error": None, "tx_per_s_by_round": []}
+                for name in names
+            }  # fmt: skip
+            print(f"  offer with {connections} connections: 4 variants taking turns in {rounds} rounds ...",
                   flush=True)  # fmt: skip
-            for round_ in range(ROUNDS):
-                turn = round_ % len(names)
-                for name in names[turn:] + names[:turn]:
-                    result = await runs[name](duration / ROUNDS)
-                    total = totals[name]
-                    total["transactions"] += result["transactions"]
-                    total["seconds"] += result["seconds"]
-                    total["errors"] += result["errors"]
-                    total["last_error"] = result["last_error"] or total["last_error"]
+            async with AsyncExitStack() as stack:
+                dsn, n = settings.dsn, connections
+                ones = {
+                    "eventbus": await stack.enter_async_context(_ours(dsn, schema, n)),
+                    "eventbus_no_notify": await stack.enter_async_context(_ours(dsn, schema, n, notify=False)),
+                    "raw": await stack.enter_async_context(_raw(dsn, schema, n)),
+                    "raw_notify": await stack.enter_async_context(_raw(dsn, schema, n, notify=True)),
+                }
+                for name in names:  # first connections, prepared statements, plans
+                    await _timed_loop(connections, WARMUP, ones[name])
+                for round_ in range(rounds):
+                    turn = round_ % len(names)
+                    for name in names[turn:] + names[:turn]:
+                        result = await _timed_loop(connections, duration / rounds, ones[name])
+                        total = totals[name]
+                        total["tx_per_s_by_round"].append(result["tx_per_s"])
+                        total["transactions"] += result["transactions"]
+                        total["seconds"] += result["seconds"]
+                        total["errors"] += result["errors"]
+                        total["last_error"] = result["last_error"] or total["last_error"]
             for total in totals.values():
                 total["tx_per_s"] = total["transactions"] / total["seconds"]
-            ours, raw, raw_notify = totals["eventbus"], totals["raw"], totals["raw_notify"]
-            quiet = totals["eventbus_no_notify"]
         outcome.details[f"{connections} connections"] = totals
+        ours, raw = totals["eventbus"], totals["raw"]
         note = f"errors {ours['errors']}/{raw['errors']}" if ours["errors"] or raw["errors"] else ""
-        outcome.rows.append(
-            Row.compare(NAME, f"{connections} conns", "business row + event", ours["tx_per_s"], "tx/s",
-                        raw["tx_per_s"], "raw asyncpg 2 inserts", note=note)
-        )  # fmt: skip
-        outcome.rows.append(
-            Row.compare(NAME, f"{connections} conns", "business row + event, notify=False", quiet["tx_per_s"],
-                        "tx/s", raw["tx_per_s"], "raw asyncpg 2 inserts", note="relays poll instead of waking")
-        )  # fmt: skip
-        outcome.rows.append(
-            Row.compare(NAME, f"{connections} conns", "business row + event", ours["tx_per_s"], "tx/s",
-                        raw_notify["tx_per_s"], "raw 2 inserts + pg_notify", note="like for like")
-        )  # fmt: skip
-        outcome.rows.append(
-            Row.compare(NAME, f"{connections} conns", "raw + pg_notify", raw_notify["tx_per_s"], "tx/s",
-                        raw["tx_per_s"], "raw asyncpg 2 inserts", note="diagnostic: what NOTIFY at commit costs")
-        )  # fmt: skip
+
+        case = f"{connections} conns"
+        outcome.rows += [
+            _paired(case, "business row + event", ours, raw, "raw asyncpg 2 inserts", note),
+            _paired(case, "business row + event, notify=False", totals["eventbus_no_notify"], raw,
+                    "raw asyncpg 2 inserts", "relays poll instead of waking"),
+            _paired(case, "business row + event", ours, totals["raw_notify"], "raw 2 inserts + pg_notify",
+                    "like for like"),
+            _paired(case, "raw + pg_notify", totals["raw_notify"], raw, "raw asyncpg 2 inserts",
+                    "diagnostic: what NOTIFY at commit costs"),
+        ]  # fmt: skip
     return outcome

@@ -179,10 +179,14 @@ class Relay:
     async def _claim_loop(self, batches: TaskGroup) -> None:
         config = self.config
         failures = 0
+        poll_started = anyio.current_time()  # start of the last claim made on the poll's cadence
+        follow_up = False
         while not self._stopping:
             await self._slots.acquire()
             self._wakeup.clear()
             claimed_at = anyio.current_time()
+            if not follow_up:
+                poll_started = claimed_at
             try:
                 # Under the claim lock a partition cannot be given up between the claim and its tracking.
                 async with self._claim_lock:
@@ -198,16 +202,21 @@ class Relay:
                 await anyio.sleep(delay)
                 continue
             failures = 0
-            # Polls keep a steady cadence: the interval counts from the start of the previous claim (but a slow
-            # claim still leaves a tenth of an interval of rest).
-            next_poll = max(config.poll_interval / 10, claimed_at + config.poll_interval - anyio.current_time())
-            if not rows:
+            if rows:
+                batches.start_soon(self._run_batch, rows)
+            else:
                 self._slots.release()
-                await self._wakeup.wait(next_poll)
+            if len(rows) == config.batch_size:
+                follow_up = False
                 continue
-            batches.start_soon(self._run_batch, rows)
-            if len(rows) < config.batch_size:
-                await self._wakeup.wait(next_poll)
+            # A claim that found rows is followed by one more at once, for the rows committed while it ran: without
+            # it they would wait a whole interval. Polls keep a steady cadence: the interval counts from the start
+            # of the previous claim on the cadence (but a slow claim still leaves a tenth of an interval of rest).
+            follow_up = bool(rows) and not follow_up
+            if not follow_up:
+                await self._wakeup.wait(
+                    max(config.poll_interval / 10, poll_started + config.poll_interval - anyio.current_time())
+                )
 
     def _track(self, rows: Sequence[Envelope]) -> None:
         if not rows:
