@@ -11,8 +11,8 @@ statements once in a rolled-back transaction (prepared statements, first plans).
 case at 2000/s saturates both cores (producer, relay woken for batches of about 4 events, PostgreSQL), and the
 producer falls behind: the latency figures are then those of the achieved rate, which its row shows.
 
-The commit time is ``time.monotonic()`` right after COMMIT returns (before the connection goes back to the pool,
-whose reset is another round trip). It cannot travel inside the event: the payload is written before the commit.
+The commit time is ``time.monotonic()`` right after ``bus.transaction()`` returns (its COMMIT, the connection's
+reset and the wake-up are one round trip). It cannot travel inside the event: the payload is written before the commit.
 So the event carries its sequence number, the child sends its commit times by sequence number back at the end,
 and the handler (in this process) records ``time.monotonic()`` at entry under the same number. CLOCK_MONOTONIC is
 one clock for all processes of a Linux machine. Latency = handler entry - commit.
