@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
-import asyncpg
 import msgspec
 import pytest
+from listening import Listener
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -142,46 +142,6 @@ async def test_rolled_back_idempotency_key_can_be_used_again(bus: EventBus) -> N
 
 
 # -- the commit notification ---------------------------------------------------------------------------------
-
-
-class Listener:
-    """A LISTEN on the bus's channel from its own connection, collecting notifications."""
-
-    def __init__(self, conn: asyncpg.Connection, channel: str) -> None:
-        self.conn = conn
-        self.channel = channel
-        self.received: list[tuple[str, str]] = []
-        self.arrived = anyio.Event()
-
-    def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
-        self.received.append((channel, payload))
-        self.arrived.set()
-
-    async def settle(self) -> int:
-        """Let any notification already sent arrive, then return how many arrived so far."""
-        for _ in range(3):
-            await self.conn.execute("SELECT 1")
-            await anyio.sleep(0.1)
-        return len(self.received)
-
-    async def wait_for(self, count: int) -> int:
-        with anyio.fail_after(5):
-            while len(self.received) < count:
-                await self.arrived.wait()
-                self.arrived = anyio.Event()
-        return await self.settle()
-
-
-@pytest.fixture
-async def listener(bus: EventBus, eventbus_dsn: str) -> AsyncIterator[Listener]:
-    conn = await asyncpg.connect(eventbus_dsn)
-    result = Listener(conn, f"eventbus_{bus.schema}")
-    await conn.add_listener(result.channel, result._on_notify)
-    try:
-        yield result
-    finally:
-        await conn.remove_listener(result.channel, result._on_notify)
-        await conn.close()
 
 
 async def test_one_notification_per_committing_transaction(bus: EventBus, listener: Listener) -> None:

@@ -10,6 +10,7 @@ import anyio
 import asyncpg
 import msgspec
 import pytest
+from listening import Listener
 
 from eventbus import EventBus
 from eventbus.sql import quote_schema
@@ -47,39 +48,12 @@ async def one_conn_bus(eventbus_dsn: str, eventbus_schema: str) -> AsyncIterator
         yield bus, trips
 
 
-@pytest.fixture
-async def watcher(eventbus_dsn: str, eventbus_schema: str) -> AsyncIterator[Watcher]:
-    conn = await asyncpg.connect(eventbus_dsn)
-    watcher = Watcher(conn, f"eventbus_{eventbus_schema}")
-    await conn.add_listener(watcher.channel, watcher.on_notify)
-    try:
-        yield watcher
-    finally:
-        await conn.close()
-
-
-class Watcher:
-    """Another session: receives the bus's wake-ups and looks at the lock table."""
-
-    def __init__(self, conn: asyncpg.Connection, channel: str) -> None:
-        self.conn = conn
-        self.channel = channel
-        self.wakes = 0
-
-    def on_notify(self, *_: object) -> None:
-        self.wakes += 1
-
-    async def settled_wakes(self) -> int:
-        for _ in range(3):
-            await self.conn.execute("SELECT 1")
-            await anyio.sleep(0.05)
-        return self.wakes
-
-    async def lock_is_free(self) -> bool:
-        free = bool(await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY))
-        if free:
-            await self.conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
-        return free
+async def _lock_is_free(other: asyncpg.Connection) -> bool:
+    """Whether another session can take the advisory lock :func:`_dirty` takes."""
+    free = bool(await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY))
+    if free:
+        await other.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+    return free
 
 
 async def _dirty(conn: Any) -> None:
@@ -88,14 +62,14 @@ async def _dirty(conn: Any) -> None:
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
 
 
-async def _assert_clean(bus: EventBus, watcher: Watcher) -> None:
+async def _assert_clean(bus: EventBus, listener: Listener) -> None:
     async with bus.pool.acquire() as conn:
         assert await conn.fetchval("SELECT current_setting('application_name')") != "dirty"
-    assert await watcher.lock_is_free()
+    assert await _lock_is_free(listener.conn)
 
 
 async def test_commit_reset_and_wake_up_are_one_round_trip(
-    one_conn_bus: tuple[EventBus, Trips], watcher: Watcher
+    one_conn_bus: tuple[EventBus, Trips], listener: Listener
 ) -> None:
     bus, trips = one_conn_bus
     mark = len(trips.queries)
@@ -106,8 +80,8 @@ async def test_commit_reset_and_wake_up_are_one_round_trip(
     sent = await trips.since(mark)
     assert [q.split()[0].rstrip(";") for q in sent] == ["BEGIN", "INSERT", "WITH", "SET", "SELECT", "COMMIT"], sent
     assert "RESET ALL" in sent[-1] and "pg_notify" in sent[-1], sent[-1]
-    assert await watcher.settled_wakes() == 1
-    await _assert_clean(bus, watcher)
+    assert await listener.settle() == 1
+    await _assert_clean(bus, listener)
 
 
 async def test_bus_statements_skip_the_reset(one_conn_bus: tuple[EventBus, Trips]) -> None:
@@ -119,32 +93,32 @@ async def test_bus_statements_skip_the_reset(one_conn_bus: tuple[EventBus, Trips
     assert len(sent) == 3 and all("RESET ALL" not in q for q in sent), sent
 
 
-async def test_a_connection_a_user_acquired_is_reset(one_conn_bus: tuple[EventBus, Trips], watcher: Watcher) -> None:
+async def test_a_connection_a_user_acquired_is_reset(one_conn_bus: tuple[EventBus, Trips], listener: Listener) -> None:
     bus, _ = one_conn_bus
     async with bus.pool.acquire() as conn:
         await _dirty(conn)
-    await _assert_clean(bus, watcher)
+    await _assert_clean(bus, listener)
     async with bus.pool.acquire() as conn, conn.transaction():  # a transaction of the user's: nothing folded
         await _dirty(conn)
         await bus.publish(Shipped("o-2"), connection=conn)
-    await _assert_clean(bus, watcher)
-    assert await watcher.settled_wakes() == 1  # woken from inside that transaction
+    await _assert_clean(bus, listener)
+    assert await listener.settle() == 1  # woken from inside that transaction
 
 
-async def test_rollback_sends_no_wake_up_and_resets(one_conn_bus: tuple[EventBus, Trips], watcher: Watcher) -> None:
+async def test_rollback_sends_no_wake_up_and_resets(one_conn_bus: tuple[EventBus, Trips], listener: Listener) -> None:
     bus, _ = one_conn_bus
     with pytest.raises(RuntimeError, match="abort"):
         async with bus.transaction() as tx:
             await tx.publish(Shipped("o-1"))
             await _dirty(tx.connection)
             raise RuntimeError("abort")
-    assert await watcher.settled_wakes() == 0
-    await _assert_clean(bus, watcher)
+    assert await listener.settle() == 0
+    await _assert_clean(bus, listener)
     assert await bus.outbox.unsettled() == 0
 
 
 async def test_a_failing_commit_raises_sends_no_wake_up_and_resets(
-    one_conn_bus: tuple[EventBus, Trips], watcher: Watcher
+    one_conn_bus: tuple[EventBus, Trips], listener: Listener
 ) -> None:
     bus, _ = one_conn_bus
     s = quote_schema(bus.schema)
@@ -159,17 +133,17 @@ async def test_a_failing_commit_raises_sends_no_wake_up_and_resets(
             await tx.connection.execute(f"INSERT INTO {s}.lines VALUES ('no such order')")  # fails at COMMIT
             await tx.publish(Shipped("o-1"))
             await _dirty(tx.connection)
-    assert await watcher.settled_wakes() == 0
-    await _assert_clean(bus, watcher)
+    assert await listener.settle() == 0
+    await _assert_clean(bus, listener)
     assert await bus.outbox.unsettled() == 0
 
     async with bus.transaction() as tx:  # the connection is usable and folds again
         await tx.publish(Shipped("o-2"))
-    assert await watcher.settled_wakes() == 1
+    assert await listener.settle() == 1
     assert await bus.outbox.unsettled() == 1
 
 
-async def test_savepoints_inside_a_bus_transaction(one_conn_bus: tuple[EventBus, Trips], watcher: Watcher) -> None:
+async def test_savepoints_inside_a_bus_transaction(one_conn_bus: tuple[EventBus, Trips], listener: Listener) -> None:
     bus, _ = one_conn_bus
     async with bus.transaction() as tx:
         await tx.publish(Shipped("kept"))
@@ -179,6 +153,6 @@ async def test_savepoints_inside_a_bus_transaction(one_conn_bus: tuple[EventBus,
                 raise RuntimeError
         async with tx.connection.transaction():
             await tx.publish(Shipped("released"))
-    assert await watcher.settled_wakes() == 1
+    assert await listener.settle() == 1
     rows = await bus.pool.fetch(f"SELECT payload->>'order_id' AS o FROM {quote_schema(bus.schema)}.eventbus_outbox")
     assert sorted(r["o"] for r in rows) == ["kept", "released"]
