@@ -6,7 +6,7 @@ trip of its own. Two cases make that round trip unnecessary:
 - A transaction from :meth:`EventBus.transaction` ends with COMMIT; the reset statements are sent in the same
   simple-query message, right after it, and so is the relay wake-up. The wake-up then runs in a transaction of
   its own instead of in the user's: PostgreSQL serialises committing transactions that notify, through their
-  WAL flush, so a NOTIFY inside the user's transaction costs producers 10-25% of their throughput (measured;
+  WAL flush, so a NOTIFY inside the user's transaction costs producers 13-27% of their throughput (measured;
   BENCHMARKS.md). The wake-up transaction commits asynchronously (it writes nothing worth keeping) and skips the
   notification when the queue is half full, so it cannot fail once the user's COMMIT has succeeded.
 - The bus's own single statements (claims, settlements, heartbeats) change no session state, so the connection
@@ -18,6 +18,8 @@ runs as asyncpg would run it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import asyncpg
@@ -116,33 +118,35 @@ async def create_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
     return pool
 
 
-async def fetch(pool: asyncpg.Pool, query: str, *args: Any) -> list[asyncpg.Record]:
-    """``pool.fetch`` for a statement that leaves no session state: no reset round trip on release."""
+@asynccontextmanager
+async def _statement(pool: asyncpg.Pool) -> AsyncIterator[Any]:
+    """A pooled connection for statements that leave no session state: on success, no reset round trip."""
     async with pool.acquire() as conn:
-        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        yield conn
         _clean(conn)
-    return rows
+
+
+async def fetch(pool: asyncpg.Pool, query: str, *args: Any) -> list[asyncpg.Record]:
+    async with _statement(pool) as conn:
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        return rows
 
 
 async def fetchrow(pool: asyncpg.Pool, query: str, *args: Any) -> asyncpg.Record | None:
-    async with pool.acquire() as conn:
+    async with _statement(pool) as conn:
         row: asyncpg.Record | None = await conn.fetchrow(query, *args)
-        _clean(conn)
-    return row
+        return row
 
 
 async def fetchval(pool: asyncpg.Pool, query: str, *args: Any) -> Any:
-    async with pool.acquire() as conn:
-        value = await conn.fetchval(query, *args)
-        _clean(conn)
-    return value
+    async with _statement(pool) as conn:
+        return await conn.fetchval(query, *args)
 
 
 async def execute(pool: asyncpg.Pool, query: str, *args: Any) -> str:
-    async with pool.acquire() as conn:
-        status = await conn.execute(query, *args)
-        _clean(conn)
-    return status
+    async with _statement(pool) as conn:
+        status: str = await conn.execute(query, *args)
+        return status
 
 
 def _clean(conn: object) -> None:

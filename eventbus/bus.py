@@ -384,10 +384,7 @@ class EventBus:
         """A pooled connection in a transaction (what :meth:`transaction` wraps)."""
         async with self.pool.acquire() as conn:
             folded = bus_connection(conn)
-            if folded is None:  # a pool from elsewhere
-                async with conn.transaction():
-                    yield conn
-                return
+            assert folded is not None, "the bus's pool makes BusConnections"
             folded.open_fold()
             try:
                 async with conn.transaction():
