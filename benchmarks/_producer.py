@@ -24,6 +24,7 @@ import asyncpg
 import msgspec
 
 from eventbus import EventBus, Transaction
+from eventbus._typing import Connection
 
 #: Transactions per second one producer process reaches with one event each (on a 2-core machine, with some
 #: margin); a higher rate puts ``ceil(rate / TX_RATE_LIMIT)`` events in each transaction.
@@ -177,56 +178,49 @@ async def _eventbus(spec: dict[str, Any]) -> ProducerRun:
 
 async def _raw_notify(spec: dict[str, Any]) -> ProducerRun:
     channel = spec["channel"]
-    connections = spec["connections"]
-    pool = await asyncpg.create_pool(spec["dsn"], min_size=connections, max_size=connections)
-    try:
-        per_tx = events_per_tx(spec["rate"])
 
-        async def notify(conn: asyncpg.Connection, first: int, count: int) -> None:
-            if count == 1:
-                await conn.execute("SELECT pg_notify($1, $2)", channel, str(first))
-            else:
-                await conn.execute(
-                    "SELECT pg_notify($1, s::text) FROM generate_series($2::int, $3::int) AS s",
-                    channel, first, first + count - 1,
-                )  # fmt: skip
+    async def notify(conn: Connection, first: int, count: int) -> None:
+        if count == 1:
+            await conn.execute("SELECT pg_notify($1, $2)", channel, str(first))
+        else:
+            await conn.execute(
+                "SELECT pg_notify($1, s::text) FROM generate_series($2::int, $3::int) AS s",
+                channel, first, first + count - 1,
+            )  # fmt: skip
 
-        await grow_pool(pool, connections, lambda conn: notify(conn, -per_tx, per_tx))
-
-        async def publish_tx(first: int, count: int) -> float:
-            async with pool.acquire() as conn:
-                async with conn.transaction():
-                    await notify(conn, first, count)
-                return monotonic()
-
-        return await _produce(spec, publish_tx)
-    finally:
-        await pool.close()
+    return await _on_plain_pool(spec, notify)
 
 
 async def _pgqueuer(spec: dict[str, Any]) -> ProducerRun:
     from . import peer
 
     settings = peer._pgqueuer().qb.DBSettings(db_schema=spec["schema"], channel=spec["channel"])
+
+    async def enqueue(conn: Connection, first: int, count: int) -> None:
+        queries = peer.queries_for(conn, settings)
+        if count == 1:
+            await queries.enqueue(peer.ENTRYPOINT, str(first).encode())
+        else:
+            seqs = range(first, first + count)
+            await queries.enqueue([peer.ENTRYPOINT] * count, [str(s).encode() for s in seqs], [0] * count)
+
+    return await _on_plain_pool(spec, enqueue)
+
+
+async def _on_plain_pool(
+    spec: dict[str, Any], offer: Callable[[Connection, int, int], Awaitable[None]]
+) -> ProducerRun:
+    """Produce with ``offer(conn, first_seq, count)`` in one transaction per slot, on a plain asyncpg pool."""
     connections = spec["connections"]
     pool = await asyncpg.create_pool(spec["dsn"], min_size=connections, max_size=connections)
     try:
         per_tx = events_per_tx(spec["rate"])
-
-        async def enqueue(conn: asyncpg.Connection, first: int, count: int) -> None:
-            queries = peer.queries_for(conn, settings)
-            if count == 1:
-                await queries.enqueue(peer.ENTRYPOINT, str(first).encode())
-            else:
-                seqs = range(first, first + count)
-                await queries.enqueue([peer.ENTRYPOINT] * count, [str(s).encode() for s in seqs], [0] * count)
-
-        await grow_pool(pool, connections, lambda conn: enqueue(conn, -per_tx, per_tx))
+        await grow_pool(pool, connections, lambda conn: offer(conn, -per_tx, per_tx))
 
         async def publish_tx(first: int, count: int) -> float:
             async with pool.acquire() as conn:
                 async with conn.transaction():
-                    await enqueue(conn, first, count)
+                    await offer(conn, first, count)
                 return monotonic()
 
         return await _produce(spec, publish_tx)

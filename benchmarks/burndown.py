@@ -133,6 +133,10 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
         seconds = perf_counter() - started
     finally:
         await conn.close()
+    return _drained(count, settled, seconds, batches)
+
+
+def _drained(count: int, settled: int, seconds: float, batches: int) -> dict[str, Any]:
     return {"events": count, "settled": settled, "seconds": seconds, "events_per_s": settled / seconds,
             "batches": batches}  # fmt: skip
 
@@ -153,8 +157,7 @@ async def _repository_loop(dsn: str, schema: str, count: int, batch_size: int) -
         seconds = perf_counter() - started
     finally:
         await pool.close()
-    return {"events": count, "settled": settled, "seconds": seconds, "events_per_s": settled / seconds,
-            "batches": batches}  # fmt: skip
+    return _drained(count, settled, seconds, batches)
 
 
 async def _raw_sql_custom_plans(dsn: str, schema: str, count: int, batch_size: int) -> dict[str, Any]:

@@ -716,6 +716,13 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
 Command = Callable[[argparse.Namespace, Output], Awaitable[int]]
 
 
+def _letter_filters(p: argparse.ArgumentParser) -> None:
+    """The options that pick dead letters, shared by `dlq list` and `dlq replay`."""
+    p.add_argument("--reason", type=_reason, help=f"one of {', '.join(r.value for r in Reason)}")
+    p.add_argument("--subscriber", help="subscriber name")
+    p.add_argument("--topic", help="event topic")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eventbus", description="Transactional outbox event bus for PostgreSQL.")
     _global_options(parser, default=None)
@@ -747,9 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_commands = dlq.add_subparsers(title="commands", metavar="COMMAND")
     dlq.set_defaults(command=None, help_parser=dlq)
     p = dlq_commands.add_parser("list", parents=[common], help="list dead letters, newest first")
-    p.add_argument("--reason", type=_reason, help=f"one of {', '.join(r.value for r in Reason)}")
-    p.add_argument("--subscriber", help="subscriber name")
-    p.add_argument("--topic", help="event topic")
+    _letter_filters(p)
     p.add_argument("--limit", type=_positive, default=20, help="how many to show (default 20)")
     p.add_argument("--all", action="store_true", help="include dead letters already replayed")
     p.set_defaults(command=cmd_dlq_list)
@@ -762,9 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
         "replayed once, however often or from however many shells this runs.",
     )  # fmt: skip
     p.add_argument("--id", type=_dead_letter_id, action="append", help="a dead letter id (repeatable)")
-    p.add_argument("--reason", type=_reason, help=f"one of {', '.join(r.value for r in Reason)}")
-    p.add_argument("--subscriber", help="subscriber name")
-    p.add_argument("--topic", help="event topic")
+    _letter_filters(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be replayed; write nothing")
     p.add_argument("--rate", type=_rate, help="at most this many letters per second (spare a recovering service)")
     p.set_defaults(command=cmd_dlq_replay)

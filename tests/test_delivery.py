@@ -284,8 +284,8 @@ async def test_payload_that_does_not_decode_is_dead_lettered_without_retries(
     assert bus.statistics().retried == 0
 
 
-async def test_unrouted_topic_is_dead_lettered_as_handler_missing(eventbus_dsn: str, eventbus_schema: str) -> None:
-    bus = make_bus(eventbus_dsn, eventbus_schema)
+async def _publish_unrouted(bus: EventBus) -> tuple[uuid.UUID, list[DeadLetter], Any]:
+    """Publish an event no subscriber of ``bus`` takes; return its row id, the dead letters and its row."""
 
     @bus.subscribe(name="orders")
     async def orders(event: OrderPlaced) -> None:
@@ -298,7 +298,11 @@ async def test_unrouted_topic_is_dead_lettered_as_handler_missing(eventbus_dsn: 
         dead = await letters(bus)
         assert row_id is not None
         row = await bus.outbox.get(row_id)
+    return row_id, dead, row
 
+
+async def test_unrouted_topic_is_dead_lettered_as_handler_missing(eventbus_dsn: str, eventbus_schema: str) -> None:
+    row_id, dead, row = await _publish_unrouted(make_bus(eventbus_dsn, eventbus_schema))
     assert [(d.reason, d.event_id, d.subscriber, d.topic) for d in dead] == [
         (Reason.HANDLER_MISSING, row_id, None, "Audited")
     ]
@@ -307,19 +311,7 @@ async def test_unrouted_topic_is_dead_lettered_as_handler_missing(eventbus_dsn: 
 
 async def test_unrouted_drop_leaves_no_dead_letter(eventbus_dsn: str, eventbus_schema: str) -> None:
     bus = make_bus(eventbus_dsn, eventbus_schema, unrouted="drop")
-
-    @bus.subscribe(name="orders")
-    async def orders(event: OrderPlaced) -> None:
-        pass
-
-    async with bus:
-        async with bus.transaction() as tx:
-            row_id = await tx.publish(Audited("nobody listens"))
-        await bus.drain(DRAIN)
-        dead = await letters(bus)
-        assert row_id is not None
-        row = await bus.outbox.get(row_id)
-
+    _, dead, row = await _publish_unrouted(bus)
     assert dead == []
     assert row is not None and row["status"] == Status.PUBLISHED
     assert bus.statistics().dropped == 1
