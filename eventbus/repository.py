@@ -261,12 +261,14 @@ class OutboxRepository:
         if len(events) == 1:
             e = events[0]
             row_id = new_id()
-            inserted = await connection.fetchval(
-                self.queries.offer_one,
+            args = (
                 row_id, e.event_id or row_id, e.tenant, e.topic, e.key, partition_of(e.key), e.target,
-                e.payload.decode(), _json.encode(e.headers).decode(), e.delay, e.idempotency_key, channel,
+                e.payload.decode(), _json.encode(e.headers).decode(), e.delay, e.idempotency_key,
             )  # fmt: skip
-            return OfferResult((inserted,))
+            if channel is not None:
+                return OfferResult((await connection.fetchval(self.queries.offer_one_waking, *args, channel),))
+            status = await connection.execute(self.queries.offer_one, *args)
+            return OfferResult((row_id if status.endswith(" 1") else None,))
         ids = [new_id() for _ in events]
         rows = await connection.fetch(
             self.queries.offer,

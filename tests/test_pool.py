@@ -78,7 +78,7 @@ async def test_commit_reset_and_wake_up_are_one_round_trip(
         await tx.publish(Shipped("o-1"))
         await _dirty(tx.connection)
     sent = await trips.since(mark)
-    assert [q.split()[0].rstrip(";") for q in sent] == ["BEGIN", "INSERT", "WITH", "SET", "SELECT", "COMMIT"], sent
+    assert [q.split()[0].rstrip(";") for q in sent] == ["BEGIN", "INSERT", "INSERT", "SET", "SELECT", "COMMIT"], sent
     assert "RESET ALL" in sent[-1] and "pg_notify" in sent[-1], sent[-1]
     assert await listener.settle() == 1
     await _assert_clean(bus, listener)
