@@ -44,6 +44,7 @@ MAX_ERROR_CHARS = 4096
 
 _json = msgspec.json.Encoder()
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
+_NIL = uuid.UUID(int=0)  # below every id: a claim from the oldest pending row
 
 
 class Status(IntEnum):
@@ -291,15 +292,24 @@ class OutboxRepository:
         return OfferResult(tuple(i if i in inserted else None for i in ids))
 
     async def take_pending(
-        self, limit: int, lease: float, worker: str, *, partitions: Sequence[int] | None = None
+        self,
+        limit: int,
+        lease: float,
+        worker: str,
+        *,
+        partitions: Sequence[int] | None = None,
+        floor: uuid.UUID | None = None,
     ) -> list[Envelope]:
         """Claim up to ``limit`` due rows for ``lease`` seconds, oldest id first, skipping rows others hold.
 
         With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
+        With ``floor``, only rows whose id is at least ``floor``: the scan skips what lies below it, including
+        the index entries of rows settled since the last VACUUM.
         """
         rows = await pooled.fetch(
-            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions)
-        )
+            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
+            floor or _NIL,
+        )  # fmt: skip
         claimed = [envelope_from_row(row) for row in rows]
         claimed.sort(key=lambda e: e.id)
         return claimed
@@ -394,6 +404,19 @@ class OutboxRepository:
         row = await pooled.fetchrow(self.pool, self.queries.outbox_counts)
         assert row is not None
         return row
+
+    async def refresh_statistics(self) -> bool:
+        """ANALYZE the outbox when it has outgrown its planner statistics; return whether it did.
+
+        Autovacuum analyzes a table at most once a minute, and only after a tenth of its rows changed. Until then
+        the plans each connection cached while the table was small stay: settling ten rows by a sequential scan
+        of the whole outbox (measured: 0.7 ms to 23 ms per statement within 30 s of a new table at 1,000
+        events/s). The check is one catalog lookup; the ANALYZE runs at each doubling of the table.
+        """
+        if not await pooled.fetchval(self.pool, self.queries.outbox_outgrown):
+            return False
+        await pooled.execute(self.pool, self.queries.outbox_analyze)
+        return True
 
     async def unsettled(self) -> int:
         """Rows still pending (due or delayed) or in flight."""

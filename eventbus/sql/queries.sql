@@ -89,9 +89,12 @@ SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken F
 -- $2 worker text
 -- $3 lease_seconds float8
 -- $4 partitions smallint[] (NULL: every partition; rows without a key are always claimable)
+-- $5 floor uuid (claim only ids >= floor; the nil UUID scans from the oldest pending row)
+-- The floor is where the index scan starts: entries of rows that left the pending state stay in the index until
+-- VACUUM, and a scan from the oldest row steps over all of them (measured: 0.1 ms with none, 1.4 ms with 30,000).
 WITH picked AS (
     SELECT id FROM __schema__.eventbus_outbox
-    WHERE status = 0 AND available_at <= now()
+    WHERE status = 0 AND available_at <= now() AND id >= $5::uuid
       AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
     ORDER BY id
     LIMIT $1
@@ -389,6 +392,16 @@ WHERE status = 1 AND partition = ANY($1::smallint[]) AND claimed_by <> $2;
 -- name: outbox_unsettled
 -- Rows not yet settled: pending (due or not) and in flight.
 SELECT count(*) AS unsettled FROM __schema__.eventbus_outbox WHERE status IN (0, 1);
+
+-- name: outbox_outgrown
+-- Whether the outbox has outgrown its planner statistics: no statistics yet and over 64 pages, or twice the
+-- pages they describe. Plans cached on a small table (a sequential scan to settle ten rows) stay until ANALYZE.
+SELECT pg_relation_size(c.oid) / current_setting('block_size')::int > greatest(64, 2 * c.relpages) AS outgrown
+FROM pg_class AS c WHERE c.oid = '__schema__.eventbus_outbox'::regclass;
+
+-- name: outbox_analyze
+-- Refresh the outbox's planner statistics; cached plans of every session are made again.
+ANALYZE __schema__.eventbus_outbox;
 
 -- name: ping
 -- Check that a connection is alive.
