@@ -173,9 +173,16 @@ SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM retries)
 -- $1 worker text
 -- $2 ids uuid[]
 -- $3 lease_seconds float8
+-- Rows another statement has locked are skipped: that is the settling of their batch (so they need no lease),
+-- and waiting for it could deadlock with it, the two taking the rows' locks in different orders.
+WITH mine AS (
+    SELECT id FROM __schema__.eventbus_outbox
+    WHERE id = ANY($2::uuid[]) AND claimed_by = $1 AND status = 1
+    FOR UPDATE SKIP LOCKED
+)
 UPDATE __schema__.eventbus_outbox
 SET claimed_until = now() + make_interval(secs => $3)
-WHERE id = ANY($2::uuid[]) AND claimed_by = $1 AND status = 1;
+WHERE id = ANY(ARRAY(SELECT id FROM mine));
 
 -- name: reclaim
 -- Return up to $1 in-flight rows whose lease ran out (their relay died or stalled) to pending.
