@@ -16,7 +16,6 @@ it and the raw loop is what PostgreSQL's generic plans for the prepared claim/co
 
 from __future__ import annotations
 
-import uuid
 from time import perf_counter
 from typing import Any
 
@@ -118,14 +117,11 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
         if custom_plans:
             await conn.execute("SET plan_cache_mode = force_custom_plan")
         settled = batches = 0
-        floor = uuid.UUID(int=0)
         started = perf_counter()
         while True:
-            # Each claim starts at the last one's highest id, as the relay's do while a backlog lasts.
-            rows = await conn.fetch(claim, batch_size, worker, LEASE, None, floor)
+            rows = await conn.fetch(claim, batch_size, worker, LEASE, None)
             if not rows:
                 break
-            floor = max(r["id"] for r in rows)
             n = len(rows)
             done = await conn.fetchrow(
                 complete, worker, [r["id"] for r in rows], [r["attempts"] for r in rows], [int(Status.PUBLISHED)] * n,
@@ -151,13 +147,11 @@ async def _repository_loop(dsn: str, schema: str, count: int, batch_size: int) -
     try:
         outbox = OutboxRepository(pool, schema)
         settled = batches = 0
-        floor = None
         started = perf_counter()
         while True:
-            rows = await outbox.take_pending(batch_size, LEASE, worker, floor=floor)
+            rows = await outbox.take_pending(batch_size, LEASE, worker)
             if not rows:
                 break
-            floor = rows[-1].id  # sorted by id
             settled += await outbox.mark_published(worker, rows)
             batches += 1
         seconds = perf_counter() - started

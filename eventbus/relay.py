@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -24,7 +24,6 @@ import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
 from .events import PARTITIONS, Envelope, partition_of
-from .ids import id_time, min_id_for
 from .repository import DeadLetterRepository, OutboxRepository, Settlement, Status
 from .transports import Transport
 
@@ -40,10 +39,6 @@ class RelayConfig:
     batch_size: int = 500
     lease: float = 30.0
     poll_interval: float = 1.0
-    #: Claims woken by a notification look at rows whose ids are at most this many seconds old; older due rows
-    #: (a transaction that committed later than this after publishing, delays, retries) are found by the claim
-    #: on the poll's cadence, which scans everything at most once per ``poll_interval``.
-    claim_window: float = 2.0
     use_notify: bool = True
     max_batches_in_flight: int = 3
     reclaim_interval: float = 5.0
@@ -75,20 +70,14 @@ class RelayStatistics:
 
 
 class _Wakeup:
-    """A resettable flag with a timed wait: set by notifications, cleared before each claim.
-
-    ``rescan`` asks for the next claim to scan from the oldest pending row (rows may be due that a claim of
-    recent ids would not see); the claim loop resets it.
-    """
+    """A resettable flag with a timed wait: set by notifications, cleared before each claim."""
 
     def __init__(self) -> None:
         self._flag = False
         self._event = anyio.Event()
-        self.rescan = True
 
-    def set(self, *, rescan: bool = False) -> None:
+    def set(self) -> None:
         self._flag = True
-        self.rescan |= rescan
         self._event.set()
 
     def clear(self) -> None:
@@ -129,7 +118,6 @@ class Relay:
         self._session: asyncpg.Connection | None = None
         self._session_lock = anyio.Lock()
         self._claim_lock = anyio.Lock()
-        self._newest: uuid.UUID | None = None  # the highest id this relay claimed
         self._analyze = self.config.refresh_statistics
         self._owned: set[int] = set()
         self._ready: set[int] = set()
@@ -196,29 +184,18 @@ class Relay:
         config = self.config
         failures = 0
         poll_started = anyio.current_time()  # start of the last claim made on the poll's cadence
-        last_rescan = -math.inf
         follow_up = False
-        # Where the next claim's index scan starts. A claim from the oldest pending row steps over the index
-        # entries of every row settled since the last VACUUM, thousands at a few thousand events/s. So only a
-        # claim on the poll's cadence, at most one per poll interval, or one after a reconnect, a reclaim or a
-        # new partition, scans from the oldest row; a claim woken by a notification looks at recent ids, and the
-        # claim after a full batch carries on where that batch ended.
-        floor: uuid.UUID | None = None
         while not self._stopping:
             await self._slots.acquire()
             self._wakeup.clear()
             claimed_at = anyio.current_time()
             if not follow_up:
                 poll_started = claimed_at
-            if self._wakeup.rescan or claimed_at - last_rescan >= config.poll_interval:
-                self._wakeup.rescan = False
-                last_rescan = claimed_at
-                floor = None
             try:
                 # Under the claim lock a partition cannot be given up between the claim and its tracking.
                 async with self._claim_lock:
                     rows = await self.outbox.take_pending(
-                        config.batch_size, config.lease, self.worker, partitions=self._claimable(), floor=floor
+                        config.batch_size, config.lease, self.worker, partitions=self._claimable()
                     )
                     self._track(rows)
             except Exception as exc:
@@ -235,9 +212,7 @@ class Relay:
                 self._slots.release()
             if len(rows) == config.batch_size:
                 follow_up = False
-                floor = rows[-1].id  # rows come sorted by id
                 continue
-            floor = self._recent_floor()
             # A claim that found rows is followed by one more at once, for the rows committed while it ran: without
             # it they would wait a whole interval. Polls keep a steady cadence: the interval counts from the start
             # of the previous claim on the cadence (but a slow claim still leaves a tenth of an interval of rest).
@@ -247,20 +222,9 @@ class Relay:
                     max(config.poll_interval / 10, poll_started + config.poll_interval - anyio.current_time())
                 )
 
-    def _recent_floor(self) -> uuid.UUID:
-        """The first id a claim woken by a notification looks at: ``claim_window`` seconds before now, by this
-        machine's clock and by the newest id claimed (the producers' clocks), whichever is earlier."""
-        window = timedelta(seconds=self.config.claim_window)
-        horizon = datetime.now(UTC) - window
-        if self._newest is not None:
-            horizon = min(horizon, id_time(self._newest) - window)
-        return min_id_for(horizon)
-
     def _track(self, rows: Sequence[Envelope]) -> None:
         if not rows:
             return
-        if self._newest is None or rows[-1].id > self._newest:
-            self._newest = rows[-1].id
         self._batches += 1
         self._claimed += len(rows)
         for row in rows:
@@ -337,7 +301,7 @@ class Relay:
                     self._listening = True
                 self._session = conn
                 await self._rebalance()
-                self._wakeup.set(rescan=True)  # notifications may have been missed while disconnected
+                self._wakeup.set()  # notifications may have been missed while disconnected
                 while True:
                     await anyio.sleep(self.config.heartbeat_interval)
                     async with self._session_lock:
@@ -393,7 +357,7 @@ class Relay:
             newly_ready = waiting - busy
             if newly_ready:
                 self._ready |= newly_ready
-                self._wakeup.set(rescan=True)
+                self._wakeup.set()
 
     # -- maintenance -----------------------------------------------------------------------------------------
 
@@ -446,7 +410,7 @@ class Relay:
                 if now - last_reclaim >= config.reclaim_interval:
                     last_reclaim = now
                     if await self.outbox.reclaim_expired():
-                        self._wakeup.set(rescan=True)
+                        self._wakeup.set()
                 if now - last_beat >= config.heartbeat_interval:
                     last_beat = now
                     await self._refresh_statistics()

@@ -44,7 +44,6 @@ MAX_ERROR_CHARS = 4096
 
 _json = msgspec.json.Encoder()
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
-_NIL = uuid.UUID(int=0)  # below every id: a claim from the oldest pending row
 
 
 class Status(IntEnum):
@@ -292,24 +291,15 @@ class OutboxRepository:
         return OfferResult(tuple(i if i in inserted else None for i in ids))
 
     async def take_pending(
-        self,
-        limit: int,
-        lease: float,
-        worker: str,
-        *,
-        partitions: Sequence[int] | None = None,
-        floor: uuid.UUID | None = None,
+        self, limit: int, lease: float, worker: str, *, partitions: Sequence[int] | None = None
     ) -> list[Envelope]:
         """Claim up to ``limit`` due rows for ``lease`` seconds, oldest id first, skipping rows others hold.
 
         With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
-        With ``floor``, only rows whose id is at least ``floor``: the scan skips what lies below it, including
-        the index entries of rows settled since the last VACUUM.
         """
         rows = await pooled.fetch(
-            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
-            floor or _NIL,
-        )  # fmt: skip
+            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions)
+        )
         claimed = [envelope_from_row(row) for row in rows]
         claimed.sort(key=lambda e: e.id)
         return claimed
