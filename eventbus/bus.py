@@ -95,7 +95,7 @@ class EventBus:
     ``schema`` holds eventbus's tables; ``migrate`` applies missing migrations on start (else start fails
     with a message saying how to apply them). ``notify=False`` sends no wake-up at commit: relays then find new
     events by polling (``RelayConfig.poll_interval``). It saves the wake-up: after the COMMIT of
-    :meth:`transaction` a short transaction of its own (3-6% of producer throughput, measured), inside the
+    :meth:`transaction` a short transaction of its own (5-10% of producer throughput, measured), inside the
     transaction for :meth:`publish` on your connection (a notifying commit, which PostgreSQL serialises across
     the database: 13-27%).
     """
