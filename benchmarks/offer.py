@@ -94,7 +94,7 @@ async def _timed_loop(workers: int, duration: float, one: One) -> dict[str, Any]
 async def _ours(dsn: str, schema: str, connections: int, *, notify: bool = True) -> AsyncIterator[One]:
     bus = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=connections, notify=notify)
     insert = f"INSERT INTO {quote_schema(schema)}.bench_orders (order_id, total_cents) VALUES ($1, $2)"
-    await bus.connect()
+    await bus.start()
     try:
 
         async def one(worker: int, i: int) -> None:
@@ -105,7 +105,7 @@ async def _ours(dsn: str, schema: str, connections: int, *, notify: bool = True)
 
         yield one
     finally:
-        await bus.close()
+        await bus.stop()
 
 
 @asynccontextmanager

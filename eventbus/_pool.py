@@ -4,11 +4,12 @@ asyncpg's pool resets every connection it takes back (advisory locks, cursors, L
 trip of its own. Two cases make that round trip unnecessary:
 
 - A transaction from :meth:`EventBus.transaction` ends with COMMIT; the reset statements are sent in the same
-  simple-query message, right after it, and so is the relay wake-up. The wake-up then runs in a transaction of
-  its own instead of in the user's: PostgreSQL serialises committing transactions that notify, through their
-  WAL flush, so a NOTIFY inside the user's transaction costs producers 13-27% of their throughput (measured;
-  BENCHMARKS.md). The wake-up transaction commits asynchronously (it writes nothing worth keeping) and skips the
-  notification when the queue is half full, so it cannot fail once the user's COMMIT has succeeded.
+  simple-query message, right after it, and so is the relay wake-up when the bus's :class:`~eventbus._waker.Waker`
+  says this COMMIT is to carry one. The wake-up then runs in a transaction of its own instead of in the user's:
+  PostgreSQL serialises committing transactions that notify, through their WAL flush, so a NOTIFY inside the
+  user's transaction costs producers 13-27% of their throughput (measured; BENCHMARKS.md). The wake-up
+  transaction commits asynchronously (it writes nothing worth keeping) and skips the notification when the
+  queue is half full, so it cannot fail once the user's COMMIT has succeeded.
 - The bus's own single statements (claims, settlements, heartbeats) change no session state, so the connection
   goes back to the pool as it came.
 
@@ -20,9 +21,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from ._waker import Waker
 
 __all__ = ["BusConnection", "bus_connection", "create_pool", "fetch", "fetchrow", "fetchval", "execute"]
 
@@ -41,21 +45,22 @@ class BusConnection(asyncpg.Connection):
     # Class-level defaults: asyncpg's Connection has no __dict__-free contract for subclasses to honour.
     _fold_open: bool = False
     _fold_ready: bool = False
-    _wake_channel: str | None = None
+    _waker: Waker | None = None
     _is_reset: bool = False
 
     def open_fold(self) -> None:
         """A bus transaction starts: a later COMMIT may carry the reset (see :meth:`ready_to_commit`)."""
-        self._fold_open, self._fold_ready, self._wake_channel, self._is_reset = True, False, None, False
+        self._fold_open, self._fold_ready, self._is_reset = True, False, False
+        self._waker = None
 
     @property
     def in_bus_transaction(self) -> bool:
         """Whether a transaction of :meth:`EventBus.transaction` is open (its COMMIT is then folded)."""
         return self._fold_open
 
-    def wake_after_commit(self, channel: str) -> None:
-        """Send ``NOTIFY channel`` after the open bus transaction commits (not after a rollback)."""
-        self._wake_channel = channel
+    def wake_after_commit(self, waker: Waker) -> None:
+        """Wake relays after the open bus transaction commits (not after a rollback), through ``waker``."""
+        self._waker = waker
 
     def ready_to_commit(self) -> None:
         """The transaction body finished without an exception: the next COMMIT carries the reset."""
@@ -63,7 +68,7 @@ class BusConnection(asyncpg.Connection):
 
     def close_fold(self) -> None:
         self._fold_open = self._fold_ready = False
-        self._wake_channel = None
+        self._waker = None
 
     def skip_next_reset(self) -> None:
         """The statements run since the pool handed this connection out left no session state behind."""
@@ -77,20 +82,35 @@ class BusConnection(asyncpg.Connection):
     async def execute(self, query: str, *args: object, timeout: float | None = None) -> str:
         if not (self._fold_ready and query == _COMMIT and not args):
             return await super().execute(query, *args, timeout=timeout)
-        channel = self._wake_channel
+        waker = self._waker
         self.close_fold()
         after = self.get_reset_query()
-        if channel is not None:
+        owed = carried = False
+        if waker is not None:
+            owed, carried = waker.owed, waker.carry_nowait()
+        if waker is not None and carried:
             # Its own implicit transaction, after the user's COMMIT; asynchronous commit is safe for a
             # notification (nothing to keep), and a queue over half full means relays lag: they poll anyway.
             after += (
                 " SET LOCAL synchronous_commit TO off;"
-                f" SELECT pg_notify({_literal(channel)}, '') WHERE pg_notification_queue_usage() < 0.5;"
+                f" SELECT pg_notify({_literal(waker.channel)}, '') WHERE pg_notification_queue_usage() < 0.5;"
             )
-        status = await super().execute(f"{_COMMIT} {after}", timeout=timeout)
+        try:
+            status = await super().execute(f"{_COMMIT} {after}", timeout=timeout)
+        except asyncpg.PostgresError:
+            # The server refused the COMMIT, so nothing was committed; a wake-up this one was to carry is owed.
+            if waker is not None and owed:
+                waker.owe_nowait()
+            raise
+        except BaseException:
+            if waker is not None:
+                waker.owe_nowait()  # whether the COMMIT went through is unknown
+            raise
         # Reached only when every statement succeeded: on an error PostgreSQL skips the rest of the message, and
         # the pool's ordinary reset runs on release.
         self._is_reset = True
+        if waker is not None and not carried:
+            waker.owe_nowait()
         return status
 
 

@@ -94,10 +94,11 @@ class EventBus:
     started in ``data_dir`` (default ``.eventbus`` in the current directory, or ``EVENTBUS_DATA_DIR``).
     ``schema`` holds eventbus's tables; ``migrate`` applies missing migrations on start (else start fails
     with a message saying how to apply them). ``notify=False`` sends no wake-up at commit: relays then find new
-    events by polling (``RelayConfig.poll_interval``). It saves the wake-up: after the COMMIT of
-    :meth:`transaction` a short transaction of its own (5-10% of producer throughput, measured), inside the
-    transaction for :meth:`publish` on your connection (a notifying commit, which PostgreSQL serialises across
-    the database: 13-27%).
+    events by polling (``RelayConfig.poll_interval``). It saves the wake-up: for :meth:`transaction`, a short
+    transaction after the COMMIT, at most one per ``wake_spacing`` seconds in a started bus (see
+    :mod:`eventbus._waker`; 3-5% of producer throughput at 4 connections, measured); for :meth:`publish` on
+    your connection, a NOTIFY inside your transaction (a notifying commit, which PostgreSQL serialises across
+    the database: 13-27%). ``wake_spacing=0`` wakes relays after every transaction.
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class EventBus:
         redact: Callable[[str], str] | None = None,
         stop_timeout: float = 10.0,
         notify: bool = True,
+        wake_spacing: float = 0.002,
     ) -> None:
         if unrouted not in ("dead_letter", "drop"):
             raise ConfigurationError(f"unrouted must be 'dead_letter' or 'drop', not {unrouted!r}")
@@ -135,6 +137,7 @@ class EventBus:
         self.redact = redact
         self.stop_timeout = stop_timeout
         self.notify = notify
+        self.wake_spacing = wake_spacing
         self.subscriptions: dict[str, Subscription] = {}
         self._relay: Relay | None = None
         self._transport: LocalTransport | None = None
@@ -242,41 +245,60 @@ class EventBus:
 
     async def start(self) -> None:
         """Connect, then start the relay and the subscriber actors (when this bus has subscribers or
-        ``relay=True``). Must be paired with :meth:`stop` in the same task; ``async with bus:`` does both."""
+        ``relay=True``) and the sender of relay wake-ups (when ``notify``). Must be paired with :meth:`stop` in
+        the same task; ``async with bus:`` does both."""
         await self.connect()
         wants_relay = self.run_relay if self.run_relay is not None else bool(self.subscriptions)
-        if not wants_relay or self._task_group is not None:
+        if not (wants_relay or self.notify) or self._task_group is not None:
             return
-        runner = AttemptRunner(
-            registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
-            inbox=InboxRepository(self.schema), redact=self.redact,
-        )  # fmt: skip
-        self._transport = LocalTransport(list(self.subscriptions.values()), runner, self.unrouted)
-        self._relay = Relay(
-            self.outbox, self._transport, await self.resolve_dsn(), self.relay_config, dead_letters=self.dead_letters
-        )
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
-        await task_group.start(self._relay.run)
+        try:
+            if self.notify:
+                self.outbox.waker.spacing = self.wake_spacing
+                await task_group.start(self.outbox.waker.run, await self.resolve_dsn())
+            if wants_relay:
+                runner = AttemptRunner(
+                    registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
+                    inbox=InboxRepository(self.schema), redact=self.redact,
+                )  # fmt: skip
+                self._transport = LocalTransport(list(self.subscriptions.values()), runner, self.unrouted)
+                self._relay = Relay(
+                    self.outbox, self._transport, await self.resolve_dsn(), self.relay_config,
+                    dead_letters=self.dead_letters,
+                )  # fmt: skip
+                await task_group.start(self._relay.run)
+        except BaseException:
+            await self._stop_tasks(0)
+            raise
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, let handlers finish within ``timeout`` seconds (default ``stop_timeout``), then cancel
-        what is left (its rows go back to pending) and close the pool."""
+        what is left (its rows go back to pending), send the last relay wake-up and close the pool."""
         try:
-            if self._task_group is not None and self._relay is not None:
-                task_group = self._task_group
-                try:
-                    self._relay.stop()
-                    with anyio.move_on_after(self.stop_timeout if timeout is None else timeout):
-                        await self._relay.wait_stopped()
-                finally:
-                    # Also when the caller is being cancelled: the task group must be exited in this task.
-                    task_group.cancel_scope.cancel()
-                    self._task_group = None
-                    await task_group.__aexit__(None, None, None)
+            await self._stop_tasks(self.stop_timeout if timeout is None else timeout)
         finally:
             await self.close()
+
+    async def _stop_tasks(self, timeout: float) -> None:
+        task_group, self._task_group = self._task_group, None
+        if task_group is None:
+            return
+        relay, waker = self._relay, self.outbox.waker if self.notify else None
+        try:
+            if relay is not None:
+                relay.stop()
+                with anyio.move_on_after(timeout):
+                    await relay.wait_stopped()
+            if waker is not None:
+                waker.stop()
+                with anyio.move_on_after(timeout):
+                    await waker.wait_stopped()
+        finally:
+            # Also when the caller is being cancelled: the task group must be exited in this task.
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(None, None, None)
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -21,6 +21,7 @@ import msgspec
 
 from . import _pool as pooled
 from ._typing import Connection
+from ._waker import Waker
 from .events import Envelope, partition_of
 from .ids import max_id_for, min_id_for, new_id
 from .sql import Queries
@@ -239,6 +240,8 @@ class OutboxRepository:
         self.queries = Queries(schema)
         self.channel = f"eventbus_{schema}"
         self.notify = notify
+        #: Coalesces the wake-ups of bus transactions; a started bus runs it (see :mod:`eventbus._waker`).
+        self.waker = Waker(self.channel, self.queries.wake)
 
     async def offer(self, connection: Connection, events: Sequence[NewEvent]) -> OfferResult:
         """Insert ``events`` in the caller's transaction, in one round trip.
@@ -253,7 +256,7 @@ class OutboxRepository:
             # In a bus transaction the wake-up is sent after the COMMIT, outside the user's transaction.
             result = await self._insert(connection, events, None)
             if any(i is not None and e.delay <= 0 for e, i in zip(events, result.ids, strict=True)):
-                folded.wake_after_commit(self.channel)
+                folded.wake_after_commit(self.waker)
             return result
         return await self._insert(connection, events, self.channel if self.notify else None)
 

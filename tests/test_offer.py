@@ -154,10 +154,18 @@ async def test_one_notification_per_committing_transaction(bus: EventBus, listen
     assert await listener.wait_for(1) == 1, "one commit with many events and offers must notify once"
     assert listener.received == [(listener.channel, "")]
 
-    for batch in range(3):
-        async with bus.transaction() as tx:
-            await tx.publish_many([_event(n) for n in range(10 + batch)])
-    assert await listener.wait_for(4) == 4
+
+
+async def test_without_spacing_every_committing_transaction_notifies(
+    eventbus_dsn: str, eventbus_schema: str, listener: Listener
+) -> None:
+    async with EventBus(eventbus_dsn, schema=eventbus_schema, wake_spacing=0) as bus:
+        for batch in range(3):
+            async with bus.transaction() as tx:
+                await tx.publish_many([_event(n) for n in range(10 + batch)])
+                await tx.publish(OrderPlaced(f"o-{batch}", batch))
+        assert await listener.wait_for(3) == 3
+        assert (bus.outbox.waker.carried, bus.outbox.waker.sent) == (3, 0)
 
 
 async def test_no_notification_after_rollback(bus: EventBus, listener: Listener) -> None:

@@ -411,6 +411,11 @@ ANALYZE __schema__.eventbus_outbox;
 -- Check that a connection is alive.
 SELECT 1;
 
+-- name: wake
+-- Wake the relays listening on channel $1, unless the notification queue is over half full (relays lag: they poll).
+-- $1 channel text
+SELECT pg_notify($1, '') WHERE pg_notification_queue_usage() < 0.5;
+
 -- name: dead_letter_pick
 -- Lock up to $9 unreplayed dead letters matching the filters (or the ids $7) after cursor $8, oldest first;
 -- letters another replay holds are skipped, so concurrent replays never take the same letter.
