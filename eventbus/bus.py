@@ -46,6 +46,9 @@ class BusStatistics:
     duplicates_skipped: int
     dropped: int
     relay: RelayStatistics | None
+    #: Relay wake-ups carried by COMMIT messages, and sent by the bus's waker when no COMMIT came to carry one.
+    wake_ups_carried: int = 0
+    wake_ups_sent: int = 0
 
 
 def _seconds(delay: float | timedelta | None) -> float:
@@ -343,6 +346,8 @@ class EventBus:
             duplicates_skipped=counters.duplicates_skipped if counters else 0,
             dropped=counters.dropped if counters else 0,
             relay=self._relay.statistics() if self._relay is not None else None,
+            wake_ups_carried=self._outbox.waker.carried if self._outbox is not None else 0,
+            wake_ups_sent=self._outbox.waker.sent if self._outbox is not None else 0,
         )
 
     @property
