@@ -6,12 +6,15 @@ started bus sends at most one per ``spacing`` seconds:
 
 - a COMMIT message of :meth:`EventBus.transaction` carries a wake-up, after the COMMIT, when none left in the
   last ``spacing`` seconds (see :mod:`eventbus._pool`);
-- a COMMIT that carried none marks the process *uncovered*; when the spacing has passed and no COMMIT has carried
-  one since, the waker sends one from a connection of its own.
+- a COMMIT that carried none leaves a wake-up *owed*; the next COMMIT after the spacing carries it, and when
+  none has within two spacings of the last wake-up, the waker sends it from a connection of its own. (Sent as
+  soon as the spacing ended, the waker raced the COMMITs and sent half the wake-ups itself, each costing a
+  task switch and a round trip in this process: a worse trade than one carried by a COMMIT.)
 
 A wake-up covers every COMMIT that returned before it left, so each committed row is followed by one within
-about ``spacing`` seconds. It is a hint: relays also poll. A failure to send one is logged and costs latency,
-never an event. Without a running waker (a bus that was only connected), every COMMIT carries a wake-up.
+about two spacings. It is a hint: relays also poll. A failure to send one is logged, retried each second, and
+costs latency, never an event. Without a running waker (a bus that was only connected, or one stopping), every
+COMMIT carries a wake-up.
 """
 
 from __future__ import annotations
@@ -57,12 +60,11 @@ class Waker:
 
     def carry_nowait(self) -> bool:
         """Called right before a COMMIT message is sent: whether it should carry a wake-up."""
-        if not self.running:
-            return True
-        now = monotonic()
-        if now - self._last < self.spacing:
-            return False
-        self._last, self._uncovered = now, False
+        if self.running:
+            now = monotonic()
+            if now - self._last < self.spacing:
+                return False
+            self._last, self._uncovered = now, False
         self.carried += 1
         return True
 
