@@ -124,6 +124,10 @@ class EventBus:
     ) -> None:
         if unrouted not in ("dead_letter", "drop"):
             raise ConfigurationError(f"unrouted must be 'dead_letter' or 'drop', not {unrouted!r}")
+        if not wake_spacing >= 0:
+            raise ConfigurationError(
+                f"wake_spacing must be 0 or more seconds, not {wake_spacing!r} (0 wakes relays after every transaction)"
+            )
         self._dsn = dsn
         self.schema = schema
         self.tenant = tenant
@@ -243,7 +247,7 @@ class EventBus:
             await pool.close()
             raise
         self._pool = pool
-        self._outbox = OutboxRepository(pool, self.schema, notify=self.notify)
+        self._outbox = OutboxRepository(pool, self.schema, notify=self.notify, wake_spacing=self.wake_spacing)
         self._dead_letters = DeadLetterRepository(pool, self.schema)
 
     async def start(self) -> None:
@@ -259,7 +263,6 @@ class EventBus:
         self._task_group = task_group
         try:
             if self.notify:
-                self.outbox.waker.spacing = self.wake_spacing
                 await task_group.start(self.outbox.waker.run, await self.resolve_dsn())
             if wants_relay:
                 runner = AttemptRunner(

@@ -235,13 +235,15 @@ def _dead_letter_from_row(row: asyncpg.Record) -> DeadLetter:
 class OutboxRepository:
     """Offers, claims, settles, reclaims and purges outbox rows."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str = "eventbus", *, notify: bool = True) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, schema: str = "eventbus", *, notify: bool = True, wake_spacing: float = 0.002
+    ) -> None:
         self.pool = pool
         self.queries = Queries(schema)
         self.channel = f"eventbus_{schema}"
         self.notify = notify
         #: Coalesces the wake-ups of bus transactions; a started bus runs it (see :mod:`eventbus._waker`).
-        self.waker = Waker(self.channel, self.queries.wake)
+        self.waker = Waker(self.channel, self.queries.wake, spacing=wake_spacing)
 
     async def offer(self, connection: Connection, events: Sequence[NewEvent]) -> OfferResult:
         """Insert ``events`` in the caller's transaction, in one round trip.

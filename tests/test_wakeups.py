@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from listening import Listener
 
-from eventbus import Context, EventBus, RelayConfig
+from eventbus import ConfigurationError, Context, EventBus, RelayConfig
 from eventbus.sql import quote_schema
 
 pytestmark = pytest.mark.anyio
@@ -99,6 +99,12 @@ async def test_a_lost_waker_connection_is_replaced(eventbus_dsn: str, eventbus_s
                 )
             assert killed >= 1
         assert (waker.carried, waker.sent) == (2, 2)
+
+
+@pytest.mark.parametrize("spacing", [-0.001, float("nan")])
+def test_a_spacing_that_is_no_duration_is_refused(spacing: float) -> None:
+    with pytest.raises(ConfigurationError, match="wake_spacing must be 0 or more seconds"):
+        EventBus("postgresql://unused", wake_spacing=spacing)
 
 
 # -- property: every commit is followed by a wake-up a relay can act on -----------------------------------------
