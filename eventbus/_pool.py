@@ -88,13 +88,14 @@ class BusConnection(asyncpg.Connection):
         owed = carried = False
         if waker is not None:
             owed, carried = waker.owed, waker.carry_nowait()
-        if waker is not None and carried:
-            # Its own implicit transaction, after the user's COMMIT; asynchronous commit is safe for a
-            # notification (nothing to keep), and a queue over half full means relays lag: they poll anyway.
-            after += (
-                " SET LOCAL synchronous_commit TO off;"
-                f" SELECT pg_notify({_literal(waker.channel)}, '') WHERE pg_notification_queue_usage() < 0.5;"
-            )
+            if carried:
+                # Its own implicit transaction, after the user's COMMIT; asynchronous commit is safe for a
+                # notification (nothing to keep), and a queue over half full means relays lag: they poll anyway.
+                # The simple-query form of the ``wake`` query the waker sends from its own connection.
+                after += (
+                    " SET LOCAL synchronous_commit TO off;"
+                    f" SELECT pg_notify({_literal(waker.channel)}, '') WHERE pg_notification_queue_usage() < 0.5;"
+                )
         try:
             status = await super().execute(f"{_COMMIT} {after}", timeout=timeout)
         except asyncpg.PostgresError:

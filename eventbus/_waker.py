@@ -8,8 +8,9 @@ started bus sends at most one per ``spacing`` seconds:
   last ``spacing`` seconds (see :mod:`eventbus._pool`);
 - a COMMIT that carried none leaves a wake-up *owed*; the next COMMIT after the spacing carries it, and when
   none has within two spacings of the last wake-up, the waker sends it from a connection of its own. (Sent as
-  soon as the spacing ended, the waker raced the COMMITs and sent half the wake-ups itself, each costing a
-  task switch and a round trip in this process: a worse trade than one carried by a COMMIT.)
+  soon as the spacing ended, the waker raced the COMMITs and sent half the wake-ups itself; producers then ran
+  at 0.92x of raw asyncpg against 0.93x-0.94x with the second spacing, at 1 ms. A wake-up the waker sends costs
+  a task switch and a round trip in this process; one a COMMIT carries costs neither.)
 
 A wake-up covers every COMMIT that returned before it left, so each committed row is followed by one within
 about two spacings. It is a hint: relays also poll. A failure to send one is logged, retried each second, and

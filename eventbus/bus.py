@@ -99,7 +99,7 @@ class EventBus:
     with a message saying how to apply them). ``notify=False`` sends no wake-up at commit: relays then find new
     events by polling (``RelayConfig.poll_interval``). It saves the wake-up: for :meth:`transaction`, a short
     transaction after the COMMIT, at most one per ``wake_spacing`` seconds in a started bus (see
-    :mod:`eventbus._waker`; 3-5% of producer throughput at 4 connections, measured); for :meth:`publish` on
+    :mod:`eventbus._waker`; 1-5% of producer throughput at 4 connections, measured); for :meth:`publish` on
     your connection, a NOTIFY inside your transaction (a notifying commit, which PostgreSQL serialises across
     the database: 13-27%). ``wake_spacing=0`` wakes relays after every transaction.
     """

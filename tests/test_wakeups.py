@@ -3,7 +3,7 @@ by one sent after it returned, also when a COMMIT fails, the waker's connection 
 
 The example tests use a spacing far longer than the test's steps, so which COMMIT carries the wake-up does not
 depend on the machine's speed. The property test uses a relay as the judge: it polls once a minute, so every
-event it delivers within the drain's few seconds was found through a wake-up.
+event it delivers within the test's 10 s was found through a wake-up.
 """
 
 from __future__ import annotations
