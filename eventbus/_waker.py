@@ -133,7 +133,10 @@ class Waker:
                             dsn, server_settings={"synchronous_commit": "off", "application_name": "eventbus waker"}
                         )
                     await self._connection.execute(self.query, self.channel)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (
+                OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError,  # what a statement raises as the server's termination notice arrives
+            ) as exc:  # fmt: skip
                 error = exc
                 if self._connection is not None:
                     self._connection.terminate()

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from listening import Listener
 
 from eventbus import ConfigurationError, Context, EventBus, RelayConfig
+from eventbus._waker import Waker
 from eventbus.sql import quote_schema
 
 pytestmark = pytest.mark.anyio
@@ -99,6 +100,26 @@ async def test_a_lost_waker_connection_is_replaced(eventbus_dsn: str, eventbus_s
                 )
             assert killed >= 1
         assert (waker.carried, waker.sent) == (2, 2)
+
+
+async def test_a_send_racing_the_servers_termination_of_its_session_is_retried(
+    eventbus_dsn: str, eventbus_schema: str, listener: Listener
+) -> None:
+    # A statement sent just as the server's termination notice arrives fails in asyncpg with an
+    # InternalClientError, not a connection error; it must not end the waker (and with it the bus's task group).
+    async with EventBus(eventbus_dsn, schema=eventbus_schema) as bus, anyio.create_task_group() as tg:
+        waker = Waker(bus.outbox.channel, bus.outbox.queries.wake, spacing=0)
+        await tg.start(waker.run, eventbus_dsn)
+        for expected in range(1, 6):
+            waker.owe_nowait()
+            assert await listener.wait_for(expected) == expected
+            async with bus.pool.acquire() as conn:
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'eventbus waker' AND datname = current_database()"
+                )
+        waker.stop()
+    assert waker.sent == 5
 
 
 @pytest.mark.parametrize("spacing", [-0.001, float("nan")])
