@@ -24,7 +24,6 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from importlib.metadata import version
 from time import perf_counter
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -34,49 +33,21 @@ from eventbus import RelayConfig
 
 from . import burndown, latency
 from ._common import Outcome, Row, Settings, drop_schema, schema_name, scratch_schema, vacuum_analyze
+from ._peerdb import ENTRYPOINT, load_pgqueuer, queries_for
+from ._steady import WARMUP, Arrivals, latency_report, run_producer
 
 NAME = "peer"
 BATCH_SIZE = 500  # the relay's default batch size, used by both sides of the burn-down
 PGQUEUER_DEFAULT_BATCH = 10  # QueueManager.run's default
 CHUNK = 5000
-ENTRYPOINT = "bench_noop"
 STOP_TIMEOUT = 10.0  # seconds a QueueManager may take to shut down before it is cancelled
-
-
-def _pgqueuer() -> SimpleNamespace:
-    """pgqueuer's pieces, imported when the benchmark runs (it is a benchmark-only dependency)."""
-    try:
-        from pgqueuer.adapters.persistence import qb
-        from pgqueuer.db import AsyncpgDriver
-        from pgqueuer.errors import FailingListenerError
-        from pgqueuer.qm import QueueManager
-        from pgqueuer.queries import Queries
-    except ImportError as exc:
-        raise RuntimeError("the peer benchmark needs pgqueuer: pip install 'eventbus[bench]'") from exc
-    return SimpleNamespace(qb=qb, AsyncpgDriver=AsyncpgDriver, FailingListenerError=FailingListenerError,
-                           QueueManager=QueueManager, Queries=Queries)  # fmt: skip
-
-
-def queries_for(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, settings: Any) -> Any:
-    """A pgqueuer ``Queries`` on ``conn`` for the installation ``settings`` describes.
-
-    Each of its three query builders takes the settings separately; one left out falls back to the process-wide
-    defaults (the ``public`` schema and the default channel).
-    """
-    pgq = _pgqueuer()
-    return pgq.Queries(
-        pgq.AsyncpgDriver(conn),
-        qbe=pgq.qb.QueryBuilderEnvironment(settings),
-        qbq=pgq.qb.QueryQueueBuilder(settings),
-        qbs=pgq.qb.QuerySchedulerBuilder(settings),
-    )
 
 
 @asynccontextmanager
 async def pgqueuer_schema(dsn: str) -> AsyncIterator[Any]:
     """pgqueuer installed in a fresh schema; yields its ``DBSettings``; the schema is dropped afterwards."""
     schema = schema_name(NAME)
-    settings = _pgqueuer().qb.DBSettings(db_schema=schema, channel=f"{schema}_ch")
+    settings = load_pgqueuer().qb.DBSettings(db_schema=schema, channel=f"{schema}_ch")
     try:
         conn = await asyncpg.connect(dsn)
         try:
@@ -112,7 +83,7 @@ async def queue_manager(
     conn = await asyncpg.connect(dsn)
     try:
         # The channel must be given: QueueManager takes it from the process-wide settings, not from its queries.
-        qm = _pgqueuer().QueueManager(queries_for(conn, settings), channel=settings.channel)
+        qm = load_pgqueuer().QueueManager(queries_for(conn, settings), channel=settings.channel)
         qm.entrypoint(ENTRYPOINT)(entrypoint)
         stopped = anyio.Event()
 
@@ -171,7 +142,7 @@ async def pgqueuer_drain(dsn: str, settings: Any, count: int, batch_size: int) -
 async def pgqueuer_latency(dsn: str, rate: float, duration: float) -> dict[str, Any]:
     """latency.py's steady producer (a child process) enqueueing pgqueuer jobs; latency = entrypoint start -
     commit."""
-    started = latency.Arrivals()
+    started = Arrivals()
 
     async def probe(job: Any) -> None:
         started.record(int(job.payload))
@@ -181,17 +152,15 @@ async def pgqueuer_latency(dsn: str, rate: float, duration: float) -> dict[str, 
         queue_manager(dsn, settings, probe, dequeue_timeout=timedelta(seconds=1.0)) as qm,
     ):
         await _wait_listening(qm)
-        run = await latency.run_producer(
-            "pgqueuer", dsn, rate, duration, schema=settings.db_schema, channel=settings.channel
-        )
+        run = await run_producer("pgqueuer", dsn, rate, duration, schema=settings.db_schema, channel=settings.channel)
         await started.wait_for(len(run.committed), 3.0)
-    return latency.latency_report(run, started.times, {"dequeue_timeout_s": 1.0,
-                                                       "batch_size": PGQUEUER_DEFAULT_BATCH})  # fmt: skip
+    return latency_report(run, started.times, {"dequeue_timeout_s": 1.0,
+                                               "batch_size": PGQUEUER_DEFAULT_BATCH})  # fmt: skip
 
 
 async def _wait_listening(qm: Any, timeout: float = 10.0) -> None:
     """Return once the QueueManager receives its own notifications (its LISTEN is in place)."""
-    failing = _pgqueuer().FailingListenerError
+    failing = load_pgqueuer().FailingListenerError
     with anyio.fail_after(timeout):
         while True:
             try:
@@ -205,7 +174,7 @@ async def run(settings: Settings) -> Outcome:
     count = 20_000 if settings.quick else 200_000
     rates = [2000.0] if settings.quick else [500.0, 2000.0]
     duration = 5.0 if settings.quick else 15.0
-    outcome = Outcome(details={"events": count, "chunk": CHUNK, "duration_s": duration, "warmup_s": latency.WARMUP,
+    outcome = Outcome(details={"events": count, "chunk": CHUNK, "duration_s": duration, "warmup_s": WARMUP,
                                "pgqueuer": version("pgqueuer")})  # fmt: skip
 
     async with scratch_schema(settings.dsn, NAME) as schema:
