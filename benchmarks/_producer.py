@@ -26,6 +26,8 @@ import msgspec
 from eventbus import EventBus, Transaction
 from eventbus._typing import Connection
 
+from ._peerdb import ENTRYPOINT, load_pgqueuer, queries_for
+
 #: Transactions per second one producer process reaches with one event each (on a 2-core machine, with some
 #: margin); a higher rate puts ``ceil(rate / TX_RATE_LIMIT)`` events in each transaction.
 TX_RATE_LIMIT = 2000.0
@@ -161,7 +163,7 @@ async def _eventbus(spec: dict[str, Any]) -> ProducerRun:
             if count == 1:
                 await tx.publish(Tick(first, sent))
             else:
-                await tx.publish_many([bus.encode(Tick(seq, sent)) for seq in range(first, first + count)])
+                await tx.publish_many([Tick(seq, sent) for seq in range(first, first + count)])
 
         await grow_pool(bus.pool, connections, lambda conn: offer(conn, -per_tx, per_tx))
 
@@ -193,17 +195,15 @@ async def _raw_notify(spec: dict[str, Any]) -> ProducerRun:
 
 
 async def _pgqueuer(spec: dict[str, Any]) -> ProducerRun:
-    from . import peer
-
-    settings = peer._pgqueuer().qb.DBSettings(db_schema=spec["schema"], channel=spec["channel"])
+    settings = load_pgqueuer().qb.DBSettings(db_schema=spec["schema"], channel=spec["channel"])
 
     async def enqueue(conn: Connection, first: int, count: int) -> None:
-        queries = peer.queries_for(conn, settings)
+        queries = queries_for(conn, settings)
         if count == 1:
-            await queries.enqueue(peer.ENTRYPOINT, str(first).encode())
+            await queries.enqueue(ENTRYPOINT, str(first).encode())
         else:
             seqs = range(first, first + count)
-            await queries.enqueue([peer.ENTRYPOINT] * count, [str(s).encode() for s in seqs], [0] * count)
+            await queries.enqueue([ENTRYPOINT] * count, [str(s).encode() for s in seqs], [0] * count)
 
     return await _on_plain_pool(spec, enqueue)
 

@@ -6,12 +6,12 @@ from the same state. The clock starts when the relay starts (the pool is already
 has settled all N rows.
 
 Baseline, same run: the raw SQL limit, on one dedicated connection, a loop of the ``claim`` query with the same
-batch size followed by ``complete`` marking the claimed ids published; no Python work in between beyond
-collecting the ids. A third variant, the repository loop (``take_pending`` + ``mark_published`` through the
+batch size followed by ``settle`` marking the claimed ids relayed; no Python work in between beyond
+collecting the ids. A third variant, the repository loop (``claim`` + ``settle`` through the
 pool), separates the cost of the repository's Python and pool round trips from that of the relay and actors.
 The relay keeps up to ``max_batches_in_flight`` batches going at once, so it can beat a sequential loop.
 A fourth variant, diagnostic, runs the raw loop with ``plan_cache_mode = force_custom_plan``: the gap between
-it and the raw loop is what PostgreSQL's generic plans for the prepared claim/complete statements cost.
+it and the raw loop is what PostgreSQL's generic plans for the prepared claim/settle statements cost.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import anyio
 import asyncpg
 import msgspec
 
-from eventbus import EventBus, NewEvent, OutboxRepository, RelayConfig, Status
+from eventbus import EventBus, NewEvent, OutboxRepository, RelayConfig, Settlement, Status
 from eventbus.sql import Queries
 
 from ._common import Outcome, Row, Settings, scratch_schema, vacuum_analyze
@@ -102,7 +102,7 @@ def time_limit(count: int) -> float:
 
 
 async def wait_settled(conn: asyncpg.Connection, schema: str) -> None:
-    """Return once no outbox row is pending or in flight (asks the database: it alone knows)."""
+    """Return once no outbox row is pending or claimed (asks the database: it alone knows)."""
     query = Queries(schema).outbox_unsettled
     while await conn.fetchval(query):  # noqa: ASYNC110
         await anyio.sleep(0.005)
@@ -110,7 +110,7 @@ async def wait_settled(conn: asyncpg.Connection, schema: str) -> None:
 
 async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom_plans: bool = False) -> dict[str, Any]:
     queries = Queries(schema)
-    claim, complete = queries.claim, queries.complete
+    claim, settle = queries.claim, queries.settle
     worker = "bench-raw"
     conn = await asyncpg.connect(dsn)
     try:
@@ -124,7 +124,7 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
                 break
             n = len(rows)
             done = await conn.fetchrow(
-                complete, worker, [r["id"] for r in rows], [r["attempts"] for r in rows], [int(Status.PUBLISHED)] * n,
+                settle, worker, [r["id"] for r in rows], [r["attempts"] for r in rows], [int(Status.RELAYED)] * n,
                 [0.0] * n, [None] * n, [], [], [], [], [], [], [], [], [], [], [], [], [],
             )  # fmt: skip
             assert done is not None
@@ -149,10 +149,13 @@ async def _repository_loop(dsn: str, schema: str, count: int, batch_size: int) -
         settled = batches = 0
         started = perf_counter()
         while True:
-            rows = await outbox.take_pending(batch_size, LEASE, worker)
+            rows = await outbox.claim(batch_size, LEASE, worker)
             if not rows:
                 break
-            settled += await outbox.mark_published(worker, rows)
+            settlement = Settlement()
+            for row in rows:
+                settlement.mark(row, Status.RELAYED)
+            settled += await outbox.settle(worker, settlement)
             batches += 1
         seconds = perf_counter() - started
     finally:
@@ -194,7 +197,7 @@ async def run(settings: Settings) -> Outcome:
     outcome.details["results"] = {str(k): v for k, v in results.items()}
     for batch_size in batch_sizes:
         raw = results[batch_size]["raw_sql"]["events_per_s"]
-        label = f"raw claim+complete b={batch_size}"
+        label = f"raw claim+settle b={batch_size}"
         ours = results[batch_size]["relay"]
         outcome.rows.append(
             Row.compare(NAME, f"batch {batch_size}", "relay drain", ours["events_per_s"], "ev/s", raw, label,

@@ -35,7 +35,7 @@ from .burndown import Item, fill, time_limit, wait_settled
 
 NAME = "fanout"
 POOL_SIZE = 10
-BACKGROUND = {"relay_beat", "relays_alive", "partitions_busy", "relay_forget", "reclaim", "renew", "ping"}
+BACKGROUND = {"relay_heartbeat", "relay_alive", "partition_busy", "relay_forget", "reclaim", "renew", "ping"}
 
 
 class StatementCounter:

@@ -16,8 +16,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from eventbus import RelayConfig
-from eventbus.repository import NewEvent, OutboxRepository, Settlement, Status
+from eventbus import NewEvent, OutboxRepository, RelayConfig, Settlement, Status
 from eventbus.sql import quote_schema
 
 from ._common import Outcome, Row, Settings, percentile, scratch_schema
@@ -28,7 +27,7 @@ CLAIM = 100
 
 
 def _backlog_sql(schema: str, rows: int) -> str:
-    """Published rows with UUIDv7 ids from a day ago (one id per millisecond-ish, random tail)."""
+    """Relayed rows with UUIDv7 ids from a day ago (one id per millisecond-ish, random tail)."""
     return f"""
         INSERT INTO {quote_schema(schema)}.eventbus_outbox
             (id, event_id, topic, payload, status, attempts, published_at, created_at)
@@ -45,12 +44,12 @@ async def _claim_loop(repo: OutboxRepository, until: float) -> list[float]:
     timings: list[float] = []
     while perf_counter() < until:
         started = perf_counter()
-        rows = await repo.take_pending(CLAIM, 30.0, "bench")
+        rows = await repo.claim(CLAIM, 30.0, "bench")
         timings.append(perf_counter() - started)
         back = Settlement()
         for row in rows:
-            back.settle(row, Status.PENDING)
-        await repo.complete("bench", back)
+            back.mark(row, Status.PENDING)
+        await repo.settle("bench", back)
     return sorted(timings)
 
 

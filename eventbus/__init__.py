@@ -7,6 +7,7 @@ hands them to your subscribers, with timeouts, retries and one shared dead-lette
 from .bus import BusStatistics, EventBus, Transaction
 from .errors import (
     ConfigurationError,
+    DatabaseError,
     DatabaseUnavailable,
     DeserializationError,
     EventBusError,
@@ -20,7 +21,7 @@ from .handlers import Backoff, Context, Subscription
 from .ids import id_time, max_id_for, min_id_for, new_id
 from .migrations import check_migrations, migrate
 from .relay import RelayConfig, RelayStatistics
-from .repository import (
+from .repositories import (
     DeadLetter,
     DeadLetterFilter,
     DeadLetterRepository,
@@ -28,25 +29,31 @@ from .repository import (
     OfferResult,
     OutboxRepository,
     Reason,
+    RelayRepository,
     Settlement,
     Status,
 )
+from .transports import DeliveryStatistics, Transport
+from .transports.local import LocalTransport
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Backoff",
     "BusStatistics",
     "ConfigurationError",
     "Context",
+    "DatabaseError",
     "DatabaseUnavailable",
     "DeadLetter",
     "DeadLetterFilter",
     "DeadLetterRepository",
+    "DeliveryStatistics",
     "DeserializationError",
     "Envelope",
     "EventBus",
     "EventBusError",
+    "LocalTransport",
     "MigrationsMissing",
     "NewEvent",
     "NotInTransaction",
@@ -56,11 +63,13 @@ __all__ = [
     "RegistrationError",
     "Registry",
     "RelayConfig",
+    "RelayRepository",
     "RelayStatistics",
     "Settlement",
     "Status",
     "Subscription",
     "Transaction",
+    "Transport",
     "UnknownTopic",
     "__version__",
     "check_migrations",

@@ -7,7 +7,7 @@ trip of its own. Two cases make that round trip unnecessary:
   simple-query message, right after it, and so is the relay wake-up when the bus's :class:`~eventbus._waker.Waker`
   says this COMMIT is to carry one. The wake-up then runs in a transaction of its own instead of in the user's:
   PostgreSQL serialises committing transactions that notify, through their WAL flush, so a NOTIFY inside the
-  user's transaction costs producers 13-27% of their throughput (measured; BENCHMARKS.md). The wake-up
+  user's transaction costs producers a large share of their throughput (BENCHMARKS.md). The wake-up
   transaction commits asynchronously (it writes nothing worth keeping) and skips the notification when the
   queue is half full, so it cannot fail once the user's COMMIT has succeeded.
 - The bus's own single statements (claims, settlements, heartbeats) change no session state, so the connection

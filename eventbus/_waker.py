@@ -1,16 +1,15 @@
 """Relay wake-ups for committed bus transactions, coalesced across the process's transactions.
 
 A wake-up is a NOTIFY, and a notification costs the server a transaction of its own (an xid and a commit
-record). One per producer transaction cost producers 5-10% of their transactions/s (BENCHMARKS.md). So a
-started bus sends at most one per ``spacing`` seconds:
+record); one per producer transaction costs producers a measurable share of their transactions/s
+(BENCHMARKS.md). So a started bus sends at most one per ``spacing`` seconds:
 
 - a COMMIT message of :meth:`EventBus.transaction` carries a wake-up, after the COMMIT, when none left in the
   last ``spacing`` seconds (see :mod:`eventbus._pool`);
 - a COMMIT that carried none leaves a wake-up *owed*; the next COMMIT after the spacing carries it, and when
   none has within two spacings of the last wake-up, the waker sends it from a connection of its own. (Sent as
-  soon as the spacing ended, the waker raced the COMMITs and sent half the wake-ups itself; producers then ran
-  at 0.92x of raw asyncpg against 0.93x-0.94x with the second spacing, at 1 ms. A wake-up the waker sends costs
-  a task switch and a round trip in this process; one a COMMIT carries costs neither.)
+  soon as the spacing ended, the waker would race the COMMITs and send about half the wake-ups itself; a
+  wake-up the waker sends costs a task switch and a round trip in this process, one a COMMIT carries neither.)
 
 A wake-up covers every COMMIT that returned before it left, so each committed row is followed by one within
 about two spacings. It is a hint: relays also poll. A failure to send one is logged, retried each second, and

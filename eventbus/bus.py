@@ -1,4 +1,5 @@
-"""The facade users touch: ``EventBus`` wires the repository, the relay and the subscribers together."""
+"""The facade users touch: ``EventBus`` wires the repositories, the relay, the transport and the subscribers
+together; it holds no SQL."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar, overload
+from typing import Any, Literal, Self, TypeVar, overload
 
 import anyio
 import asyncpg
@@ -18,17 +19,27 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from ._connections import transactional_connection
+from ._driver import connecting
 from ._embedded import embedded_dsn
 from ._pool import bus_connection, create_pool
 from ._typing import Connection
-from .errors import ConfigurationError, DatabaseUnavailable, RegistrationError
+from .errors import ConfigurationError, RegistrationError
 from .events import Registry
 from .handlers import AttemptRunner, Backoff, Subscription, subscription_for
 from .migrations import check_migrations, migrate
 from .observability import inject_headers
 from .relay import Relay, RelayConfig, RelayStatistics
-from .repository import DeadLetterRepository, InboxRepository, NewEvent, OfferResult, OutboxRepository
-from .transports.local import LocalTransport, Unrouted
+from .repositories import (
+    DeadLetterRepository,
+    InboxRepository,
+    NewEvent,
+    OfferResult,
+    OutboxRepository,
+    RelayRepository,
+)
+from .sql import quote_schema
+from .transports import DeliveryStatistics, Transport, Unrouted
+from .transports.local import LocalTransport
 
 __all__ = ["BusStatistics", "EventBus", "Transaction"]
 
@@ -83,10 +94,31 @@ class Transaction:
             event, key=key, delay=delay, idempotency_key=idempotency_key, headers=headers, tenant=tenant,
             target=target,
         )  # fmt: skip
-        return await self.bus.offer_now(self.connection, new)
+        return (await self.bus.outbox.offer(self.connection, [new])).ids[0]
 
-    async def publish_many(self, events: Sequence[NewEvent]) -> OfferResult:
-        """Offer many already-encoded events (see :meth:`EventBus.encode`) in one round trip."""
+    async def publish_many(
+        self,
+        events: Sequence[msgspec.Struct],
+        *,
+        key: str | None = None,
+        delay: float | timedelta | None = None,
+        headers: dict[str, str] | None = None,
+        tenant: str | None = None,
+        target: str | None = None,
+    ) -> OfferResult:
+        """Offer several events with the same options in this transaction, in one round trip.
+
+        For options that differ per event (keys, idempotency keys), encode each with :meth:`EventBus.encode`
+        and :meth:`offer` them.
+        """
+        bus = self.bus
+        encoded = [
+            bus.encode(event, key=key, delay=delay, headers=headers, tenant=tenant, target=target) for event in events
+        ]
+        return await bus.outbox.offer(self.connection, encoded)
+
+    async def offer(self, events: Sequence[NewEvent]) -> OfferResult:
+        """Offer already-encoded events (see :meth:`EventBus.encode`) in this transaction, in one round trip."""
         return await self.bus.outbox.offer(self.connection, events)
 
 
@@ -96,12 +128,13 @@ class EventBus:
     ``dsn``: a PostgreSQL URL. Without one, ``EVENTBUS_DSN`` is used, else an embedded PostgreSQL server is
     started in ``data_dir`` (default ``.eventbus`` in the current directory, or ``EVENTBUS_DATA_DIR``).
     ``schema`` holds eventbus's tables; ``migrate`` applies missing migrations on start (else start fails
-    with a message saying how to apply them). ``notify=False`` sends no wake-up at commit: relays then find new
+    with a message saying how to apply them). ``transport`` hands claimed events to the subscribers: ``"local"``
+    (the default) runs them in this process. ``notify=False`` sends no wake-up at commit: relays then find new
     events by polling (``RelayConfig.poll_interval``). It saves the wake-up: for :meth:`transaction`, a short
     transaction after the COMMIT, at most one per ``wake_spacing`` seconds in a started bus (see
-    :mod:`eventbus._waker`; 1-5% of producer throughput at 4 connections, measured); for :meth:`publish` on
-    your connection, a NOTIFY inside your transaction (a notifying commit, which PostgreSQL serialises across
-    the database: 13-27%). ``wake_spacing=0`` wakes relays after every transaction.
+    :mod:`eventbus._waker`); for :meth:`publish` on your connection, a NOTIFY inside your transaction (a
+    notifying commit, which PostgreSQL serialises across the database). BENCHMARKS.md gives what each costs.
+    ``wake_spacing=0`` wakes relays after every transaction.
     """
 
     def __init__(
@@ -116,6 +149,7 @@ class EventBus:
         registry: Registry | None = None,
         relay: bool | None = None,
         relay_config: RelayConfig | None = None,
+        transport: Transport | Literal["local"] = "local",
         unrouted: Unrouted = "dead_letter",
         redact: Callable[[str], str] | None = None,
         stop_timeout: float = 10.0,
@@ -128,8 +162,9 @@ class EventBus:
             raise ConfigurationError(
                 f"wake_spacing must be 0 or more seconds, not {wake_spacing!r} (0 wakes relays after every transaction)"
             )
+        quote_schema(schema)  # fail at construction, not at start
         self._dsn = dsn
-        self.schema = schema
+        self._schema = schema
         self.tenant = tenant
         self.data_dir = data_dir
         self.migrate = migrate
@@ -138,6 +173,7 @@ class EventBus:
         self._pool: asyncpg.Pool | None = None
         self._outbox: OutboxRepository | None = None
         self._dead_letters: DeadLetterRepository | None = None
+        self._relays: RelayRepository | None = None
         self.run_relay = relay
         self.relay_config = relay_config or RelayConfig()
         self.unrouted: Unrouted = unrouted
@@ -146,12 +182,39 @@ class EventBus:
         self.notify = notify
         self.wake_spacing = wake_spacing
         self.subscriptions: dict[str, Subscription] = {}
+        if transport == "local":
+            transport = LocalTransport()
+        elif isinstance(transport, str):
+            raise ConfigurationError(f"transport must be 'local' or a Transport instance, not {transport!r}")
+        self.transport: Transport = transport
         self._relay: Relay | None = None
-        self._transport: LocalTransport | None = None
+        self._delivering = False
         self._task_group: TaskGroup | None = None
-        from .sql import quote_schema
 
-        quote_schema(schema)  # fail at construction, not at start
+    @property
+    def schema(self) -> str:
+        """The PostgreSQL schema holding eventbus's tables."""
+        return self._schema
+
+    @schema.setter
+    def schema(self, value: str) -> None:
+        self._not_connected("schema")
+        quote_schema(value)
+        self._schema = value
+
+    @property
+    def dsn(self) -> str | None:
+        """The DSN given (or set before connecting), else None: see :meth:`resolve_dsn` for the one in use."""
+        return self._dsn
+
+    @dsn.setter
+    def dsn(self, value: str | None) -> None:
+        self._not_connected("dsn")
+        self._dsn = value
+
+    def _not_connected(self, setting: str) -> None:
+        if self._pool is not None:
+            raise ConfigurationError(f"cannot change {setting} of a connected bus; set it before connecting")
 
     # -- subscribing -----------------------------------------------------------------------------------------
 
@@ -191,8 +254,8 @@ class EventBus:
         The handler is ``async def handler(event: SomeEvent, ctx: Context)``; the annotation picks the events
         (a Union subscribes to several). ``timeout`` bounds each attempt; after ``max_attempts`` a failure is
         dead-lettered. ``transactional`` runs the handler in a transaction with its inbox row (exactly one
-        effect per event); ``ordered`` keeps each key's events in commit order; ``concurrency`` is the number of
-        events handled at once. Plain ``def`` handlers run in a worker thread.
+        effect per event); ``ordered`` handles each key's events one at a time in ``event_id`` order;
+        ``concurrency`` is the number of events handled at once. Plain ``def`` handlers run in a worker thread.
         """
 
         def register(fn: F) -> F:
@@ -228,15 +291,8 @@ class EventBus:
         if self._pool is not None:
             return
         dsn = await self.resolve_dsn()
-        try:
+        with connecting(dsn):
             pool = await create_pool(dsn, max_size=self.pool_size)
-        except (asyncpg.ClientConfigurationError, ValueError) as exc:
-            raise ConfigurationError(f"the DSN {_redacted(dsn)!r} is not usable: {exc}") from exc
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise DatabaseUnavailable(
-                f"cannot connect to PostgreSQL at {_redacted(dsn)}: {exc}. Check that the server runs and the "
-                "DSN (EVENTBUS_DSN or EventBus(dsn)) is right, or leave both unset to use the embedded server"
-            ) from exc
         try:
             async with pool.acquire() as conn:
                 if self.migrate:
@@ -248,7 +304,8 @@ class EventBus:
             raise
         self._pool = pool
         self._outbox = OutboxRepository(pool, self.schema, notify=self.notify, wake_spacing=self.wake_spacing)
-        self._dead_letters = DeadLetterRepository(pool, self.schema)
+        self._dead_letters = DeadLetterRepository(self._outbox)
+        self._relays = RelayRepository(pool, self.schema)
 
     async def start(self) -> None:
         """Connect, then start the relay and the subscriber actors (when this bus has subscribers or
@@ -269,9 +326,10 @@ class EventBus:
                     registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
                     inbox=InboxRepository(self.schema), redact=self.redact,
                 )  # fmt: skip
-                self._transport = LocalTransport(list(self.subscriptions.values()), runner, self.unrouted)
+                self.transport.attach(list(self.subscriptions.values()), runner, unrouted=self.unrouted)
+                self._delivering = True
                 self._relay = Relay(
-                    self.outbox, self._transport, await self.resolve_dsn(), self.relay_config,
+                    self.outbox, self.relays, self.transport, await self.resolve_dsn(), self.relay_config,
                     dead_letters=self.dead_letters,
                 )  # fmt: skip
                 await task_group.start(self._relay.run)
@@ -321,7 +379,7 @@ class EventBus:
         await self.stop()
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Wait until every committed event is handled or dead-lettered (no row pending or in flight).
+        """Wait until every committed event is handled or dead-lettered (no row pending or claimed).
 
         Raises ``TimeoutError`` saying how many rows are left after ``timeout`` seconds.
         """
@@ -335,19 +393,19 @@ class EventBus:
                     self._relay.wake()
                 await anyio.sleep(0.02)
         raise TimeoutError(
-            f"{left} events were still pending or in flight after {timeout:g} s; is a relay running "
+            f"{left} events were still pending or claimed after {timeout:g} s; is a relay running "
             "(`async with bus:` with subscribers, or `eventbus relay`)? Delayed retries count as pending"
         )
 
     def statistics(self) -> BusStatistics:
-        counters = self._transport.counters if self._transport is not None else None
+        counters = self.transport.statistics() if self._delivering else DeliveryStatistics()
         return BusStatistics(
-            delivered=counters.delivered if counters else 0,
-            failed=counters.failed if counters else 0,
-            retried=counters.retried if counters else 0,
-            dead_lettered=counters.dead_lettered if counters else 0,
-            duplicates_skipped=counters.duplicates_skipped if counters else 0,
-            dropped=counters.dropped if counters else 0,
+            delivered=counters.delivered,
+            failed=counters.failed,
+            retried=counters.retried,
+            dead_lettered=counters.dead_lettered,
+            duplicates_skipped=counters.duplicates_skipped,
+            dropped=counters.dropped,
             relay=self._relay.statistics() if self._relay is not None else None,
             wake_ups_carried=self._outbox.waker.carried if self._outbox is not None else 0,
             wake_ups_sent=self._outbox.waker.sent if self._outbox is not None else 0,
@@ -375,6 +433,13 @@ class EventBus:
         assert self._dead_letters is not None
         return self._dead_letters
 
+    @property
+    def relays(self) -> RelayRepository:
+        """The relays registered on this schema (heartbeats) and their partitions."""
+        self.pool  # noqa: B018
+        assert self._relays is not None
+        return self._relays
+
     # -- publishing ------------------------------------------------------------------------------------------
 
     def encode(
@@ -388,7 +453,8 @@ class EventBus:
         tenant: str | None = None,
         target: str | None = None,
     ) -> NewEvent:
-        """Turn an event into the row :meth:`OutboxRepository.offer` inserts (topic, payload, trace context)."""
+        """Turn an event into the row an offer inserts (topic, payload, trace context); see
+        :meth:`Transaction.offer`."""
         return NewEvent(
             topic=self.registry.topic_for(event),
             payload=self.registry.encode(event),
@@ -441,26 +507,16 @@ class EventBus:
         Returns the row id, or None when ``idempotency_key`` was already used (nothing was inserted).
         Raises :class:`NotInTransaction` when the connection has no open transaction.
         """
-        conn = await transactional_connection(connection)
         new = self.encode(
             event, key=key, delay=delay, idempotency_key=idempotency_key, headers=headers, tenant=tenant,
             target=target,
         )  # fmt: skip
-        return await self.offer_now(conn, new)
+        return (await self.offer([new], connection=connection)).ids[0]
 
-    async def offer_now(self, connection: Connection | None, new: NewEvent) -> uuid.UUID | None:
-        """Offer on ``connection``'s transaction, or, without one, in a transaction of its own."""
+    async def offer(self, events: Sequence[NewEvent], *, connection: Any = None) -> OfferResult:
+        """Offer already-encoded events (see :meth:`encode`) in the caller's open transaction on
+        ``connection`` (as for :meth:`publish`), or, without one, in a transaction of the bus's own."""
         if connection is None:
             async with self.transaction() as tx:
-                return await self.offer_now(tx.connection, new)
-        return (await self.outbox.offer(connection, [new])).ids[0]
-
-
-def _redacted(dsn: str) -> str:
-    """The DSN without its password, for error messages."""
-    if "@" not in dsn or "://" not in dsn:
-        return dsn
-    scheme, rest = dsn.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}@{host}"
+                return await tx.offer(events)
+        return await self.outbox.offer(await transactional_connection(connection), events)

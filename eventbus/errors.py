@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "DatabaseError",
     "DatabaseUnavailable",
     "DeserializationError",
     "EventBusError",
@@ -43,7 +44,15 @@ class NotInTransaction(EventBusError):
 
 
 class DatabaseUnavailable(EventBusError):
-    """The database cannot be reached."""
+    """The database cannot be reached, or the connection to it was lost."""
+
+
+class DatabaseError(EventBusError):
+    """PostgreSQL refused a statement; ``sqlstate`` is its error code (the driver's exception is the cause)."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
 class MigrationsMissing(EventBusError):

@@ -13,7 +13,7 @@ import random
 import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,7 +28,7 @@ from ._typing import Connection
 from .errors import ConfigurationError, DeserializationError, RegistrationError
 from .events import Envelope, Registry, topic_of
 from .observability import handle_span
-from .repository import InboxRepository, NewEvent, Reason, cap_error
+from .repositories import InboxRepository, NewEvent, OfferResult, Reason, cap_error
 
 __all__ = ["AttemptRunner", "Backoff", "Context", "Outcome", "Subscription", "Verdict", "subscription_for"]
 
@@ -63,7 +63,7 @@ class Publisher(Protocol):
         target: str | None = None,
     ) -> NewEvent: ...
 
-    async def offer_now(self, connection: Connection | None, new: NewEvent) -> uuid.UUID | None: ...
+    async def offer(self, events: Sequence[NewEvent], *, connection: Any = None) -> OfferResult: ...
 
 
 class Context:
@@ -118,7 +118,7 @@ class Context:
         new = self._publisher.encode(
             event, key=key, delay=delay, idempotency_key=idempotency_key, headers=merged, tenant=self.tenant
         )
-        return await self._publisher.offer_now(self._connection, new)
+        return (await self._publisher.offer([new], connection=self._connection)).ids[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +285,7 @@ class AttemptRunner:
 
     async def _call(self, sub: Subscription, event: Any, ctx: Context) -> None:
         args = (event, ctx) if sub.takes_context else (event,)
-        # A bare deadline scope: the same as anyio.fail_after, measured about 5 µs cheaper per attempt.
+        # A bare deadline scope: the same as anyio.fail_after, and cheaper on this per-attempt path.
         with anyio.CancelScope(deadline=anyio.current_time() + sub.timeout) as scope:
             if sub.is_async:
                 await sub.handler(*args)

@@ -24,7 +24,7 @@ import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
 from .events import PARTITIONS, Envelope, partition_of
-from .repository import DeadLetterRepository, OutboxRepository, Settlement, Status
+from .repositories import DeadLetterRepository, OutboxRepository, RelayRepository, Settlement, Status
 from .transports import Transport
 
 __all__ = ["Relay", "RelayConfig", "RelayStatistics"]
@@ -43,7 +43,7 @@ class RelayConfig:
     max_batches_in_flight: int = 3
     reclaim_interval: float = 5.0
     heartbeat_interval: float = 2.0
-    #: Delete published rows and replayed dead letters older than this (None: keep everything).
+    #: Delete relayed rows and replayed dead letters older than this (None: keep everything).
     retention: timedelta | None = None
     retention_interval: float = 60.0
     retention_batch: int = 1000
@@ -62,7 +62,8 @@ class RelayStatistics:
     batches: int
     claimed: int
     settled: int
-    in_flight: int
+    #: Rows claimed and not yet settled.
+    unsettled: int
     partitions_owned: int
     partitions_ready: int
     listening: bool
@@ -96,6 +97,7 @@ class Relay:
     def __init__(
         self,
         outbox: OutboxRepository,
+        relays: RelayRepository,
         transport: Transport,
         dsn: str,
         config: RelayConfig | None = None,
@@ -104,6 +106,7 @@ class Relay:
         dead_letters: DeadLetterRepository | None = None,
     ) -> None:
         self.outbox = outbox
+        self.relays = relays
         self.dead_letters = dead_letters
         self.transport = transport
         self.dsn = dsn
@@ -113,7 +116,7 @@ class Relay:
         self._stopping = False
         self._stopped = anyio.Event()
         self._slots = anyio.Semaphore(self.config.max_batches_in_flight)
-        self._in_flight: dict[uuid.UUID, Envelope] = {}
+        self._unsettled: dict[uuid.UUID, Envelope] = {}
         self._partition_load: Counter[int] = Counter()
         self._session: asyncpg.Connection | None = None
         self._session_lock = anyio.Lock()
@@ -145,7 +148,7 @@ class Relay:
     def statistics(self) -> RelayStatistics:
         return RelayStatistics(
             worker=self.worker, batches=self._batches, claimed=self._claimed, settled=self._settled,
-            in_flight=len(self._in_flight), partitions_owned=len(self._owned), partitions_ready=len(self._ready),
+            unsettled=len(self._unsettled), partitions_owned=len(self._owned), partitions_ready=len(self._ready),
             listening=self._listening, purged=self._purged,
         )  # fmt: skip
 
@@ -168,7 +171,7 @@ class Relay:
                 await self._release_unsettled()
                 await self._close_session()
                 try:
-                    await self.outbox.forget_relay(self.worker, stale_after=self.config.heartbeat_interval * 10)
+                    await self.relays.forget(self.worker, stale_after=self.config.heartbeat_interval * 10)
                 except Exception:
                     log.debug("could not remove relay heartbeat row", exc_info=True)
             self._stopped.set()
@@ -194,7 +197,7 @@ class Relay:
             try:
                 # Under the claim lock a partition cannot be given up between the claim and its tracking.
                 async with self._claim_lock:
-                    rows = await self.outbox.take_pending(
+                    rows = await self.outbox.claim(
                         config.batch_size, config.lease, self.worker, partitions=self._claimable()
                     )
                     self._track(rows)
@@ -228,14 +231,14 @@ class Relay:
         self._batches += 1
         self._claimed += len(rows)
         for row in rows:
-            self._in_flight[row.id] = row
+            self._unsettled[row.id] = row
             partition = partition_of(row.key)
             if partition is not None:
                 self._partition_load[partition] += 1
 
     def _untrack(self, rows: Sequence[Envelope]) -> None:
         for row in rows:
-            if self._in_flight.pop(row.id, None) is not None:
+            if self._unsettled.pop(row.id, None) is not None:
                 partition = partition_of(row.key)
                 if partition is not None:
                     self._partition_load[partition] -= 1
@@ -244,19 +247,19 @@ class Relay:
         try:
             settlement = Settlement()
             await self.transport.deliver(rows, settlement)
-            await self._complete(settlement)
+            await self._settle(settlement)
         finally:
             self._untrack(rows)
             self._slots.release()
 
-    async def _complete(self, settlement: Settlement) -> None:
+    async def _settle(self, settlement: Settlement) -> None:
         """Write outcomes, retrying through a dropped connection until the lease would have run out."""
         with anyio.CancelScope(shield=True):
             deadline = anyio.current_time() + self.config.lease
             delay = 0.1
             while True:
                 try:
-                    settled = await self.outbox.complete(self.worker, settlement)
+                    settled = await self.outbox.settle(self.worker, settlement)
                     self._settled += settled
                     return
                 except Exception as exc:
@@ -270,17 +273,17 @@ class Relay:
 
     async def _release_unsettled(self) -> None:
         """On shutdown, hand rows still held back to pending so another relay need not wait for the lease."""
-        if not self._in_flight:
+        if not self._unsettled:
             return
         settlement = Settlement()
-        for row in self._in_flight.values():
-            settlement.settle(row, Status.PENDING, error="relay stopped before the row was settled")
+        for row in self._unsettled.values():
+            settlement.mark(row, Status.PENDING, error="relay stopped before the row was settled")
         try:
-            await self.outbox.complete(self.worker, settlement)
+            await self.outbox.settle(self.worker, settlement)
         except Exception:
             log.warning("relay %s: could not release %d rows; they return when their lease ends",
                         self.worker, len(settlement))
-        self._in_flight.clear()
+        self._unsettled.clear()
 
     # -- the session connection: LISTEN and partition ownership ----------------------------------------------
 
@@ -331,8 +334,8 @@ class Relay:
         if session is None:
             return
         config = self.config
-        await self.outbox.heartbeat(self.worker, socket.gethostname(), os.getpid(), sorted(self._owned))
-        alive = await self.outbox.relays_alive(within=config.heartbeat_interval * 3)
+        await self.relays.heartbeat(self.worker, socket.gethostname(), os.getpid(), sorted(self._owned))
+        alive = await self.relays.alive(within=config.heartbeat_interval * 3)
         target = math.ceil(PARTITIONS / max(1, len(alive)))
         async with self._session_lock, self._claim_lock:
             if len(self._owned) > target:
@@ -342,18 +345,18 @@ class Relay:
                     if self._partition_load[partition] == 0:
                         self._ready.discard(partition)
                         self._owned.discard(partition)
-                        await self.outbox.unlock_partition(session, partition)
+                        await self.relays.unlock_partition(session, partition)
             if len(self._owned) < target:
                 start = int(self.worker.encode().hex(), 16) % PARTITIONS
                 for step in range(PARTITIONS):
                     if len(self._owned) >= target:
                         break
                     partition = (start + step) % PARTITIONS
-                    if partition not in self._owned and await self.outbox.lock_partition(session, partition):
+                    if partition not in self._owned and await self.relays.lock_partition(session, partition):
                         self._owned.add(partition)
         waiting = self._owned - self._ready
         if waiting:
-            busy = await self.outbox.busy_partitions(sorted(waiting), self.worker)
+            busy = await self.relays.busy_partitions(sorted(waiting), self.worker)
             newly_ready = waiting - busy
             if newly_ready:
                 self._ready |= newly_ready
@@ -362,7 +365,7 @@ class Relay:
     # -- maintenance -----------------------------------------------------------------------------------------
 
     async def _retention_loop(self) -> None:
-        """On the one relay holding the retention lock, purge old published rows and replayed dead letters
+        """On the one relay holding the retention lock, purge old relayed rows and replayed dead letters
         in small batches with pauses, so claims never wait behind a long delete."""
         config = self.config
         assert config.retention is not None
@@ -371,7 +374,7 @@ class Relay:
                 session = self._session
                 if session is not None and not self._retention_leader:
                     async with self._session_lock:
-                        self._retention_leader = await self.outbox.lock_partition(session, _RETENTION_LOCK)
+                        self._retention_leader = await self.relays.lock_partition(session, _RETENTION_LOCK)
                 if self._retention_leader:
                     self._purged += await self.outbox.purge(
                         config.retention, batch=config.retention_batch, pause=config.retention_pause
@@ -404,17 +407,17 @@ class Relay:
             await anyio.sleep(tick)
             now = anyio.current_time()
             try:
-                if self._in_flight and now - last_renew >= config.lease / 3:
+                if self._unsettled and now - last_renew >= config.lease / 3:
                     last_renew = now
-                    await self.outbox.renew(self.worker, list(self._in_flight), config.lease)
+                    await self.outbox.renew(self.worker, list(self._unsettled), config.lease)
                 if now - last_reclaim >= config.reclaim_interval:
                     last_reclaim = now
-                    if await self.outbox.reclaim_expired():
+                    if await self.outbox.reclaim():
                         self._wakeup.set()
                 if now - last_beat >= config.heartbeat_interval:
                     last_beat = now
                     await self._refresh_statistics()
                     await self._rebalance()
-                    await self.outbox.forget_relay("", stale_after=config.heartbeat_interval * 10)
+                    await self.relays.forget("", stale_after=config.heartbeat_interval * 10)
             except Exception as exc:
                 log.warning("relay %s: maintenance failed (%s); will retry", self.worker, exc)

@@ -252,7 +252,7 @@ async def test_raising_handler_is_dead_lettered_and_only_it_is_retried(eventbus_
     assert dead[0].error == "ValueError: cannot handle o-9 (attempt 4)"
     # The original row is published; the retries went through one row targeted at the failing subscriber alone
     # (sent back to pending after each failure), which ends dead.
-    assert original is not None and original["status"] == Status.PUBLISHED
+    assert original is not None and original["status"] == Status.RELAYED
     assert [(r["target"], r["status"]) for r in retry_rows] == [("broken", Status.DEAD)]
 
 
@@ -313,7 +313,7 @@ async def test_unrouted_drop_leaves_no_dead_letter(eventbus_dsn: str, eventbus_s
     bus = make_bus(eventbus_dsn, eventbus_schema, unrouted="drop")
     _, dead, row = await _publish_unrouted(bus)
     assert dead == []
-    assert row is not None and row["status"] == Status.PUBLISHED
+    assert row is not None and row["status"] == Status.RELAYED
     assert bus.statistics().dropped == 1
 
 
@@ -380,13 +380,13 @@ async def test_identical_redelivery_is_skipped_and_counted(eventbus_dsn: str, ev
         await create_effects(bus)
         first = bus.encode(OrderPlaced("o-1", 1))
         async with bus.transaction() as tx:
-            (event_id,) = (await tx.publish_many([first])).ids
+            (event_id,) = (await tx.offer([first])).ids
         await bus.drain(DRAIN)
         assert event_id is not None
         # The same event (same event_id, same payload) arrives again, as after a relay crash.
         again = NewEvent(topic=first.topic, payload=first.payload, event_id=event_id)
         async with bus.transaction() as tx:
-            (second_row,) = (await tx.publish_many([again])).ids
+            (second_row,) = (await tx.offer([again])).ids
         await bus.drain(DRAIN)
         effects = await bus.pool.fetchval(f"SELECT count(*) FROM {table}")
         dead = await letters(bus)
@@ -397,7 +397,7 @@ async def test_identical_redelivery_is_skipped_and_counted(eventbus_dsn: str, ev
     assert calls == [event_id]
     assert effects == 1
     assert dead == []
-    assert second is not None and second["status"] == Status.PUBLISHED
+    assert second is not None and second["status"] == Status.RELAYED
     stats = bus.statistics()
     assert stats.duplicates_skipped == 1 and stats.delivered == 1
 
@@ -422,7 +422,7 @@ async def test_different_payload_under_a_seen_event_id_is_a_duplicate_event(
         changed = bus.encode(OrderPlaced("o-1", 999))
         forged = NewEvent(topic=changed.topic, payload=changed.payload, event_id=event_id)
         async with bus.transaction() as tx:
-            await tx.publish_many([forged])
+            await tx.offer([forged])
         await bus.drain(DRAIN)
         effects = await bus.pool.fetch(f"SELECT note FROM {table}")
         dead = await letters(bus)
@@ -547,5 +547,5 @@ async def test_drain_without_a_relay_times_out_with_a_helpful_message(bus: Event
         await tx.publish(OrderPlaced("o-1", 1))
         await tx.publish(OrderPlaced("o-2", 2))
     assert bus.relay is None
-    with pytest.raises(TimeoutError, match=r"2 events were still pending or in flight after 0\.3 s; is a relay"):
+    with pytest.raises(TimeoutError, match=r"2 events were still pending or claimed after 0\.3 s; is a relay"):
         await bus.drain(0.3)

@@ -56,7 +56,7 @@ async def test_sigkill_mid_batch_loses_nothing_and_doubles_nothing(
 
         with relay_process(eventbus_dsn, eventbus_schema, tmp_path / "first.log") as first:
             async with bus.transaction() as tx:
-                offered = await tx.publish_many([bus.encode(Numbered(n), key=f"k{n % 10}") for n in range(EVENTS)])
+                offered = await tx.offer([bus.encode(Numbered(n), key=f"k{n % 10}") for n in range(EVENTS)])
             event_ids = set(offered.inserted)
             assert len(event_ids) == EVENTS
 
@@ -72,7 +72,7 @@ async def test_sigkill_mid_batch_loses_nothing_and_doubles_nothing(
         done_by_first = await effects()
         counts = await bus.outbox.counts()
         assert done_by_first < EVENTS, "the relay finished before it was killed; the test proves nothing"
-        assert counts["in_flight"] > 0, "nothing was in flight when the relay died"
+        assert counts["claimed"] > 0, "nothing was claimed when the relay died"
 
         with relay_process(eventbus_dsn, eventbus_schema, tmp_path / "second.log") as second:
             try:
@@ -88,7 +88,7 @@ async def test_sigkill_mid_batch_loses_nothing_and_doubles_nothing(
         assert {row["pid"] for row in rows} == {first.pid, second.pid}  # both relays did part of the work
 
         final = await bus.outbox.counts()
-        assert (final["pending"], final["in_flight"], final["dead"]) == (0, 0, 0)
+        assert (final["pending"], final["claimed"], final["dead"]) == (0, 0, 0)
         statuses = await bus.pool.fetch(f"SELECT DISTINCT status FROM {schema}.eventbus_outbox")
-        assert [r["status"] for r in statuses] == [Status.PUBLISHED]
+        assert [r["status"] for r in statuses] == [Status.RELAYED]
         assert await bus.dead_letters.count() == {}

@@ -28,8 +28,8 @@ async def test_renew_extends_own_leases_only_and_skips_rows_being_settled(outbox
     table = f"{quote_schema(outbox.queries.schema)}.eventbus_outbox"
     async with outbox.pool.acquire() as conn, conn.transaction():
         await outbox.offer(conn, [NewEvent(topic="t", payload=b"{}") for _ in range(6)])
-    mine = await outbox.take_pending(4, 1.0, "relay-a")
-    theirs = await outbox.take_pending(2, 1.0, "relay-b")
+    mine = await outbox.claim(4, 1.0, "relay-a")
+    theirs = await outbox.claim(2, 1.0, "relay-b")
     assert (len(mine), len(theirs)) == (4, 2)
 
     async def lease_left(row_id: object) -> float:

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from letters import dead_letter
 from listening import Listener
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
@@ -98,7 +99,7 @@ async def test_repeated_idempotency_key_inserts_nothing(bus: EventBus) -> None:
 
 async def test_repeated_idempotency_key_within_one_batch(bus: EventBus) -> None:
     async with bus.transaction() as tx:
-        result = await tx.publish_many(
+        result = await tx.offer(
             [
                 _event(1, idempotency_key="dup"),
                 _event(2, idempotency_key="dup"),
@@ -147,7 +148,7 @@ async def test_rolled_back_idempotency_key_can_be_used_again(bus: EventBus) -> N
 async def test_one_notification_per_committing_transaction(bus: EventBus, listener: Listener) -> None:
     assert bus.outbox.channel == listener.channel
     async with bus.transaction() as tx:
-        await tx.publish_many([_event(n) for n in range(50)])
+        await tx.offer([_event(n) for n in range(50)])
         for n in range(5):
             await tx.publish(OrderPlaced(f"o-{n}", n))
         assert await listener.settle() == 0, "notified before commit"
@@ -162,7 +163,7 @@ async def test_without_spacing_every_committing_transaction_notifies(
     async with EventBus(eventbus_dsn, schema=eventbus_schema, wake_spacing=0) as bus:
         for batch in range(3):
             async with bus.transaction() as tx:
-                await tx.publish_many([_event(n) for n in range(10 + batch)])
+                await tx.offer([_event(n) for n in range(10 + batch)])
                 await tx.publish(OrderPlaced(f"o-{batch}", batch))
         assert await listener.wait_for(3) == 3
         assert (bus.outbox.waker.carried, bus.outbox.waker.sent) == (3, 0)
@@ -171,7 +172,7 @@ async def test_without_spacing_every_committing_transaction_notifies(
 async def test_no_notification_after_rollback(bus: EventBus, listener: Listener) -> None:
     with pytest.raises(RuntimeError):
         async with bus.transaction() as tx:
-            await tx.publish_many([_event(n) for n in range(10)])
+            await tx.offer([_event(n) for n in range(10)])
             raise RuntimeError("abort")
     assert await listener.settle() == 0
     assert await _count(bus) == 0
@@ -179,13 +180,13 @@ async def test_no_notification_after_rollback(bus: EventBus, listener: Listener)
 
 async def test_no_notification_when_every_event_is_delayed(bus: EventBus, listener: Listener) -> None:
     async with bus.transaction() as tx:
-        await tx.publish_many([_event(n, delay=3600) for n in range(5)])
+        await tx.offer([_event(n, delay=3600) for n in range(5)])
         await tx.publish(OrderPlaced("o-1", 1), delay=timedelta(minutes=5))
     assert await listener.settle() == 0
     assert await _count(bus, "available_at > now()") == 6
 
     async with bus.transaction() as tx:  # one due event among delayed ones wakes the relays
-        await tx.publish_many([_event(1, delay=3600), _event(2), _event(3, delay=3600)])
+        await tx.offer([_event(1, delay=3600), _event(2), _event(3, delay=3600)])
     assert await listener.wait_for(1) == 1
 
 
@@ -200,7 +201,7 @@ async def test_single_event_offer_notifies_once_and_quiet_bus_never(
 
     async with EventBus(eventbus_dsn, schema=bus.schema, notify=False) as quiet, quiet.transaction() as tx:
         await tx.publish(OrderPlaced("o-3", 3))
-        await tx.publish_many([_event(7), _event(8)])
+        await tx.offer([_event(7), _event(8)])
     assert await listener.settle() == 1  # still only the first one
     assert await _count(bus) == 5
 
@@ -328,27 +329,28 @@ async def _add_letters(bus: EventBus) -> list[Any]:
     ]
     ids = []
     for n, (reason, subscriber, topic_name, tenant) in enumerate(specs):
-        ids.append(
-            await bus.dead_letters.add(
-                reason=reason,
-                event_id=new_id(),
-                topic=topic_name,
-                payload=b'{"n": %d}' % n,
-                subscriber=subscriber,
-                key=f"key-{n}",
-                tenant=tenant,
-                headers={"traceparent": f"tp-{n}"},
-                attempts=n,
-                error_type="ValueError",
-                error=f"failure {n}",
-            )
+        letter_id, _row_id = await dead_letter(
+            bus,
+            reason=reason,
+            event_id=new_id(),
+            topic=topic_name,
+            payload=b'{"n": %d}' % n,
+            subscriber=subscriber,
+            key=f"key-{n}",
+            tenant=tenant,
+            headers={"traceparent": f"tp-{n}"},
+            attempts=n,
+            error_type="ValueError",
+            error=f"failure {n}",
         )
+        ids.append(letter_id)
     return ids
 
 
-async def test_dead_letter_add_and_get(bus: EventBus) -> None:
+async def test_dead_letter_written_and_read(bus: EventBus) -> None:
     event_id = new_id()
-    letter_id = await bus.dead_letters.add(
+    letter_id, row_id = await dead_letter(
+        bus,
         reason=Reason.HANDLER_TIMEOUT,
         event_id=event_id,
         topic="orders.placed",
@@ -371,7 +373,7 @@ async def test_dead_letter_add_and_get(bus: EventBus) -> None:
         "o-1",
         "acme",
     )
-    assert letter.source == "event" and letter.outbox_id is None
+    assert letter.outbox_id == row_id
     assert msgspec.json.decode(letter.payload) == {"order_id": "o-1"}
     assert letter.headers == {"traceparent": "00-abc-def-01"}
     assert letter.attempts == 3 and letter.error_type == "TimeoutError"

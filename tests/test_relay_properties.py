@@ -296,7 +296,7 @@ async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: Ta
                         relay = handle.bus.relay
                         assert relay is not None
                         with anyio.move_on_after(1.0):
-                            while relay.statistics().in_flight == 0:  # noqa: ASYNC110 - polling a counter
+                            while relay.statistics().unsettled == 0:  # noqa: ASYNC110 - polling a counter
                                 await anyio.sleep(0.005)
                     await anyio.sleep(delay)
                     await handle.end("crash")

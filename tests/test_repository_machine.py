@@ -1,6 +1,6 @@
 """A stateful model of the outbox repository, checked step by step against a real PostgreSQL.
 
-Hypothesis drives offers (committed and rolled back), claims by two workers, fenced completions, lease expiry,
+Hypothesis drives offers (committed and rolled back), claims by two workers, fenced settlements, lease expiry,
 reclaims and "time travel" (delayed rows becoming due); after every step the database must agree with a plain
 Python model of what each row's status, owner and attempt count should be.
 """
@@ -27,7 +27,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from eventbus import Envelope, NewEvent, OutboxRepository, Reason, Status
+from eventbus import Envelope, NewEvent, OutboxRepository, Reason, Settlement, Status
 from eventbus.sql import quote_schema
 
 WORKERS = ("A", "B")
@@ -49,6 +49,26 @@ class Env:
 
     def run(self, func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         return self.portal.call(func, *args)
+
+
+async def _settle_relayed(repo: OutboxRepository, worker: str, envelopes: list[Envelope]) -> int:
+    settlement = Settlement()
+    for envelope in envelopes:
+        settlement.mark(envelope, Status.RELAYED)
+    return await repo.settle(worker, settlement)
+
+
+async def _settle_failed(
+    repo: OutboxRepository, worker: str, envelope: Envelope, *, error: str, retry_in: float | None, reason: Reason
+) -> int:
+    """Send a claimed row back to pending after ``retry_in`` seconds or, without it, dead-letter it."""
+    settlement = Settlement()
+    if retry_in is not None:
+        settlement.mark(envelope, Status.PENDING, delay=retry_in, error=error)
+    else:
+        settlement.mark(envelope, Status.DEAD, error=error)
+        settlement.dead_letter(envelope, reason, envelope.target, error=error)
+    return await repo.settle(worker, settlement)
 
 
 @dataclass
@@ -89,7 +109,7 @@ class Model:
     def holds(self, worker: str, envelope: Envelope) -> bool:
         """Whether a completion of ``envelope`` by ``worker`` must settle its row (the fence)."""
         row = self.rows[envelope.id]
-        return row.status == Status.IN_FLIGHT and row.claimed_by == worker and row.attempts == envelope.attempts
+        return row.status == Status.CLAIMED and row.claimed_by == worker and row.attempts == envelope.attempts
 
 
 event_specs = st.lists(
@@ -178,12 +198,12 @@ class OutboxMachine(RuleBasedStateMachine):
         self.model.rolled_back.update(i for i in ids if i is not None)
 
     @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 6))
-    def take_pending(self, worker: str, limit: int) -> None:
+    def claim(self, worker: str, limit: int) -> None:
         self.env.steps += 1
         due = sorted(r.id for r in self.model.rows.values() if r.status == Status.PENDING and r.due)
         expected = due[:limit]
-        held_elsewhere = {r.id for r in self.model.rows.values() if r.status == Status.IN_FLIGHT and r.lease_valid}
-        claimed: list[Envelope] = self.env.run(self.env.repo.take_pending, limit, LEASE, worker)
+        held_elsewhere = {r.id for r in self.model.rows.values() if r.status == Status.CLAIMED and r.lease_valid}
+        claimed: list[Envelope] = self.env.run(self.env.repo.claim, limit, LEASE, worker)
         got = [e.id for e in claimed]
         assert got == expected, "a claim takes exactly the smallest-id due pending rows, in id order"
         assert not set(got) & self.model.rolled_back, "a rolled-back offer was claimed"
@@ -191,13 +211,13 @@ class OutboxMachine(RuleBasedStateMachine):
         for envelope in claimed:
             row = self.model.rows[envelope.id]
             assert envelope.attempts == row.attempts + 1, "the attempt is counted at claim time"
-            row.status, row.claimed_by, row.lease_valid = Status.IN_FLIGHT, worker, True
+            row.status, row.claimed_by, row.lease_valid = Status.CLAIMED, worker, True
             row.attempts += 1
         self.model.held[worker].extend(claimed)
 
     @precondition(lambda self: any(self.model.held.values()))
     @rule(data=st.data())
-    def mark_published(self, data: st.DataObject) -> None:
+    def settle_relayed(self, data: st.DataObject) -> None:
         self.env.steps += 1
         worker = data.draw(st.sampled_from([w for w in WORKERS if self.model.held[w]]), label="worker")
         envelopes = data.draw(
@@ -210,11 +230,11 @@ class OutboxMachine(RuleBasedStateMachine):
             label="envelopes",
         )
         winners = [e for e in envelopes if self.model.holds(worker, e)]
-        settled = self.env.run(self.env.repo.mark_published, worker, envelopes)
+        settled = self.env.run(_settle_relayed, self.env.repo, worker, envelopes)
         assert settled == len(winners), "a completion must settle exactly the rows the worker still holds"
         for envelope in winners:
             row = self.model.rows[envelope.id]
-            row.status, row.claimed_by, row.lease_valid = Status.PUBLISHED, None, False
+            row.status, row.claimed_by, row.lease_valid = Status.RELAYED, None, False
 
     @precondition(lambda self: any(self.model.held.values()))
     @rule(
@@ -222,15 +242,15 @@ class OutboxMachine(RuleBasedStateMachine):
         outcome=st.sampled_from([0.0, LONG_DELAY, None]),
         reason=st.sampled_from(list(Reason)),
     )
-    def mark_failed(self, data: st.DataObject, outcome: float | None, reason: Reason) -> None:
+    def settle_failed(self, data: st.DataObject, outcome: float | None, reason: Reason) -> None:
         self.env.steps += 1
         worker = data.draw(st.sampled_from([w for w in WORKERS if self.model.held[w]]), label="worker")
         envelope = data.draw(st.sampled_from(self.model.held[worker]), label="envelope")
         holds = self.model.holds(worker, envelope)
         before = self.env.run(self._db_clock)
         settled = self.env.run(
-            lambda: self.env.repo.mark_failed(
-                worker, envelope, error=f"boom from {worker}", retry_in=outcome, reason=reason
+            lambda: _settle_failed(
+                self.env.repo, worker, envelope, error=f"boom from {worker}", retry_in=outcome, reason=reason
             )
         )
         after = self.env.run(self._db_clock)
@@ -250,7 +270,7 @@ class OutboxMachine(RuleBasedStateMachine):
             assert stored["available_at"] >= before + backoff, "a failed row came back before its backoff"
             assert stored["available_at"] <= after + backoff
 
-    @precondition(lambda self: any(r.status == Status.IN_FLIGHT and r.lease_valid for r in self.model.rows.values()))
+    @precondition(lambda self: any(r.status == Status.CLAIMED and r.lease_valid for r in self.model.rows.values()))
     @rule(worker=st.sampled_from(WORKERS))
     def lease_expires(self, worker: str) -> None:
         self.env.steps += 1
@@ -261,14 +281,14 @@ class OutboxMachine(RuleBasedStateMachine):
             worker,
         )
         for row in self.model.rows.values():
-            if row.status == Status.IN_FLIGHT and row.claimed_by == worker:
+            if row.status == Status.CLAIMED and row.claimed_by == worker:
                 row.lease_valid = False
 
     @rule()
-    def reclaim_expired(self) -> None:
+    def reclaim(self) -> None:
         self.env.steps += 1
-        expired = [r for r in self.model.rows.values() if r.status == Status.IN_FLIGHT and not r.lease_valid]
-        reclaimed = self.env.run(self.env.repo.reclaim_expired)
+        expired = [r for r in self.model.rows.values() if r.status == Status.CLAIMED and not r.lease_valid]
+        reclaimed = self.env.run(self.env.repo.reclaim)
         assert reclaimed == len(expired)
         for row in expired:
             row.status, row.claimed_by, row.due = Status.PENDING, None, True
@@ -307,7 +327,7 @@ class OutboxMachine(RuleBasedStateMachine):
             assert state == (expected.status, expected.attempts, expected.claimed_by), row_id
             if expected.status == Status.PENDING:
                 assert actual["due"] == expected.due, row_id
-            if expected.status == Status.IN_FLIGHT:
+            if expected.status == Status.CLAIMED:
                 assert actual["lease_valid"] == expected.lease_valid, row_id
         assert {d["outbox_id"]: d["reason"] for d in dead} == self.model.dead, "dead letters carry their reason"
         assert len(dead) == len(self.model.dead), "one dead letter per dead-lettered row"

@@ -28,10 +28,10 @@ async def test_relay_purges_published_rows_past_retention(eventbus_dsn: str, eve
 
     async with bus:
         async with bus.transaction() as tx:
-            await tx.publish_many([bus.encode(Tick(n)) for n in range(10)])
+            await tx.publish_many([Tick(n) for n in range(10)])
         await bus.drain(timeout=30)
         for _ in range(600):  # up to 30 s
-            if (await bus.outbox.counts())["published"] == 0:
+            if (await bus.outbox.counts())["relayed"] == 0:
                 break
             await anyio.sleep(0.05)
         stats = bus.statistics().relay

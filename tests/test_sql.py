@@ -71,7 +71,7 @@ async def fresh_schema(eventbus_dsn: str) -> AsyncIterator[str]:
 
 
 def test_queries_file_is_not_empty() -> None:
-    assert {"offer", "claim", "complete", "reclaim", "migrate_lock"} <= set(QUERY_NAMES)
+    assert {"offer", "claim", "settle", "reclaim", "migrate_lock"} <= set(QUERY_NAMES)
     for name in QUERY_NAMES:
         query = Queries("eventbus").by_name[name]
         assert query.sql, f"query {name} has no body"

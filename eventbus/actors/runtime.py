@@ -70,7 +70,6 @@ class Delivery:
 class _Worker:
     receive: MemoryObjectReceiveStream[Delivery]
     current: Delivery | None = None
-    restarts: int = 0
 
 
 Handle = Callable[[Subscription, Delivery], Awaitable[Outcome]]
@@ -141,7 +140,6 @@ class Actor:
                     await self._work(worker)
                     return
                 except Exception:
-                    worker.restarts += 1
                     log.exception("subscriber %s: worker crashed; restarting in %.2f s", self.name, delay)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
@@ -171,8 +169,3 @@ class Actor:
             outcome = await self.handle(self.subscription, delivery)
             worker.current = None
             delivery.tracker.report(delivery.index, outcome)
-
-    def statistics(self) -> tuple[int, int]:
-        """(messages queued, worker restarts)."""
-        queued = sum(s.statistics().current_buffer_used for s in self._sends)
-        return queued, sum(w.restarts for w in self._workers)

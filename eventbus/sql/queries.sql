@@ -39,7 +39,7 @@ SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken F
 
 -- name: offer_one
 -- The offer of a single event (the common case) without a wake-up; the command tag says whether it inserted.
--- A bare INSERT: the CTE that wakes relays (offer_one_waking) costs producers about 5% of their transactions/s.
+-- A bare INSERT: the CTE that wakes relays (offer_one_waking) costs producers measurably (BENCHMARKS.md).
 -- $1 id uuid
 -- $2 event_id uuid
 -- $3 tenant text
@@ -104,13 +104,13 @@ WHERE o.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text AS payload, o.headers::text AS headers,
           o.attempts, o.created_at;
 
--- name: complete
+-- name: settle
 -- Settle claimed rows in one statement: set their status, insert targeted retry rows and dead letters.
 -- Only rows still leased to worker $1 at the claimed attempt are touched (a fenced completion).
 -- $1 worker text
 -- $2 ids uuid[]
 -- $3 attempts int[]
--- $4 statuses smallint[] (0 retry in place, 2 published, 3 dead)
+-- $4 statuses smallint[] (0 pending again: retry in place or release, 2 relayed, 3 dead)
 -- $5 retry_delays float8[] (seconds, for status 0)
 -- $6 errors text[]
 -- $7 retry_sources uuid[] (claimed row each targeted retry row is cut from)
@@ -137,7 +137,7 @@ WITH settled AS (
     -- The worker travels as a column of u so that every condition on o is a join condition: a plain filter
     -- (claimed_by = $1, status = 1) made the planner expect one matching row, drive the join from a scan of
     -- the outbox and rescan unnest() once per row: 0.6-1.1 s for 1,000 rows instead of 10-30 ms (measured).
-    -- claimed_by is set only while a row is in flight, so it also stands for "status = 1".
+    -- claimed_by is set only while a row is claimed, so it also stands for "status = 1".
     FROM unnest($2::uuid[], $3::int[], $4::smallint[], $5::float8[], $6::text[],
                 array_fill($1::text, ARRAY[cardinality($2::uuid[])]))
         AS u(id, attempts, status, delay, error, worker)
@@ -182,7 +182,7 @@ SET claimed_until = now() + make_interval(secs => $3)
 WHERE id = ANY(ARRAY(SELECT id FROM mine));
 
 -- name: reclaim
--- Return up to $1 in-flight rows whose lease ran out (their relay died or stalled) to pending.
+-- Return up to $1 claimed rows whose lease ran out (their relay died or stalled) to pending.
 -- $1 limit int
 WITH expired AS (
     SELECT id FROM __schema__.eventbus_outbox
@@ -198,8 +198,8 @@ FROM expired
 WHERE o.id = expired.id
 RETURNING o.id;
 
--- name: purge_outbox
--- Delete up to $2 published rows older than id $1 (a UUIDv7 time bound), oldest first.
+-- name: outbox_purge
+-- Delete up to $2 relayed rows older than id $1 (a UUIDv7 time bound), oldest first.
 -- $1 before_id uuid
 -- $2 limit int
 WITH doomed AS (
@@ -215,8 +215,8 @@ DELETE FROM __schema__.eventbus_outbox AS o USING doomed WHERE o.id = doomed.id;
 -- Rows by status, and the age of the oldest due pending row.
 SELECT
     count(*) FILTER (WHERE status = 0) AS pending,
-    count(*) FILTER (WHERE status = 1) AS in_flight,
-    count(*) FILTER (WHERE status = 2) AS published,
+    count(*) FILTER (WHERE status = 1) AS claimed,
+    count(*) FILTER (WHERE status = 2) AS relayed,
     count(*) FILTER (WHERE status = 3) AS dead,
     extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 0 AND available_at <= now()))::float8
         AS oldest_pending_seconds
@@ -226,28 +226,9 @@ FROM __schema__.eventbus_outbox;
 -- One outbox row by id.
 -- $1 id uuid
 SELECT id, event_id, tenant, topic, key, partition, target, payload::text AS payload, headers::text AS headers,
-       status, attempts, available_at, claimed_by, claimed_until, last_error, created_at, published_at,
+       status, attempts, available_at, claimed_by, claimed_until, last_error, created_at, published_at AS relayed_at,
        idempotency_key
 FROM __schema__.eventbus_outbox WHERE id = $1;
-
--- name: dead_letter_add
--- Record one dead letter directly (not from a claimed row: e.g. a consumer on another transport).
--- $1 id uuid
--- $2 source text
--- $3 reason text
--- $4 event_id uuid
--- $5 tenant text
--- $6 topic text
--- $7 key text
--- $8 subscriber text
--- $9 payload text
--- $10 headers text
--- $11 attempts int
--- $12 error_type text
--- $13 error text
-INSERT INTO __schema__.eventbus_dead_letters
-    (id, source, reason, event_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13);
 
 -- name: dead_letter_list
 -- Dead letters matching the filters, newest first, one page after cursor $8.
@@ -260,7 +241,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13);
 -- $7 include_replayed bool
 -- $8 before_id uuid (page cursor: the last id of the previous page)
 -- $9 limit int
-SELECT id, source, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
+SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
        headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
 FROM __schema__.eventbus_dead_letters
 WHERE ($1::text IS NULL OR reason = $1)
@@ -277,7 +258,7 @@ LIMIT $9;
 -- name: dead_letter_get
 -- One dead letter by id.
 -- $1 id uuid
-SELECT id, source, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
+SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
        headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
 FROM __schema__.eventbus_dead_letters WHERE id = $1;
 
@@ -320,7 +301,7 @@ UNION ALL
 SELECT false, i.payload_hash FROM __schema__.eventbus_inbox AS i
 WHERE i.subscriber = $1 AND i.event_id = $2 AND NOT EXISTS (SELECT 1 FROM entered);
 
--- name: relay_beat
+-- name: relay_heartbeat
 -- Register or refresh relay $1 with the partitions it owns.
 -- $1 worker text
 -- $2 hostname text
@@ -337,7 +318,7 @@ ON CONFLICT (worker) DO UPDATE SET heartbeat_at = now(), partitions = EXCLUDED.p
 DELETE FROM __schema__.eventbus_relays
 WHERE worker = $1 OR heartbeat_at < now() - make_interval(secs => $2);
 
--- name: relays_alive
+-- name: relay_alive
 -- Relays that sent a heartbeat within $1 seconds.
 -- $1 within_seconds float8
 SELECT worker, hostname, pid, started_at, heartbeat_at, partitions
@@ -386,7 +367,7 @@ SELECT pg_try_advisory_lock(hashtext($1), $2) AS acquired;
 -- $2 partition int
 SELECT pg_advisory_unlock(hashtext($1), $2) AS released;
 
--- name: partitions_busy
+-- name: partition_busy
 -- Partitions among $1 with rows still leased to another worker than $2 (not yet safe to claim in order).
 -- $1 partitions smallint[]
 -- $2 worker text
@@ -394,7 +375,7 @@ SELECT DISTINCT partition FROM __schema__.eventbus_outbox
 WHERE status = 1 AND partition = ANY($1::smallint[]) AND claimed_by <> $2;
 
 -- name: outbox_unsettled
--- Rows not yet settled: pending (due or not) and in flight.
+-- Rows not yet settled: pending (due or not) and claimed.
 SELECT count(*) AS unsettled FROM __schema__.eventbus_outbox WHERE status IN (0, 1);
 
 -- name: outbox_outgrown
@@ -429,7 +410,7 @@ SELECT pg_notify($1, '') WHERE pg_notification_queue_usage() < 0.5;
 -- $8 after_id uuid
 -- $9 limit int
 -- $10 failed_before timestamptz (the first page's now(): letters that fail while the replay runs wait for the next)
-SELECT id, source, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
+SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
        headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count,
        now() AS picked_at
 FROM __schema__.eventbus_dead_letters

@@ -197,7 +197,7 @@ async def _one_history(
             if again:
                 ids = {i: s for i, s in committed if s.fault.delivered_twice}
                 async with bus.transaction() as tx:
-                    await tx.publish_many(
+                    await tx.offer(
                         [msgspec.structs.replace(new, event_id=i) for new, i in zip(again, ids, strict=True)]
                     )
                 await bus.drain(timeout=60)

@@ -1,24 +1,44 @@
 """Transports hand claimed rows to subscribers and say what became of each.
 
-A transport is a few methods (:class:`Transport`); the relay needs nothing else. ``local`` runs subscriber
-actors in this process; a broker transport (NATS JetStream) would publish each row with its event id as the
-message id and report a row settled once the broker acknowledged it.
+A transport is a few methods (:class:`Transport`); the relay and the bus need nothing else. ``local``
+(:class:`~eventbus.transports.local.LocalTransport`, the default) runs subscriber actors in this process; a
+broker transport would publish each row and report it settled once the broker acknowledged it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from anyio.abc import TaskStatus
 
 from ..events import Envelope
-from ..repository import Settlement
+from ..handlers import AttemptRunner, Subscription
+from ..repositories import Settlement
 
-__all__ = ["Transport"]
+__all__ = ["DeliveryStatistics", "Transport", "Unrouted"]
+
+#: What happens to an event no subscriber takes: a ``HandlerMissing`` dead letter, or nothing.
+Unrouted = Literal["dead_letter", "drop"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStatistics:
+    """What a transport did since it started (this process only)."""
+
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    duplicates_skipped: int = 0
+    dropped: int = 0
 
 
 class Transport(Protocol):
+    def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
+        """Take the bus's subscribers and the runner of their attempts; called once, before :meth:`run`."""
+
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Run until :meth:`close` was called and in-flight work drained (or until cancelled)."""
 
@@ -27,3 +47,6 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Accept no more rows; :meth:`run` returns once what was accepted is done."""
+
+    def statistics(self) -> DeliveryStatistics:
+        """Counters since the transport started."""

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass
 
 import anyio
 from anyio.abc import TaskStatus
 
 from ..actors import Actor, BatchTracker, Delivery
+from ..errors import ConfigurationError
 from ..events import Envelope
 from ..handlers import AttemptRunner, Outcome, Subscription, Verdict
-from ..repository import Reason, Settlement, Status
+from ..repositories import Reason, Settlement, Status
+from . import DeliveryStatistics, Unrouted
 
-__all__ = ["LocalTransport", "Unrouted"]
-
-log = logging.getLogger("eventbus.transport.local")
-
-#: What happens to an event no subscriber takes: a ``HandlerMissing`` dead letter, or nothing.
-Unrouted = Literal["dead_letter", "drop"]
+__all__ = ["LocalTransport"]
 
 
 @dataclass
-class Counters:
+class _Counters:
     delivered: int = 0
     failed: int = 0
     retried: int = 0
@@ -33,20 +28,31 @@ class Counters:
     dropped: int = 0
 
 
-@dataclass
 class LocalTransport:
-    subscriptions: Sequence[Subscription]
-    runner: AttemptRunner
-    unrouted: Unrouted = "dead_letter"
-    mailbox_size: int = 256
-    counters: Counters = field(default_factory=Counters)
+    """Delivers to subscriber actors in this process: one bounded mailbox of ``mailbox_size`` deliveries per
+    worker (a full mailbox makes the relay wait)."""
 
-    def __post_init__(self) -> None:
-        self.actors = {sub.name: Actor(sub, self._handle, self.mailbox_size) for sub in self.subscriptions}
+    def __init__(self, *, mailbox_size: int = 256) -> None:
+        if mailbox_size < 1:
+            raise ConfigurationError(f"mailbox_size must be at least 1, not {mailbox_size}")
+        self.mailbox_size = mailbox_size
+        self.unrouted: Unrouted = "dead_letter"
+        self.actors: dict[str, Actor] = {}
         self.routes: dict[str, list[Actor]] = {}
+        self.counters = _Counters()
+        self._runner: AttemptRunner | None = None
+
+    def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
+        self._runner = runner
+        self.unrouted = unrouted
+        self.actors = {sub.name: Actor(sub, self._handle, self.mailbox_size) for sub in subscriptions}
+        self.routes = {}
         for actor in self.actors.values():
             for topic in actor.subscription.topics:
                 self.routes.setdefault(topic, []).append(actor)
+
+    def statistics(self) -> DeliveryStatistics:
+        return DeliveryStatistics(**asdict(self.counters))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -67,9 +73,10 @@ class LocalTransport:
                 "attempts never finished (the process died or its lease ran out while handling)",
                 attempts=envelope.attempts,
             )  # fmt: skip
+        assert self._runner is not None, "attach() comes first"
         attempt = envelope.attempts
         while True:
-            outcome = await self.runner.run(sub, envelope, attempt)
+            outcome = await self._runner.run(sub, envelope, attempt)
             if outcome.verdict is Verdict.RETRY and sub.ordered:
                 # An ordered subscriber retries in place: later events of the key wait behind this one.
                 self.counters.failed += 1
@@ -110,10 +117,10 @@ class LocalTransport:
     def _unrouted(self, row: Envelope, why: str, settlement: Settlement) -> None:
         if self.unrouted == "drop" and row.target is None:
             self.counters.dropped += 1
-            settlement.settle(row, Status.PUBLISHED)
+            settlement.mark(row, Status.RELAYED)
             return
         self.counters.dead_lettered += 1
-        settlement.settle(row, Status.DEAD, error=why)
+        settlement.mark(row, Status.DEAD, error=why)
         settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why)
 
     def _settle(self, row: Envelope, outcomes: list[tuple[str, Outcome | None]], s: Settlement) -> None:
@@ -130,7 +137,7 @@ class LocalTransport:
                 counters.failed += 1
                 counters.retried += 1
                 if row.target is not None:
-                    s.settle(row, Status.PENDING, delay=outcome.delay, error=outcome.error)
+                    s.mark(row, Status.PENDING, delay=outcome.delay, error=outcome.error)
                     return
                 s.retry(row, name, delay=outcome.delay, error=outcome.error)
             else:
@@ -144,6 +151,6 @@ class LocalTransport:
                     attempts=outcome.attempts or row.attempts,
                 )  # fmt: skip
         if dead == len(outcomes):
-            s.settle(row, Status.DEAD, error=outcomes[-1][1].error if outcomes[-1][1] else None)
+            s.mark(row, Status.DEAD, error=outcomes[-1][1].error if outcomes[-1][1] else None)
         else:
-            s.settle(row, Status.PUBLISHED)
+            s.mark(row, Status.RELAYED)

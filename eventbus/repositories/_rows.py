@@ -1,0 +1,26 @@
+"""What the repositories share: JSON codecs for stored text, and the cap on stored error text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+__all__ = ["MAX_ERROR_CHARS", "cap_error", "headers_decoder", "json_encoder"]
+
+#: Stored error text is cut to this many characters (tracebacks can be long and can carry secrets).
+MAX_ERROR_CHARS = 4096
+
+json_encoder = msgspec.json.Encoder()
+headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def cap_error(text: str | None, redact: Callable[[str], str] | None = None) -> str | None:
+    """Redact (when a hook is set) and cut error text to :data:`MAX_ERROR_CHARS`."""
+    if text is None:
+        return None
+    if redact is not None:
+        text = redact(text)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 20] + " … [truncated]"
+    return text

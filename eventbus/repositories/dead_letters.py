@@ -1,0 +1,203 @@
+"""The ``eventbus_dead_letters`` table, shared by every subscriber: list, get, count, replay and purge letters.
+
+Letters are written by the outbox's settle statement, in the same statement that settles their row.
+"""
+
+from __future__ import annotations
+
+import builtins
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import asyncpg
+import msgspec
+
+from .. import _pool as pooled
+from ..ids import max_id_for, min_id_for
+from ._rows import headers_decoder
+
+if TYPE_CHECKING:
+    from .outbox import NewEvent, OutboxRepository
+
+__all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterRepository", "Reason"]
+
+
+class Reason(StrEnum):
+    """Why a delivery ended in the dead-letter table."""
+
+    DELIVERY_FAILED = "DeliveryFailed"
+    DESERIALIZATION_FAILED = "DeserializationFailed"
+    DUPLICATE_EVENT = "DuplicateEvent"
+    HANDLER_MISSING = "HandlerMissing"
+    HANDLER_TIMEOUT = "HandlerTimeout"
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """One subscriber's failed delivery of an event (``subscriber`` is None when no subscriber took it)."""
+
+    id: uuid.UUID
+    reason: str
+    event_id: uuid.UUID
+    outbox_id: uuid.UUID | None
+    tenant: str
+    topic: str
+    key: str | None
+    subscriber: str | None
+    payload: str
+    headers: dict[str, str]
+    attempts: int
+    error_type: str | None
+    error: str | None
+    failed_at: datetime
+    replayed_at: datetime | None
+    replay_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters to list, count, replay or purge. Every field narrows; None means any."""
+
+    reason: str | None = None
+    subscriber: str | None = None
+    topic: str | None = None
+    tenant: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    include_replayed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reason is not None and self.reason not in {r.value for r in Reason}:
+            known = ", ".join(r.value for r in Reason)
+            raise ValueError(f"unknown reason {self.reason!r}; use one of {known}")
+
+    def params(self) -> tuple[Any, ...]:
+        since = min_id_for(self.since) if self.since else None
+        until = max_id_for(self.until) if self.until else None
+        return (self.reason, self.subscriber, self.topic, self.tenant, since, until, self.include_replayed)
+
+
+def _dead_letter_from_row(row: asyncpg.Record) -> DeadLetter:
+    values = dict(row.items())
+    values.pop("picked_at", None)
+    values["headers"] = headers_decoder.decode(values["headers"])
+    return DeadLetter(**values)
+
+
+def _replay_event(letter: DeadLetter) -> NewEvent:
+    from .outbox import NewEvent
+
+    return NewEvent(
+        topic=letter.topic,
+        payload=letter.payload.encode(),
+        key=letter.key,
+        target=letter.subscriber,
+        tenant=letter.tenant,
+        headers={**letter.headers, "eventbus-replay-of": str(letter.id)},
+        event_id=letter.event_id,
+    )
+
+
+class DeadLetterRepository:
+    """The shared dead-letter table; replays are offered to ``outbox`` (its pool, schema and wake-ups)."""
+
+    def __init__(self, outbox: OutboxRepository) -> None:
+        self.outbox = outbox
+        self.pool = outbox.pool
+        self.queries = outbox.queries
+
+    async def list(
+        self, where: DeadLetterFilter | None = None, *, limit: int = 100, before: uuid.UUID | None = None
+    ) -> list[DeadLetter]:
+        """One page of dead letters, newest first; pass the last id of a page as ``before`` for the next."""
+        params = (where or DeadLetterFilter()).params()
+        rows = await pooled.fetch(self.pool, self.queries.dead_letter_list, *params, before, limit)
+        return [_dead_letter_from_row(row) for row in rows]
+
+    async def get(self, dead_letter_id: uuid.UUID) -> DeadLetter | None:
+        row = await pooled.fetchrow(self.pool, self.queries.dead_letter_get, dead_letter_id)
+        return None if row is None else _dead_letter_from_row(row)
+
+    async def count(self) -> dict[tuple[str, str | None], int]:
+        """Unreplayed dead letters by (reason, subscriber)."""
+        rows = await pooled.fetch(self.pool, self.queries.dead_letter_counts)
+        return {(row["reason"], row["subscriber"]): row["count"] for row in rows}
+
+    async def replay(
+        self,
+        where: DeadLetterFilter | None = None,
+        *,
+        ids: Sequence[uuid.UUID] | None = None,
+        dry_run: bool = False,
+        rate: float | None = None,
+        page: int = 500,
+        on_page: Callable[[int], None] | None = None,
+    ) -> builtins.list[DeadLetter]:
+        """Re-offer unreplayed dead letters (by ``ids`` or by filter) as rows targeted at their subscriber.
+
+        Only letters that failed before the replay began are taken, so letters that fail again while it runs
+        wait for the next replay. Each page is one transaction: lock letters with ``SKIP LOCKED``, offer the
+        rows, mark the letters replayed. So a letter is replayed once however many replays run at once, and
+        replaying it again does nothing. ``rate`` caps letters per second; ``dry_run`` returns what would be
+        replayed and writes nothing. Returns the letters replayed (or that would be).
+        """
+        if where is not None and where.include_replayed:
+            raise ValueError("replay takes only unreplayed dead letters; drop include_replayed from the filter")
+        params = (where or DeadLetterFilter()).params()[:6]
+        id_list = None if ids is None else list(ids)
+        if rate is not None:
+            if rate <= 0:
+                raise ValueError(f"rate must be positive (letters per second), not {rate}")
+            page = max(1, min(page, int(rate)))
+        done: builtins.list[DeadLetter] = []
+        cursor: uuid.UUID | None = None
+        started_at: datetime | None = None  # letters failing after the replay began are not part of it
+        started = anyio.current_time()
+        while True:
+            async with self.pool.acquire() as conn:
+                tx = conn.transaction()
+                await tx.start()
+                try:
+                    rows = await conn.fetch(
+                        self.queries.dead_letter_pick, *params, id_list, cursor, page, started_at
+                    )
+                    if rows and started_at is None:
+                        started_at = rows[0]["picked_at"]
+                    letters = [_dead_letter_from_row(row) for row in rows]
+                    if letters and not dry_run:
+                        await self.outbox.offer(conn, [_replay_event(letter) for letter in letters])
+                        await conn.execute(self.queries.dead_letter_mark_replayed, [d.id for d in letters])
+                except BaseException:
+                    await tx.rollback()
+                    raise
+                if dry_run:
+                    await tx.rollback()
+                else:
+                    await tx.commit()
+            done.extend(letters)
+            if letters and on_page is not None:
+                on_page(len(letters))
+            if len(letters) < page:
+                return done
+            cursor = letters[-1].id
+            if rate is not None:
+                await anyio.sleep(max(0.0, len(done) / rate - (anyio.current_time() - started)))
+
+    async def purge(
+        self, older_than: timedelta, *, include_unreplayed: bool = False, batch: int = 5000
+    ) -> int:
+        """Delete dead letters older than ``older_than`` (only replayed ones unless asked); return how many."""
+        bound = min_id_for(datetime.now(UTC) - older_than)
+        total = 0
+        while True:
+            status = await pooled.execute(
+                self.pool, self.queries.dead_letter_purge, bound, batch, include_unreplayed
+            )
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total

@@ -1,0 +1,29 @@
+"""The ``eventbus_inbox`` table: one row per (subscriber, event_id), the transactional subscriber's dedupe."""
+
+from __future__ import annotations
+
+import uuid
+
+from .._typing import Connection
+from ..sql import Queries
+
+__all__ = ["InboxRepository"]
+
+
+class InboxRepository:
+    """Consumer-side dedupe, written in the handler's own transaction."""
+
+    def __init__(self, schema: str = "eventbus") -> None:
+        self.queries = Queries(schema)
+
+    async def enter(
+        self, connection: Connection, subscriber: str, event_id: uuid.UUID, payload_hash: bytes
+    ) -> tuple[bool, bytes | None]:
+        """Record a first delivery; return (True, None), or (False, hash recorded by the earlier delivery).
+
+        The hash is None when a concurrent delivery of the same event committed while this one waited.
+        """
+        row = await connection.fetchrow(self.queries.inbox_enter, subscriber, event_id, payload_hash)
+        if row is None:
+            return False, None
+        return bool(row["inserted"]), row["existing_hash"]

@@ -1,0 +1,313 @@
+"""The ``eventbus_outbox`` table: offer, claim, settle, renew, reclaim and purge its rows.
+
+Every method is one statement (or one bounded batch of statements for purges) built from the named queries in
+``sql/queries.sql``. Settling is fenced: a relay can only settle rows it still holds at the attempt it claimed,
+so a relay whose lease ran out cannot overwrite a newer claim.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from typing import Any
+
+import anyio
+import asyncpg
+import msgspec
+
+from .. import _pool as pooled
+from .._typing import Connection
+from .._waker import Waker
+from ..events import Envelope, partition_of
+from ..ids import min_id_for, new_id
+from ..sql import Queries
+from ._rows import cap_error, headers_decoder, json_encoder
+from .dead_letters import Reason
+
+__all__ = ["NewEvent", "OfferResult", "OutboxRepository", "Settlement", "Status", "envelope_from_row"]
+
+
+class Status(IntEnum):
+    """Where an outbox row stands."""
+
+    #: Waiting to be claimed (from ``available_at`` on).
+    PENDING = 0
+    #: Leased to one relay until ``claimed_until``.
+    CLAIMED = 1
+    #: The relay is done with it: every subscriber's share was handled, or handed on as a targeted row or a
+    #: dead letter (with a broker transport: the broker acknowledged it).
+    RELAYED = 2
+    #: Every subscriber's share ended in the dead-letter table.
+    DEAD = 3
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An encoded event ready to be offered to the outbox (see :meth:`EventBus.encode`)."""
+
+    topic: str
+    payload: bytes
+    key: str | None = None
+    target: str | None = None
+    tenant: str = ""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    delay: float = 0.0
+    idempotency_key: str | None = None
+    event_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OfferResult:
+    """What an offer inserted: one id per offered event, ``None`` where its idempotency key already existed."""
+
+    ids: tuple[uuid.UUID | None, ...]
+
+    @property
+    def inserted(self) -> tuple[uuid.UUID, ...]:
+        return tuple(i for i in self.ids if i is not None)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(1 for i in self.ids if i is None)
+
+
+@dataclass(slots=True)
+class Settlement:
+    """Outcomes of claimed rows, written in one statement by :meth:`OutboxRepository.settle`. Error text is cut
+    to :data:`~eventbus.repositories.MAX_ERROR_CHARS`."""
+
+    ids: list[uuid.UUID] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    retry_sources: list[uuid.UUID] = field(default_factory=list)
+    retry_ids: list[uuid.UUID] = field(default_factory=list)
+    retry_targets: list[str] = field(default_factory=list)
+    retry_attempts: list[int] = field(default_factory=list)
+    retry_delays: list[float] = field(default_factory=list)
+    retry_errors: list[str | None] = field(default_factory=list)
+    dead_sources: list[uuid.UUID] = field(default_factory=list)
+    dead_ids: list[uuid.UUID] = field(default_factory=list)
+    dead_reasons: list[str] = field(default_factory=list)
+    dead_subscribers: list[str | None] = field(default_factory=list)
+    dead_attempts: list[int] = field(default_factory=list)
+    dead_error_types: list[str | None] = field(default_factory=list)
+    dead_errors: list[str | None] = field(default_factory=list)
+
+    def mark(self, row: Envelope, status: Status, *, delay: float = 0.0, error: str | None = None) -> None:
+        """Give a claimed row its final status (or, with PENDING, send it back after ``delay`` seconds)."""
+        self.ids.append(row.id)
+        self.attempts.append(row.attempts)
+        self.statuses.append(int(status))
+        self.delays.append(delay)
+        self.errors.append(cap_error(error))
+
+    def retry(self, row: Envelope, subscriber: str, *, delay: float, error: str | None) -> None:
+        """Cut a row targeted at ``subscriber`` alone from a claimed row, due after ``delay`` seconds."""
+        self.retry_sources.append(row.id)
+        self.retry_ids.append(new_id())
+        self.retry_targets.append(subscriber)
+        self.retry_attempts.append(row.attempts)
+        self.retry_delays.append(delay)
+        self.retry_errors.append(cap_error(error))
+
+    def dead_letter(
+        self,
+        row: Envelope,
+        reason: Reason,
+        subscriber: str | None,
+        *,
+        error_type: str | None = None,
+        error: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        """Record a dead letter for ``subscriber``'s delivery of a claimed row."""
+        self.dead_sources.append(row.id)
+        self.dead_ids.append(new_id())
+        self.dead_reasons.append(str(reason))
+        self.dead_subscribers.append(subscriber)
+        self.dead_attempts.append(row.attempts if attempts is None else attempts)
+        self.dead_error_types.append(error_type)
+        self.dead_errors.append(cap_error(error))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def envelope_from_row(row: asyncpg.Record) -> Envelope:
+    return Envelope(
+        id=row["id"],
+        event_id=row["event_id"],
+        topic=row["topic"],
+        payload=row["payload"].encode(),
+        key=row["key"],
+        target=row["target"],
+        tenant=row["tenant"],
+        headers=headers_decoder.decode(row["headers"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+    )
+
+
+class OutboxRepository:
+    """Offers, claims, settles, renews, reclaims and purges outbox rows."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, schema: str = "eventbus", *, notify: bool = True, wake_spacing: float = 0.002
+    ) -> None:
+        self.pool = pool
+        self.queries = Queries(schema)
+        self.channel = f"eventbus_{schema}"
+        self.notify = notify
+        #: Coalesces the wake-ups of bus transactions; a started bus runs it (see :mod:`eventbus._waker`).
+        self.waker = Waker(self.channel, self.queries.wake, spacing=wake_spacing)
+
+    async def offer(self, connection: Connection, events: Sequence[NewEvent]) -> OfferResult:
+        """Insert ``events`` in the caller's transaction, in one round trip.
+
+        A repeated ``idempotency_key`` (per tenant) inserts nothing; its slot in the result is ``None``.
+        Relays are woken when the transaction commits, and only for events that are due now.
+        """
+        if not events:
+            return OfferResult(())
+        folded = pooled.bus_connection(connection) if self.notify else None
+        if folded is not None and folded.in_bus_transaction:
+            # In a bus transaction the wake-up is sent after the COMMIT, outside the user's transaction.
+            result = await self._insert(connection, events, None)
+            if any(i is not None and e.delay <= 0 for e, i in zip(events, result.ids, strict=True)):
+                folded.wake_after_commit(self.waker)
+            return result
+        return await self._insert(connection, events, self.channel if self.notify else None)
+
+    async def _insert(self, connection: Connection, events: Sequence[NewEvent], channel: str | None) -> OfferResult:
+        if len(events) == 1:
+            e = events[0]
+            row_id = new_id()
+            args = (
+                row_id, e.event_id or row_id, e.tenant, e.topic, e.key, partition_of(e.key), e.target,
+                e.payload.decode(), json_encoder.encode(e.headers).decode(), e.delay, e.idempotency_key,
+            )  # fmt: skip
+            if channel is not None:
+                return OfferResult((await connection.fetchval(self.queries.offer_one_waking, *args, channel),))
+            status = await connection.execute(self.queries.offer_one, *args)
+            return OfferResult((row_id if status.endswith(" 1") else None,))
+        ids = [new_id() for _ in events]
+        rows = await connection.fetch(
+            self.queries.offer,
+            ids,
+            [e.event_id or i for e, i in zip(events, ids, strict=True)],
+            [e.tenant for e in events],
+            [e.topic for e in events],
+            [e.key for e in events],
+            [partition_of(e.key) for e in events],
+            [e.target for e in events],
+            [e.payload.decode() for e in events],
+            [json_encoder.encode(e.headers).decode() for e in events],
+            [e.delay for e in events],
+            [e.idempotency_key for e in events],
+            channel,
+        )
+        if len(rows) == len(ids):
+            return OfferResult(tuple(ids))
+        inserted = {row["id"] for row in rows}
+        return OfferResult(tuple(i if i in inserted else None for i in ids))
+
+    async def claim(
+        self, limit: int, lease: float, worker: str, *, partitions: Sequence[int] | None = None
+    ) -> list[Envelope]:
+        """Lease up to ``limit`` due rows to ``worker`` for ``lease`` seconds, oldest id first, skipping rows
+        others hold; the attempt is counted now.
+
+        With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
+        """
+        rows = await pooled.fetch(
+            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions)
+        )
+        claimed = [envelope_from_row(row) for row in rows]
+        claimed.sort(key=lambda e: e.id)
+        return claimed
+
+    async def settle(self, worker: str, settlement: Settlement) -> int:
+        """Write the outcomes of claimed rows in one statement, shielded from cancellation; return how many
+        rows were still ``worker``'s to settle (the rest were reclaimed and belong to a newer claim)."""
+        if not settlement.ids:
+            return 0
+        s = settlement
+        with anyio.CancelScope(shield=True):
+            row = await pooled.fetchrow(
+                self.pool, self.queries.settle,
+                worker,
+                s.ids, s.attempts, s.statuses, s.delays, s.errors,
+                s.retry_sources, s.retry_ids, s.retry_targets, s.retry_attempts, s.retry_delays, s.retry_errors,
+                s.dead_sources, s.dead_ids, s.dead_reasons, s.dead_subscribers, s.dead_attempts,
+                s.dead_error_types, s.dead_errors,
+            )  # fmt: skip
+        assert row is not None
+        return int(row["settled"])
+
+    async def renew(self, worker: str, ids: Sequence[uuid.UUID], lease: float) -> None:
+        """Extend the lease on rows ``worker`` still holds."""
+        with anyio.CancelScope(shield=True):
+            await pooled.execute(self.pool, self.queries.renew, worker, list(ids), lease)
+
+    async def reclaim(self, batch: int = 1000) -> int:
+        """Return claimed rows whose lease ran out to pending; return how many."""
+        total = 0
+        while True:
+            rows = await pooled.fetch(self.pool, self.queries.reclaim, batch)
+            total += len(rows)
+            if len(rows) < batch:
+                return total
+
+    async def purge(
+        self,
+        older_than: timedelta,
+        *,
+        batch: int = 5000,
+        pause: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete relayed rows older than ``older_than`` in batches of ``batch`` (short transactions that
+        never block claims), pausing ``pause`` seconds between them; return how many."""
+        bound = min_id_for(datetime.now(UTC) - older_than)
+        total = 0
+        while True:
+            status = await pooled.execute(self.pool, self.queries.outbox_purge, bound, batch)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if on_batch is not None:
+                on_batch(deleted)
+            if deleted < batch:
+                return total
+            if pause:
+                await anyio.sleep(pause)
+
+    async def get(self, row_id: uuid.UUID) -> asyncpg.Record | None:
+        return await pooled.fetchrow(self.pool, self.queries.outbox_get, row_id)
+
+    async def counts(self) -> dict[str, Any]:
+        """Rows by status (``pending``, ``claimed``, ``relayed``, ``dead``) and ``oldest_pending_seconds``,
+        the age of the oldest due pending row (None when there is none)."""
+        row = await pooled.fetchrow(self.pool, self.queries.outbox_counts)
+        assert row is not None
+        return dict(row.items())
+
+    async def refresh_statistics(self) -> bool:
+        """ANALYZE the outbox when it has outgrown its planner statistics; return whether it did.
+
+        Autovacuum analyzes a table at most once a minute, and only after a tenth of its rows changed. Until then
+        the plans each connection cached while the table was small stay, and can settle a few rows by a
+        sequential scan of the whole outbox. The check is one catalog lookup; the ANALYZE runs at each doubling
+        of the table.
+        """
+        if not await pooled.fetchval(self.pool, self.queries.outbox_outgrown):
+            return False
+        await pooled.execute(self.pool, self.queries.outbox_analyze)
+        return True
+
+    async def unsettled(self) -> int:
+        """Rows still pending (due or delayed) or claimed."""
+        return int(await pooled.fetchval(self.pool, self.queries.outbox_unsettled))
