@@ -1,0 +1,174 @@
+"""What every command shares: the argument types, the bus a command connects with, and how to say a command
+again."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from .._driver import redact_dsn
+from ..bus import EventBus
+from ..repositories import DeadLetter, DeadLetterFilter, Reason
+
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "EXIT_FAILED",
+    "EXIT_MIGRATIONS",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "command_hint",
+    "connected",
+    "dead_letter_filter",
+    "dead_letter_id",
+    "duration",
+    "letter_document",
+    "letter_filters",
+    "moment",
+    "new_bus",
+    "positive",
+    "rate",
+    "reason",
+    "schema_of",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_MIGRATIONS = 4
+
+DEFAULT_SCHEMA = "eventbus"
+
+# -- argument types --------------------------------------------------------------------------------------------
+
+
+def reason(value: str) -> str:
+    """``--reason``: a reason name in any case, with or without underscores."""
+    wanted = value.replace("_", "").replace("-", "").lower()
+    for known in Reason:
+        if known.value.lower() == wanted:
+            return known.value
+    raise argparse.ArgumentTypeError(f"unknown reason {value!r}; use one of {', '.join(r.value for r in Reason)}")
+
+
+def positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def dead_letter_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a dead-letter id (a UUID, as printed by `eventbus dlq list`)"
+        ) from None
+
+
+def duration(value: str) -> timedelta:
+    """``30d``, ``12h``, ``45m``, ``90s`` (or plain seconds) as a timedelta."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = value.strip().lower()
+    try:
+        seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration: write e.g. 30d, 12h, 45m or 90s") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: a duration cannot be negative")
+    return timedelta(seconds=seconds)
+
+
+def moment(value: str) -> datetime:
+    """``--since``/``--until``: an ISO 8601 time (UTC unless it names a zone), or an age such as ``2h`` (that long
+    ago)."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        try:
+            return datetime.now(UTC) - duration(value)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is neither a time (e.g. 2026-01-31T12:00, UTC unless a zone is given) "
+                "nor an age (e.g. 2h, 30m, 7d)"
+            ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def rate(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of letters per second") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError("--rate must be positive (letters per second)")
+    return number
+
+
+def letter_filters(parser: argparse.ArgumentParser) -> None:
+    """The options that pick dead letters, as :class:`DeadLetterFilter` has them."""
+    parser.add_argument("--reason", type=reason, help=f"one of {', '.join(r.value for r in Reason)}")
+    parser.add_argument("--subscriber", help="subscriber name")
+    parser.add_argument("--topic", help="event topic")
+    parser.add_argument("--tenant", help="tenant ('' for the default tenant)")
+    parser.add_argument(
+        "--since", type=moment, metavar="TIME", help="failed at or after TIME (ISO 8601, UTC by default, or an age: 2h)"
+    )
+    parser.add_argument("--until", type=moment, metavar="TIME", help="failed at or before TIME (as --since)")
+
+
+def dead_letter_filter(args: argparse.Namespace, *, include_replayed: bool = False) -> DeadLetterFilter:
+    return DeadLetterFilter(
+        reason=args.reason, subscriber=args.subscriber, topic=args.topic, tenant=args.tenant, since=args.since,
+        until=args.until, include_replayed=include_replayed,
+    )  # fmt: skip
+
+
+# -- connecting ------------------------------------------------------------------------------------------------
+
+
+def schema_of(args: argparse.Namespace, default: str = DEFAULT_SCHEMA) -> str:
+    return str(args.schema) if args.schema else default
+
+
+def new_bus(args: argparse.Namespace, *, schema: str, migrate: bool = False, **options: Any) -> EventBus:
+    return EventBus(args.dsn, schema=schema, migrate=migrate, **options)
+
+
+@contextlib.asynccontextmanager
+async def connected(args: argparse.Namespace, schema: str) -> AsyncIterator[EventBus]:
+    """A connected bus (no relay) for one command, closed afterwards."""
+    bus = new_bus(args, schema=schema)
+    await bus.connect()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+def command_hint(args: argparse.Namespace, command: str, schema: str) -> str:
+    """``command`` as the user would type it again against the same database and schema."""
+    parts = ["eventbus", command]
+    if schema != DEFAULT_SCHEMA:
+        parts.append(f"--schema {schema}")
+    if args.dsn:
+        parts.append(f"--dsn {redact_dsn(args.dsn)}")
+    return " ".join(parts)
+
+
+def letter_document(letter: DeadLetter) -> dict[str, Any]:
+    document: dict[str, Any] = msgspec.to_builtins(letter)
+    with contextlib.suppress(msgspec.DecodeError):  # else keep the stored text as it is
+        document["payload"] = msgspec.json.decode(letter.payload)
+    return document

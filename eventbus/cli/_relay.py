@@ -1,0 +1,113 @@
+"""``eventbus relay``: run a relay for an application's bus until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import signal
+import sys
+from typing import Any
+
+import anyio
+
+from .._driver import redact_dsn
+from ..bus import EventBus
+from ..errors import ConfigurationError
+from ._common import EXIT_OK
+from ._output import Output, count
+
+__all__ = ["cmd_relay", "load_app"]
+
+
+def load_app(spec: str) -> EventBus:
+    """Import ``module:attribute`` and return the EventBus it names (or that a zero-argument callable returns)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"--app {spec!r} must be module:attribute, for example myservice.events:bus")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the project folder's modules are importable
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigurationError(
+                f"cannot import {module_name!r} for --app ({exc}); run from your project folder or add it to PYTHONPATH"
+            ) from exc
+        raise
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attribute!r} (from --app)") from None
+    if not isinstance(target, EventBus) and callable(target):
+        try:
+            inspect.signature(target).bind()
+        except TypeError:
+            raise ConfigurationError(
+                f"--app {spec} is a function that needs arguments; name an EventBus or a zero-argument function "
+                "returning one"
+            ) from None
+        except ValueError:
+            pass  # no signature to inspect (a builtin): just call it
+        if inspect.iscoroutinefunction(target):
+            raise ConfigurationError(f"--app {spec} is an async function; make it a plain function returning the bus")
+        target = target()
+    if not isinstance(target, EventBus):
+        raise ConfigurationError(
+            f"--app {spec} is a {type(target).__name__}, not an EventBus (or a zero-argument function returning one)"
+        )
+    return target
+
+
+async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
+    bus = load_app(args.app)
+    if bus.relay is not None:
+        raise ConfigurationError(f"the bus from --app {args.app} is already running; pass one that is not started")
+    if args.dsn:
+        bus.dsn = args.dsn
+    if args.schema:
+        bus.schema = args.schema
+    if not bus.subscriptions:
+        raise ConfigurationError(
+            f"the bus from --app {args.app} has no subscribers: import the modules that define its handlers from "
+            f"{args.app.partition(':')[0]!r} (a relay without subscribers would dead-letter every event)"
+        )
+    bus.run_relay = True
+    subscribers = sorted(bus.subscriptions)
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            await bus.start()
+            relay = bus.relay
+            worker = relay.worker if relay is not None else "?"
+            dsn = redact_dsn(await bus.resolve_dsn())
+            if args.json:
+                out.json({"event": "started", "worker": worker, "schema": bus.schema, "dsn": dsn,
+                          "subscribers": subscribers, "pid": os.getpid()}, compact=True)  # fmt: skip
+            else:
+                out.line(
+                    f"relay {worker} started on schema {bus.schema!r} at {dsn} with "
+                    f"{len(subscribers)} subscribers ({', '.join(subscribers)}); stop it with Ctrl+C or SIGTERM"
+                )
+            async for signum in signals:
+                if not args.json:
+                    out.line(
+                        f"{signal.Signals(signum).name} received: finishing the work in hand "
+                        f"(up to {bus.stop_timeout:g} s), then stopping"
+                    )
+                break
+        finally:
+            await bus.stop()
+    stats = bus.statistics()
+    if args.json:
+        out.json({"event": "stopped", "worker": worker, "delivered": stats.delivered, "retried": stats.retried,
+                  "dead_lettered": stats.dead_lettered}, compact=True)  # fmt: skip
+    else:
+        out.line(
+            f"relay {worker} stopped: {count(stats.delivered, 'delivery', 'deliveries')}, "
+            f"{count(stats.retried, 'retry', 'retries')} scheduled, "
+            f"{stats.dead_lettered} dead-lettered"
+        )
+    return EXIT_OK
