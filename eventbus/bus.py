@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, overload
+from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
 import anyio
 import asyncpg
@@ -25,7 +25,7 @@ from ._pool import bus_connection, create_pool
 from ._typing import Connection
 from .errors import ConfigurationError, RegistrationError
 from .events import Registry
-from .handlers import AttemptRunner, Backoff, Subscription, subscription_for
+from .handlers import AttemptRunner, PublishOptions, SubscribeOptions, Subscription, subscription_for
 from .migrations import check_migrations, migrate
 from .observability import inject_headers
 from .relay import Relay, RelayConfig, RelayStatistics
@@ -78,44 +78,26 @@ class Transaction:
         self.bus = bus
         self.connection = connection
 
-    async def publish(
-        self,
-        event: msgspec.Struct,
-        *,
-        key: str | None = None,
-        delay: float | timedelta | None = None,
-        idempotency_key: str | None = None,
-        headers: dict[str, str] | None = None,
-        tenant: str | None = None,
-        target: str | None = None,
-    ) -> uuid.UUID | None:
-        """Offer ``event`` in this transaction; return its id, or None when ``idempotency_key`` was seen before."""
-        new = self.bus.encode(
-            event, key=key, delay=delay, idempotency_key=idempotency_key, headers=headers, tenant=tenant,
-            target=target,
-        )  # fmt: skip
-        return (await self.bus.outbox.offer(self.connection, [new])).ids[0]
+    async def publish(self, event: msgspec.Struct, **options: Unpack[PublishOptions]) -> uuid.UUID | None:
+        """Offer ``event`` in this transaction (options: :class:`PublishOptions`); return its id, or None when
+        its ``idempotency_key`` was used before."""
+        return (await self.bus.outbox.offer(self.connection, [self.bus.encode(event, **options)])).ids[0]
 
     async def publish_many(
-        self,
-        events: Sequence[msgspec.Struct],
-        *,
-        key: str | None = None,
-        delay: float | timedelta | None = None,
-        headers: dict[str, str] | None = None,
-        tenant: str | None = None,
-        target: str | None = None,
+        self, events: Sequence[msgspec.Struct], **options: Unpack[PublishOptions]
     ) -> OfferResult:
         """Offer several events with the same options in this transaction, in one round trip.
 
         For options that differ per event (keys, idempotency keys), encode each with :meth:`EventBus.encode`
         and :meth:`offer` them.
         """
-        bus = self.bus
-        encoded = [
-            bus.encode(event, key=key, delay=delay, headers=headers, tenant=tenant, target=target) for event in events
-        ]
-        return await bus.outbox.offer(self.connection, encoded)
+        if options.get("idempotency_key") is not None:
+            raise ConfigurationError(
+                "an idempotency key names one event: encode each event with its own (bus.encode(event, "
+                "idempotency_key=...)) and pass them to tx.offer(...)"
+            )
+        encode = self.bus.encode
+        return await self.bus.outbox.offer(self.connection, [encode(event, **options) for event in events])
 
     async def offer(self, events: Sequence[NewEvent]) -> OfferResult:
         """Offer already-encoded events (see :meth:`EventBus.encode`) in this transaction, in one round trip."""
@@ -222,49 +204,25 @@ class EventBus:
     def subscribe(self, handler: F, /) -> F: ...
 
     @overload
-    def subscribe(
-        self,
-        handler: None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float = 30.0,
-        max_attempts: int = 5,
-        backoff: Backoff | float | None = None,
-        transactional: bool = False,
-        ordered: bool = False,
-        concurrency: int = 1,
-    ) -> Callable[[F], F]: ...
+    def subscribe(self, handler: None = None, /, **options: Unpack[SubscribeOptions]) -> Callable[[F], F]: ...
 
-    def subscribe(
-        self,
-        handler: F | None = None,
-        /,
-        *,
-        name: str | None = None,
-        timeout: float = 30.0,
-        max_attempts: int = 5,
-        backoff: Backoff | float | None = None,
-        transactional: bool = False,
-        ordered: bool = False,
-        concurrency: int = 1,
-    ) -> Any:
+    def subscribe(self, handler: F | None = None, /, **options: Unpack[SubscribeOptions]) -> Any:
         """Register a handler, as ``@bus.subscribe`` or ``@bus.subscribe(timeout=5, ...)``.
 
         The handler is ``async def handler(event: SomeEvent, ctx: Context)``; the annotation picks the events
-        (a Union subscribes to several). ``timeout`` bounds each attempt; after ``max_attempts`` a failure is
+        (a Union subscribes to several). ``name`` (default: the handler's module and qualified name) keys its
+        retries, inbox rows and dead letters. ``timeout`` (seconds, default 30) bounds each attempt; after
+        ``max_attempts`` (default 5) a failure is
         dead-lettered. ``transactional`` runs the handler in a transaction with its inbox row (exactly one
         effect per event); ``ordered`` handles each key's events one at a time in ``event_id`` order;
-        ``concurrency`` is the number of events handled at once. Plain ``def`` handlers run in a worker thread.
+        ``concurrency`` is the number of events handled at once; ``backoff`` (a :class:`Backoff`, or the
+        first delay in seconds) spaces retries. Plain ``def`` handlers run in a worker thread.
         """
 
         def register(fn: F) -> F:
             if self._task_group is not None:
                 raise RegistrationError("subscribe handlers before the bus starts")
-            sub = subscription_for(
-                fn, name=name, timeout=timeout, max_attempts=max_attempts, backoff=backoff,
-                transactional=transactional, ordered=ordered, concurrency=concurrency,
-            )  # fmt: skip
+            sub = subscription_for(fn, **options)
             if sub.name in self.subscriptions:
                 raise RegistrationError(
                     f"a subscriber named {sub.name!r} exists already; give one of them another name= "
@@ -490,28 +448,15 @@ class EventBus:
                 folded.close_fold()
 
     async def publish(
-        self,
-        event: msgspec.Struct,
-        *,
-        connection: Any,
-        key: str | None = None,
-        delay: float | timedelta | None = None,
-        idempotency_key: str | None = None,
-        headers: dict[str, str] | None = None,
-        tenant: str | None = None,
-        target: str | None = None,
+        self, event: msgspec.Struct, *, connection: Any, **options: Unpack[PublishOptions]
     ) -> uuid.UUID | None:
-        """Offer ``event`` in the caller's open transaction on ``connection``.
+        """Offer ``event`` in the caller's open transaction on ``connection`` (options: :class:`PublishOptions`).
 
         ``connection``: an asyncpg connection, or a SQLAlchemy ``AsyncConnection``/``AsyncSession`` on asyncpg.
         Returns the row id, or None when ``idempotency_key`` was already used (nothing was inserted).
         Raises :class:`NotInTransaction` when the connection has no open transaction.
         """
-        new = self.encode(
-            event, key=key, delay=delay, idempotency_key=idempotency_key, headers=headers, tenant=tenant,
-            target=target,
-        )  # fmt: skip
-        return (await self.offer([new], connection=connection)).ids[0]
+        return (await self.offer([self.encode(event, **options)], connection=connection)).ids[0]
 
     async def offer(self, events: Sequence[NewEvent], *, connection: Any = None) -> OfferResult:
         """Offer already-encoded events (see :meth:`encode`) in the caller's open transaction on

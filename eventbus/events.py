@@ -16,14 +16,7 @@ import msgspec
 
 from .errors import DeserializationError, RegistrationError, UnknownTopic
 
-__all__ = [
-    "PARTITIONS",
-    "Envelope",
-    "Registry",
-    "partition_of",
-    "topic",
-    "topic_of",
-]
+__all__ = ["PARTITIONS", "Envelope", "EventFields", "Registry", "partition_of", "topic", "topic_of"]
 
 #: Number of key-hash partitions. Ordered delivery is per partition; relays share partitions between them.
 PARTITIONS = 32
@@ -69,17 +62,23 @@ def partition_of(key: str | None) -> int | None:
     return zlib.crc32(key.encode()) % PARTITIONS
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True):
-    """One outbox row as the relay and the subscribers see it; ``payload`` is the encoded event (JSON)."""
+class EventFields(msgspec.Struct, frozen=True, kw_only=True):
+    """What every outbox row of an event carries: its topic, encoded payload (JSON), ordering key, the one
+    subscriber it targets (None: every subscriber of the topic), tenant and headers."""
 
-    id: uuid.UUID
-    event_id: uuid.UUID
     topic: str
     payload: bytes
     key: str | None = None
     target: str | None = None
     tenant: str = ""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Envelope(EventFields, frozen=True, kw_only=True):
+    """One outbox row as the relay and the subscribers see it."""
+
+    id: uuid.UUID
+    event_id: uuid.UUID
     attempts: int = 0
     created_at: datetime | None = None
 

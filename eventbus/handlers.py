@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import anyio
 import anyio.to_thread
@@ -30,7 +30,10 @@ from .events import Envelope, Registry, topic_of
 from .observability import handle_span
 from .repositories import InboxRepository, NewEvent, OfferResult, Reason, cap_error
 
-__all__ = ["AttemptRunner", "Backoff", "Context", "Outcome", "Subscription", "Verdict", "subscription_for"]
+__all__ = [
+    "AttemptRunner", "Backoff", "Context", "Outcome", "PublishOptions", "SubscribeOptions", "Subscription", "Verdict",
+    "subscription_for",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,20 +51,24 @@ class Backoff:
         return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
 
 
+class PublishOptions(TypedDict, total=False):
+    """The options of a publish: ``key`` orders and partitions (ordered subscribers handle a key's events one
+    at a time), ``delay`` holds delivery back, ``idempotency_key`` makes a repeated publish insert nothing (per
+    tenant), ``headers`` travel with the event, ``tenant`` defaults to the bus's, ``target`` names the one
+    subscriber to deliver to."""
+
+    key: str | None
+    delay: float | timedelta | None
+    idempotency_key: str | None
+    headers: dict[str, str] | None
+    tenant: str | None
+    target: str | None
+
+
 class Publisher(Protocol):
     """What a handler's ``ctx.publish`` needs from the bus."""
 
-    def encode(
-        self,
-        event: msgspec.Struct,
-        *,
-        key: str | None = None,
-        delay: float | timedelta | None = None,
-        idempotency_key: str | None = None,
-        headers: dict[str, str] | None = None,
-        tenant: str | None = None,
-        target: str | None = None,
-    ) -> NewEvent: ...
+    def encode(self, event: msgspec.Struct, **options: Unpack[PublishOptions]) -> NewEvent: ...
 
     async def offer(self, events: Sequence[NewEvent], *, connection: Any = None) -> OfferResult: ...
 
@@ -99,25 +106,17 @@ class Context:
             )
         return self._connection
 
-    async def publish(
-        self,
-        event: msgspec.Struct,
-        *,
-        key: str | None = None,
-        delay: float | timedelta | None = None,
-        idempotency_key: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> uuid.UUID | None:
-        """Publish a follow-up event: in the handler's transaction when it has one, else in one of its own.
-
-        The causation id (this event's id) is added to the headers.
+    async def publish(self, event: msgspec.Struct, **options: Unpack[PublishOptions]) -> uuid.UUID | None:
+        """Publish a follow-up event (options: :class:`PublishOptions`): in the handler's transaction when it has
+        one, else in one of its own. It inherits this event's tenant (unless ``tenant`` is given) and
+        correlation id, and its headers carry this event's id as its causation id.
         """
-        merged = {"causation_id": str(self.event_id), **(headers or {})}
+        merged = {"causation_id": str(self.event_id), **(options.get("headers") or {})}
         if "correlation_id" in self.headers:
             merged.setdefault("correlation_id", self.headers["correlation_id"])
-        new = self._publisher.encode(
-            event, key=key, delay=delay, idempotency_key=idempotency_key, headers=merged, tenant=self.tenant
-        )
+        options["headers"] = merged
+        options.setdefault("tenant", self.tenant)
+        new = self._publisher.encode(event, **options)
         return (await self._publisher.offer([new], connection=self._connection)).ids[0]
 
 
@@ -155,6 +154,18 @@ def _event_types(annotation: Any, where: str) -> tuple[type[msgspec.Struct], ...
             )
         found.append(member)
     return tuple(found)
+
+
+class SubscribeOptions(TypedDict, total=False):
+    """The options of ``@bus.subscribe``; see :meth:`EventBus.subscribe`."""
+
+    name: str | None
+    timeout: float
+    max_attempts: int
+    backoff: Backoff | float | None
+    transactional: bool
+    ordered: bool
+    concurrency: int
 
 
 def subscription_for(

@@ -105,9 +105,7 @@ class Relay:
         worker: str | None = None,
         dead_letters: DeadLetterRepository | None = None,
     ) -> None:
-        self.outbox = outbox
-        self.relays = relays
-        self.dead_letters = dead_letters
+        self.outbox, self.relays, self.dead_letters = outbox, relays, dead_letters
         self.transport = transport
         self.dsn = dsn
         self.config = config or RelayConfig()

@@ -33,12 +33,15 @@ async def dead_letter(
     worker = f"test-{uuid.uuid4().hex[:6]}"
     claimed = await bus.outbox.claim(10_000, 30.0, worker)
     settlement = Settlement()
+    letters = []
     for row in claimed:
         if row.id == row_id:
             settlement.mark(row, Status.DEAD, error=error)
-            settlement.dead_letter(row, reason, subscriber, error_type=error_type, error=error, attempts=attempts)
+            letters.append(
+                settlement.dead_letter(row, reason, subscriber, error_type=error_type, error=error, attempts=attempts)
+            )
         else:
             settlement.mark(row, Status.PENDING)
     assert await bus.outbox.settle(worker, settlement) == len(claimed)
-    assert len(settlement.dead_ids) == 1, "the offered row was claimed"
-    return settlement.dead_ids[0], row_id
+    assert len(letters) == 1, "the offered row was claimed"
+    return letters[0], row_id

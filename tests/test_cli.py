@@ -90,3 +90,53 @@ def test_unreachable_database_exits_3(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["status", "--dsn", "postgresql://postgres@127.0.0.1:1/none"]) == 3
     err = capsys.readouterr().err
     assert "cannot connect" in err and "Traceback" not in err
+
+
+def test_dead_letter_filters_by_tenant_and_time(
+    eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def make_letters() -> None:
+        bus = EventBus(eventbus_dsn, schema=schema, relay_config=RelayConfig(poll_interval=0.02))
+
+        @bus.subscribe(max_attempts=1, name="cli.fails")
+        async def fails(event: Ping) -> None:
+            raise RuntimeError("down")
+
+        async with bus:
+            async with bus.transaction() as tx:
+                await tx.publish_many([Ping(n) for n in range(2)], tenant="acme")
+                await tx.publish(Ping(9))
+            await bus.drain(timeout=30)
+
+    anyio.run(make_letters)
+    common = ["--dsn", eventbus_dsn, "--schema", schema]
+    code, acme = _json(capsys, ["dlq", "list", "--json", "--tenant", "acme", *common])
+    assert code == 0 and [d["tenant"] for d in acme["dead_letters"]] == ["acme", "acme"]  # type: ignore[index]
+    code, default = _json(capsys, ["dlq", "list", "--json", "--tenant", "", *common])
+    assert code == 0 and [d["payload"] for d in default["dead_letters"]] == [{"n": 9}]  # type: ignore[index]
+    code, recent = _json(capsys, ["dlq", "list", "--json", "--since", "1h", *common])
+    assert code == 0 and len(recent["dead_letters"]) == 3  # type: ignore[index]
+    code, future = _json(capsys, ["dlq", "list", "--json", "--since", "2999-01-01T00:00", *common])
+    assert code == 0 and future["dead_letters"] == []  # type: ignore[index]
+    code, old = _json(capsys, ["dlq", "list", "--json", "--until", "1h", *common])
+    assert code == 0 and old["dead_letters"] == []  # type: ignore[index]
+    code, done = _json(capsys, ["dlq", "replay", "--json", "--tenant", "acme", *common])
+    assert code == 0 and done["count"] == 2  # type: ignore[index]
+    code, left = _json(capsys, ["dlq", "list", "--json", *common])
+    assert code == 0 and [d["tenant"] for d in left["dead_letters"]] == [""]  # type: ignore[index]
+
+
+def test_errors_are_json_with_json(eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, document = _json(capsys, ["status", "--json", "--dsn", eventbus_dsn, "--schema", schema])
+    assert code == 4
+    assert document == {"error": {"message": document["error"]["message"], "type": "MigrationsMissing",  # type: ignore[index]
+                                  "exit_code": 4}}  # fmt: skip
+    assert "eventbus migrate" in document["error"]["message"]  # type: ignore[index]
+    code, document = _json(capsys, ["dlq", "list", "--json", "--since", "yesterday-ish"])
+    assert code == 2 and document["error"]["type"] == "UsageError"  # type: ignore[index]
+    assert "--since" in document["error"]["message"]  # type: ignore[index]
+    code, document = _json(capsys, ["status", "--json", "--dsn", "postgresql://postgres@127.0.0.1:1/none"])
+    assert code == 3 and document["error"]["type"] == "DatabaseUnavailable"  # type: ignore[index]
+    assert main(["status", "--dsn", "postgresql://postgres@127.0.0.1:1/none"]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("eventbus: error: cannot connect")

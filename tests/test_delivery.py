@@ -13,10 +13,12 @@ import pytest
 
 from eventbus import (
     Backoff,
+    ConfigurationError,
     Context,
     DeadLetter,
     DeadLetterFilter,
     EventBus,
+    LocalTransport,
     NewEvent,
     Reason,
     RegistrationError,
@@ -549,3 +551,39 @@ async def test_drain_without_a_relay_times_out_with_a_helpful_message(bus: Event
     assert bus.relay is None
     with pytest.raises(TimeoutError, match=r"2 events were still pending or claimed after 0\.3 s; is a relay"):
         await bus.drain(0.3)
+
+
+# -- the transport seam and settings ---------------------------------------------------------------------------
+
+
+async def test_a_transport_given_to_the_bus_delivers(eventbus_dsn: str, eventbus_schema: str) -> None:
+    transport = LocalTransport(mailbox_size=2)
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=FAST, transport=transport)
+    seen: list[int] = []
+
+    @bus.subscribe(name="seen", ordered=True)
+    async def record(event: Sequenced) -> None:
+        seen.append(event.n)
+
+    async with bus:
+        async with bus.transaction() as tx:
+            await tx.publish_many([Sequenced("one", n) for n in range(20)], key="one")
+        await bus.drain(DRAIN)
+    assert sorted(seen) == list(range(20))
+    assert transport.statistics().delivered == 20 == bus.statistics().delivered
+
+
+async def test_settings_that_cannot_be_used_are_refused(eventbus_dsn: str, eventbus_schema: str) -> None:
+    with pytest.raises(ConfigurationError, match="transport must be 'local' or a Transport instance"):
+        EventBus(eventbus_dsn, schema=eventbus_schema, transport="carrier-pigeon")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="mailbox_size must be at least 1"):
+        LocalTransport(mailbox_size=0)
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema)
+    with pytest.raises(ConfigurationError, match="schema name 'Not Valid'"):
+        bus.schema = "Not Valid"
+    async with bus:
+        with pytest.raises(ConfigurationError, match="cannot change dsn of a connected bus"):
+            bus.dsn = "postgresql://elsewhere/db"
+        async with bus.transaction() as tx:
+            with pytest.raises(ConfigurationError, match="an idempotency key names one event"):
+                await tx.publish_many([Sequenced("one", 1)], idempotency_key="once")

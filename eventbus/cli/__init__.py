@@ -77,75 +77,78 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
 Command = Callable[[argparse.Namespace, Output], Awaitable[int]]
 
 
+class _Commands:
+    """Adds commands and command groups to a parser, each taking the options every command takes."""
+
+    def __init__(self, parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+        self.subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+        self.common = common
+
+    def command(
+        self, name: str, run: Command | None, help: str, description: str | None = None
+    ) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self.subparsers.add_parser(
+            name, parents=[self.common], help=help, description=description
+        )
+        parser.set_defaults(command=run)
+        return parser
+
+    def group(self, name: str, help: str) -> _Commands:
+        """A command group (``eventbus NAME COMMAND``); without a command it prints its help."""
+        parser = self.command(name, None, help)
+        parser.set_defaults(help_parser=parser)
+        return _Commands(parser, self.common)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eventbus", description="Transactional outbox event bus for PostgreSQL.")
     _global_options(parser, default=None)
-    parser.set_defaults(json=False, debug=False)
+    parser.set_defaults(json=False, debug=False, command=None, help_parser=parser)
     common = _Parser(add_help=False)
     _global_options(common, default=argparse.SUPPRESS)
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    commands = _Commands(parser, common)
 
-    p = commands.add_parser("migrate", parents=[common], help="apply missing migrations to the schema")
-    p.set_defaults(command=cmd_migrate)
-
-    p = commands.add_parser("status", parents=[common], help="pending and in-flight events, dead letters, relays alive")
-    p.set_defaults(command=cmd_status)
-
-    p = commands.add_parser(
-        "relay", parents=[common], help="run a relay process for an application's bus until SIGTERM/SIGINT",
-        description="Import the application's EventBus and deliver its events until SIGTERM or SIGINT. "
-        "--dsn and --schema override the bus's own settings only when given.",
+    commands.command("migrate", cmd_migrate, "apply missing migrations to the schema")
+    commands.command("status", cmd_status, "pending and claimed events, dead letters, relays alive")
+    p = commands.command(
+        "relay", cmd_relay, "run a relay process for an application's bus until SIGTERM/SIGINT",
+        "Import the application's EventBus and deliver its events until SIGTERM or SIGINT. --dsn and --schema "
+        "override the bus's own settings only when given.",
     )  # fmt: skip
-    p.add_argument(
-        "--app",
-        required=True,
-        metavar="MODULE:ATTR",
-        help="the EventBus (or a zero-argument function returning one), e.g. myservice.events:bus",
-    )
-    p.set_defaults(command=cmd_relay)
+    p.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                   help="the EventBus (or a zero-argument function returning one), e.g. myservice.events:bus")
 
-    dlq = commands.add_parser("dlq", parents=[common], help="dead letters: list, show, replay, purge")
-    dlq_commands = dlq.add_subparsers(title="commands", metavar="COMMAND")
-    dlq.set_defaults(command=None, help_parser=dlq)
-    p = dlq_commands.add_parser("list", parents=[common], help="list dead letters, newest first")
+    dlq = commands.group("dlq", "dead letters: list, show, replay, purge")
+    p = dlq.command("list", cmd_dlq_list, "list dead letters, newest first")
     letter_filters(p)
     p.add_argument("--limit", type=positive, default=20, help="how many to show (default 20)")
     p.add_argument("--all", action="store_true", help="include dead letters already replayed")
-    p.set_defaults(command=cmd_dlq_list)
-    p = dlq_commands.add_parser("show", parents=[common], help="show one dead letter in full")
+    p = dlq.command("show", cmd_dlq_show, "show one dead letter in full")
     p.add_argument("id", type=dead_letter_id, help="the dead letter's id (from `eventbus dlq list`)")
-    p.set_defaults(command=cmd_dlq_show)
-    p = dlq_commands.add_parser(
-        "replay", parents=[common], help="send dead letters back to their subscribers (once each)",
-        description="Re-offer unreplayed dead letters as rows targeted at their subscriber. Each letter is "
-        "replayed once, however often or from however many shells this runs.",
+    p = dlq.command(
+        "replay", cmd_dlq_replay, "send dead letters back to their subscribers (once each)",
+        "Re-offer unreplayed dead letters as rows targeted at their subscriber. Each letter is replayed once, "
+        "however often or from however many shells this runs.",
     )  # fmt: skip
     p.add_argument("--id", type=dead_letter_id, action="append", help="a dead letter id (repeatable)")
     letter_filters(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be replayed; write nothing")
     p.add_argument("--rate", type=rate, help="at most this many letters per second (spare a recovering service)")
-    p.set_defaults(command=cmd_dlq_replay)
-    p = dlq_commands.add_parser("purge", parents=[common], help="delete old replayed dead letters")
+    p = dlq.command("purge", cmd_dlq_purge, "delete old replayed dead letters")
     p.add_argument("--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h")
     p.add_argument("--include-unreplayed", action="store_true", help="also delete letters never replayed")
     p.add_argument("--batch", type=positive, default=5000, help="letters per delete statement (default 5000)")
-    p.set_defaults(command=cmd_dlq_purge)
 
-    outbox = commands.add_parser("outbox", parents=[common], help="maintain the outbox table (purge)")
-    outbox_commands = outbox.add_subparsers(title="commands", metavar="COMMAND")
-    outbox.set_defaults(command=None, help_parser=outbox)
-    p = outbox_commands.add_parser("purge", parents=[common], help="delete relayed rows older than an age")
+    outbox = commands.group("outbox", "maintain the outbox table (purge)")
+    p = outbox.command("purge", cmd_outbox_purge, "delete relayed rows older than an age")
     p.add_argument("--older-than", type=duration, required=True, metavar="AGE", help="e.g. 7d, 12h")
     p.add_argument("--batch", type=positive, default=5000, help="rows per delete statement (default 5000)")
-    p.set_defaults(command=cmd_outbox_purge)
 
-    p = commands.add_parser(
-        "demo", parents=[common], help="see delivery, retries and dead letters at work (on its own schema)",
-        description=f"Publish a few events to two handlers, one of which times out, and explain what happened. "
-        f"Uses the schema {DEMO_SCHEMA!r} unless --schema is given.",
+    commands.command(
+        "demo", cmd_demo, "see delivery, retries and dead letters at work (on its own schema)",
+        "Publish a few events to two handlers, one of which times out, and explain what happened. Uses the "
+        f"schema {DEMO_SCHEMA!r} unless --schema is given.",
     )  # fmt: skip
-    p.set_defaults(command=cmd_demo)
-    parser.set_defaults(command=None, help_parser=parser)
     return parser
 
 

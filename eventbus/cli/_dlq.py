@@ -131,7 +131,9 @@ async def cmd_dlq_replay(args: argparse.Namespace, out: Output) -> int:
 async def cmd_dlq_purge(args: argparse.Namespace, out: Output) -> int:
     schema = schema_of(args)
     async with connected(args, schema) as bus:
-        deleted = await bus.dead_letters.purge(args.older_than, include_unreplayed=args.include_unreplayed)
+        deleted = await bus.dead_letters.purge(
+            args.older_than, include_unreplayed=args.include_unreplayed, batch=args.batch
+        )
     if args.json:
         out.json({"deleted": deleted})
     else:

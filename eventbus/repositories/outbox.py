@@ -16,12 +16,11 @@ from typing import Any
 
 import anyio
 import asyncpg
-import msgspec
 
 from .. import _pool as pooled
 from .._typing import Connection
 from .._waker import Waker
-from ..events import Envelope, partition_of
+from ..events import Envelope, EventFields, partition_of
 from ..ids import min_id_for, new_id
 from ..sql import Queries
 from ._rows import cap_error, headers_decoder, json_encoder
@@ -44,15 +43,10 @@ class Status(IntEnum):
     DEAD = 3
 
 
-class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An encoded event ready to be offered to the outbox (see :meth:`EventBus.encode`)."""
+class NewEvent(EventFields, frozen=True, kw_only=True):
+    """An encoded event ready to be offered to the outbox (see :meth:`EventBus.encode`); ``event_id`` is set
+    only to give a row the place of an event offered before (a retry or a replay keeps it)."""
 
-    topic: str
-    payload: bytes
-    key: str | None = None
-    target: str | None = None
-    tenant: str = ""
-    headers: dict[str, str] = msgspec.field(default_factory=dict)
     delay: float = 0.0
     idempotency_key: str | None = None
     event_id: uuid.UUID | None = None
@@ -73,46 +67,33 @@ class OfferResult:
         return sum(1 for i in self.ids if i is None)
 
 
+_Mark = tuple[uuid.UUID, int, int, float, str | None]
+_Retry = tuple[uuid.UUID, uuid.UUID, str, int, float, str | None]
+_DeadLetter = tuple[uuid.UUID, uuid.UUID, str, str | None, int, str | None, str | None]
+
+
 @dataclass(slots=True)
 class Settlement:
     """Outcomes of claimed rows, written in one statement by :meth:`OutboxRepository.settle`. Error text is cut
     to :data:`~eventbus.repositories.MAX_ERROR_CHARS`."""
 
-    ids: list[uuid.UUID] = field(default_factory=list)
-    attempts: list[int] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
-    delays: list[float] = field(default_factory=list)
-    errors: list[str | None] = field(default_factory=list)
-    retry_sources: list[uuid.UUID] = field(default_factory=list)
-    retry_ids: list[uuid.UUID] = field(default_factory=list)
-    retry_targets: list[str] = field(default_factory=list)
-    retry_attempts: list[int] = field(default_factory=list)
-    retry_delays: list[float] = field(default_factory=list)
-    retry_errors: list[str | None] = field(default_factory=list)
-    dead_sources: list[uuid.UUID] = field(default_factory=list)
-    dead_ids: list[uuid.UUID] = field(default_factory=list)
-    dead_reasons: list[str] = field(default_factory=list)
-    dead_subscribers: list[str | None] = field(default_factory=list)
-    dead_attempts: list[int] = field(default_factory=list)
-    dead_error_types: list[str | None] = field(default_factory=list)
-    dead_errors: list[str | None] = field(default_factory=list)
+    #: (row id, attempt, status, delay, error) per claimed row.
+    marks: list[_Mark] = field(default_factory=list)
+    #: (claimed row id, new row id, subscriber, attempt, delay, error) per targeted retry row.
+    retries: list[_Retry] = field(default_factory=list)
+    #: (claimed row id, letter id, reason, subscriber, attempts, error type, error) per dead letter.
+    dead_letters: list[_DeadLetter] = field(default_factory=list)
 
     def mark(self, row: Envelope, status: Status, *, delay: float = 0.0, error: str | None = None) -> None:
         """Give a claimed row its final status (or, with PENDING, send it back after ``delay`` seconds)."""
-        self.ids.append(row.id)
-        self.attempts.append(row.attempts)
-        self.statuses.append(int(status))
-        self.delays.append(delay)
-        self.errors.append(cap_error(error))
+        self.marks.append((row.id, row.attempts, int(status), delay, cap_error(error)))
 
-    def retry(self, row: Envelope, subscriber: str, *, delay: float, error: str | None) -> None:
-        """Cut a row targeted at ``subscriber`` alone from a claimed row, due after ``delay`` seconds."""
-        self.retry_sources.append(row.id)
-        self.retry_ids.append(new_id())
-        self.retry_targets.append(subscriber)
-        self.retry_attempts.append(row.attempts)
-        self.retry_delays.append(delay)
-        self.retry_errors.append(cap_error(error))
+    def retry(self, row: Envelope, subscriber: str, *, delay: float, error: str | None) -> uuid.UUID:
+        """Cut a row targeted at ``subscriber`` alone from a claimed row, due after ``delay`` seconds; return
+        the new row's id."""
+        row_id = new_id()
+        self.retries.append((row.id, row_id, subscriber, row.attempts, delay, cap_error(error)))
+        return row_id
 
     def dead_letter(
         self,
@@ -123,18 +104,24 @@ class Settlement:
         error_type: str | None = None,
         error: str | None = None,
         attempts: int | None = None,
-    ) -> None:
-        """Record a dead letter for ``subscriber``'s delivery of a claimed row."""
-        self.dead_sources.append(row.id)
-        self.dead_ids.append(new_id())
-        self.dead_reasons.append(str(reason))
-        self.dead_subscribers.append(subscriber)
-        self.dead_attempts.append(row.attempts if attempts is None else attempts)
-        self.dead_error_types.append(error_type)
-        self.dead_errors.append(cap_error(error))
+    ) -> uuid.UUID:
+        """Record a dead letter for ``subscriber``'s delivery of a claimed row; return the letter's id."""
+        letter_id = new_id()
+        tried = row.attempts if attempts is None else attempts
+        self.dead_letters.append((row.id, letter_id, str(reason), subscriber, tried, error_type, cap_error(error)))
+        return letter_id
+
+    def columns(self) -> list[list[Any]]:
+        """The settle statement's 18 array parameters (after the worker): the marks', retries' and dead
+        letters' fields, one array per field."""
+        return [*_columns(self.marks, 5), *_columns(self.retries, 6), *_columns(self.dead_letters, 7)]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.marks)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
 def envelope_from_row(row: asyncpg.Record) -> Envelope:
@@ -233,18 +220,10 @@ class OutboxRepository:
     async def settle(self, worker: str, settlement: Settlement) -> int:
         """Write the outcomes of claimed rows in one statement, shielded from cancellation; return how many
         rows were still ``worker``'s to settle (the rest were reclaimed and belong to a newer claim)."""
-        if not settlement.ids:
+        if not settlement.marks:
             return 0
-        s = settlement
         with anyio.CancelScope(shield=True):
-            row = await pooled.fetchrow(
-                self.pool, self.queries.settle,
-                worker,
-                s.ids, s.attempts, s.statuses, s.delays, s.errors,
-                s.retry_sources, s.retry_ids, s.retry_targets, s.retry_attempts, s.retry_delays, s.retry_errors,
-                s.dead_sources, s.dead_ids, s.dead_reasons, s.dead_subscribers, s.dead_attempts,
-                s.dead_error_types, s.dead_errors,
-            )  # fmt: skip
+            row = await pooled.fetchrow(self.pool, self.queries.settle, worker, *settlement.columns())
         assert row is not None
         return int(row["settled"])
 

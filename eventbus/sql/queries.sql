@@ -244,12 +244,10 @@ FROM __schema__.eventbus_outbox WHERE id = $1;
 SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
        headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
 FROM __schema__.eventbus_dead_letters
-WHERE ($1::text IS NULL OR reason = $1)
-  AND ($2::text IS NULL OR subscriber = $2)
-  AND ($3::text IS NULL OR topic = $3)
-  AND ($4::text IS NULL OR tenant = $4)
-  AND ($5::uuid IS NULL OR id >= $5)
-  AND ($6::uuid IS NULL OR id <= $6)
+-- The filter, written alike in dead_letter_pick: a NULL parameter matches every row (a NULL subscriber too).
+WHERE (reason, subscriber, topic, tenant) IS NOT DISTINCT FROM
+      (coalesce($1::text, reason), coalesce($2::text, subscriber), coalesce($3::text, topic), coalesce($4::text, tenant))
+  AND id BETWEEN coalesce($5::uuid, id) AND coalesce($6::uuid, id)
   AND ($7::bool OR replayed_at IS NULL)
   AND ($8::uuid IS NULL OR id < $8)
 ORDER BY id DESC
@@ -416,12 +414,9 @@ SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload:
 FROM __schema__.eventbus_dead_letters
 WHERE replayed_at IS NULL
   AND ($10::timestamptz IS NULL OR failed_at <= $10)
-  AND ($1::text IS NULL OR reason = $1)
-  AND ($2::text IS NULL OR subscriber = $2)
-  AND ($3::text IS NULL OR topic = $3)
-  AND ($4::text IS NULL OR tenant = $4)
-  AND ($5::uuid IS NULL OR id >= $5)
-  AND ($6::uuid IS NULL OR id <= $6)
+  AND (reason, subscriber, topic, tenant) IS NOT DISTINCT FROM
+      (coalesce($1::text, reason), coalesce($2::text, subscriber), coalesce($3::text, topic), coalesce($4::text, tenant))
+  AND id BETWEEN coalesce($5::uuid, id) AND coalesce($6::uuid, id)
   AND ($7::uuid[] IS NULL OR id = ANY($7::uuid[]))
   AND ($8::uuid IS NULL OR id > $8)
 ORDER BY id

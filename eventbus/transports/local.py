@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import anyio
 from anyio.abc import TaskStatus
@@ -18,16 +18,6 @@ from . import DeliveryStatistics, Unrouted
 __all__ = ["LocalTransport"]
 
 
-@dataclass
-class _Counters:
-    delivered: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    duplicates_skipped: int = 0
-    dropped: int = 0
-
-
 class LocalTransport:
     """Delivers to subscriber actors in this process: one bounded mailbox of ``mailbox_size`` deliveries per
     worker (a full mailbox makes the relay wait)."""
@@ -39,7 +29,8 @@ class LocalTransport:
         self.unrouted: Unrouted = "dead_letter"
         self.actors: dict[str, Actor] = {}
         self.routes: dict[str, list[Actor]] = {}
-        self.counters = _Counters()
+        #: What :meth:`statistics` reports, by the names of :class:`DeliveryStatistics`.
+        self.counters: Counter[str] = Counter()
         self._runner: AttemptRunner | None = None
 
     def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
@@ -52,7 +43,7 @@ class LocalTransport:
                 self.routes.setdefault(topic, []).append(actor)
 
     def statistics(self) -> DeliveryStatistics:
-        return DeliveryStatistics(**asdict(self.counters))
+        return DeliveryStatistics(**self.counters)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -79,7 +70,7 @@ class LocalTransport:
             outcome = await self._runner.run(sub, envelope, attempt)
             if outcome.verdict is Verdict.RETRY and sub.ordered:
                 # An ordered subscriber retries in place: later events of the key wait behind this one.
-                self.counters.failed += 1
+                self.counters["failed"] += 1
                 await anyio.sleep(outcome.delay)
                 attempt += 1
                 continue
@@ -116,10 +107,10 @@ class LocalTransport:
 
     def _unrouted(self, row: Envelope, why: str, settlement: Settlement) -> None:
         if self.unrouted == "drop" and row.target is None:
-            self.counters.dropped += 1
+            self.counters["dropped"] += 1
             settlement.mark(row, Status.RELAYED)
             return
-        self.counters.dead_lettered += 1
+        self.counters["dead_lettered"] += 1
         settlement.mark(row, Status.DEAD, error=why)
         settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why)
 
@@ -130,21 +121,21 @@ class LocalTransport:
             assert outcome is not None
             verdict = outcome.verdict
             if verdict is Verdict.DONE:
-                counters.delivered += 1
+                counters["delivered"] += 1
             elif verdict is Verdict.DUPLICATE:
-                counters.duplicates_skipped += 1
+                counters["duplicates_skipped"] += 1
             elif verdict is Verdict.RETRY:
-                counters.failed += 1
-                counters.retried += 1
+                counters["failed"] += 1
+                counters["retried"] += 1
                 if row.target is not None:
                     s.mark(row, Status.PENDING, delay=outcome.delay, error=outcome.error)
                     return
                 s.retry(row, name, delay=outcome.delay, error=outcome.error)
             else:
                 assert outcome.reason is not None
-                counters.dead_lettered += 1
+                counters["dead_lettered"] += 1
                 if outcome.reason in (Reason.DELIVERY_FAILED, Reason.HANDLER_TIMEOUT):
-                    counters.failed += 1
+                    counters["failed"] += 1
                 dead += 1
                 s.dead_letter(
                     row, outcome.reason, name, error_type=outcome.error_type, error=outcome.error,

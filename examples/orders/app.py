@@ -67,7 +67,8 @@ async def reserve_stock(event: OrderPlaced, ctx: Context) -> None:
     """Move stock from available to reserved, or mark the order out of stock.
 
     Transactional: these writes commit together with this delivery's inbox row, so a redelivered or replayed
-    event never reserves twice. Ordered: events with the same key (the order id) are handled in commit order.
+    event never reserves twice. Ordered: events with the same key (the order id) are handled one at a time, in
+    publish order.
     """
     reserved = await ctx.connection.fetchval(
         "UPDATE shop_stock SET available = available - $2, reserved = reserved + $2"
