@@ -3,7 +3,7 @@
 N pending events are filled as in ``burndown``; four subscribers take every event, and each attempt raises
 with probability 1% (a seeded RNG), retrying after a tiny backoff (5 ms, doubling) through a targeted retry row.
 The clock runs from relay start until every subscriber has succeeded on every event and no row is left pending
-or in flight. ``poll_interval`` is 50 ms here: retry rows are delayed, so no commit notification wakes the
+or claimed. ``poll_interval`` is 50 ms here: retry rows are delayed, so no commit notification wakes the
 relay for them, and the default 1 s poll would dominate the tail.
 
 Statements are counted exactly, client side: before the relay starts, every connection of the bus's pool

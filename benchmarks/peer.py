@@ -7,7 +7,7 @@ nothing it creates is shared with eventbus's schemas or with another pgqueuer in
 - Burn-down: N no-op jobs enqueued beforehand (chunks of 5000 per statement, then ``VACUUM (ANALYZE)``, as
   burndown.py fills the outbox), drained by one ``QueueManager`` on one connection with a no-op entrypoint. The
   clock starts when ``QueueManager.run`` starts and stops once the queue table is empty: pgqueuer deletes a job
-  when it logs its completion, as eventbus's figure stops when no outbox row is pending or in flight. pgqueuer runs
+  when it logs its completion, as eventbus's figure stops when no outbox row is pending or claimed. pgqueuer runs
   at the relay's batch size and at its own default batch size (10). eventbus's figure is burndown.py's relay drain
   of the same N at the same batch size, in this run. Ratio: eventbus / pgqueuer (above 1: eventbus is faster).
 - Steady state: latency.py's producer (in a child process), schedule, pool size and warm-up; each slot enqueues

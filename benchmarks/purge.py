@@ -1,8 +1,8 @@
-"""Claim latency while retention purges a large backlog of published rows.
+"""Claim latency while retention purges a large backlog of relayed rows.
 
-The outbox holds N published rows from a day ago (quick 200,000; full 1,000,000) and 20,000 pending rows. A
+The outbox holds N relayed rows from a day ago (quick 200,000; full 1,000,000) and 20,000 pending rows. A
 claimer loops: claim 100 rows (timed), hand them back to pending (untimed), so the pending set stays the same.
-It runs first alone (idle), then while ``OutboxRepository.purge`` deletes the published backlog with the
+It runs first alone (idle), then while ``OutboxRepository.purge`` deletes the relayed backlog with the
 retention defaults (batches of ``RelayConfig.retention_batch`` rows, ``retention_pause`` between them). Figures:
 claim p50/p99 under purge beside idle, and how long the purge took.
 """
@@ -62,7 +62,7 @@ async def run(settings: Settings) -> Outcome:
         pool = await asyncpg.create_pool(settings.dsn, min_size=2, max_size=4)
         try:
             repo = OutboxRepository(pool, schema, notify=False)
-            print(f"  purge: {backlog:,} published rows + {PENDING:,} pending ...", flush=True)
+            print(f"  purge: {backlog:,} relayed rows + {PENDING:,} pending ...", flush=True)
             async with pool.acquire() as conn:
                 await conn.execute(_backlog_sql(schema, backlog))
                 async with conn.transaction():
@@ -96,7 +96,7 @@ async def run(settings: Settings) -> Outcome:
         idle_claims=len(idle), busy_claims=len(busy), deleted=deleted, purge_seconds=seconds,
         batch=config.retention_batch, pause=config.retention_pause,
     )  # fmt: skip
-    case = f"{backlog:,} published rows"
+    case = f"{backlog:,} relayed rows"
     for q in (50, 99):
         value, base = percentile(busy, q), percentile(idle, q)
         outcome.rows.append(

@@ -17,7 +17,7 @@ from .errors import (
     UnknownTopic,
 )
 from .events import Envelope, Registry, topic
-from .handlers import Backoff, Context, Subscription
+from .handlers import Backoff, Context, PublishOptions, SubscribeOptions, Subscription
 from .ids import id_time, max_id_for, min_id_for, new_id
 from .migrations import check_migrations, migrate
 from .relay import RelayConfig, RelayStatistics
@@ -59,6 +59,7 @@ __all__ = [
     "NotInTransaction",
     "OfferResult",
     "OutboxRepository",
+    "PublishOptions",
     "Reason",
     "RegistrationError",
     "Registry",
@@ -67,6 +68,7 @@ __all__ = [
     "RelayStatistics",
     "Settlement",
     "Status",
+    "SubscribeOptions",
     "Subscription",
     "Transaction",
     "Transport",

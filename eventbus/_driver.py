@@ -8,6 +8,7 @@ reads the same wherever it happens, with the driver's exception kept as ``__caus
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,13 +17,15 @@ import asyncpg
 
 from .errors import ConfigurationError, DatabaseError, DatabaseUnavailable, EventBusError
 
-__all__ = ["connect", "connecting", "redact_dsn", "translate"]
+__all__ = ["connect", "connecting", "redact_dsn", "redact_secrets", "translate"]
 
 _HIDDEN = "***"
-# user:password@ in a URL; the user part stays, so people recognise which account it was.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*):[^@/?#\s]*@")
-# password=... as a URL query parameter or a key/value DSN setting, quoted or not.
-_PARAM_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&;]+)", re.IGNORECASE)
+# A URL: scheme://, then everything up to whitespace or a quote. Its user part is what stands before the last "@".
+_URL = re.compile(r"""(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'"]+)""")
+# password=... or sslpassword=... as a URL query parameter or a key/value DSN setting, quoted or not.
+_PARAM_PASSWORD = re.compile(r"(?P<head>\b(?:ssl)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&;]+)", re.IGNORECASE)
+# What splits a password a parser misread into the pieces it may quote back.
+_PIECES = re.compile(r"[/@:?#&=\s]+")
 
 _FIX_DSN = "write it as postgresql://user:password@host:5432/database"
 _FIX_REACH = (
@@ -32,10 +35,40 @@ _FIX_REACH = (
 
 
 def redact_dsn(text: str) -> str:
-    """``text`` with every DSN password in it replaced by ``***``: in a URL's user part, in a ``password=``
-    query parameter, or in a ``password=`` setting of a key/value DSN."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{_HIDDEN}@", text)
-    return _PARAM_PASSWORD.sub(lambda m: f"{m['head']}{_HIDDEN}", text)
+    """``text`` with every DSN password in it replaced by ``***``: in a URL's user part (whatever the password
+    holds), in a ``password=`` or ``sslpassword=`` query parameter, or in such a setting of a key/value DSN."""
+    return _PARAM_PASSWORD.sub(lambda m: f"{m['head']}{_HIDDEN}", _URL.sub(_redact_url, text))
+
+
+def _redact_url(match: re.Match[str]) -> str:
+    rest = match["rest"]
+    if "@" not in rest:
+        return match[0]
+    credentials, host = rest.rsplit("@", 1)
+    if ":" in credentials:
+        credentials = credentials.split(":", 1)[0] + ":" + _HIDDEN
+    return f"{match['scheme']}{credentials}@{host}"
+
+
+def _passwords(dsn: str) -> list[str]:
+    """The passwords in ``dsn``, and the pieces of them (of 3 characters or more) a parser may quote back."""
+    found = [m[0].split("=", 1)[1].strip().strip("'") for m in _PARAM_PASSWORD.finditer(dsn)]
+    url = _URL.search(dsn)
+    if url is not None and "@" in url["rest"]:
+        credentials = url["rest"].rsplit("@", 1)[0]
+        if ":" in credentials:
+            found.append(credentials.split(":", 1)[1])
+    pieces = [piece for secret in found for piece in _PIECES.split(secret)]
+    return sorted({s for s in [*found, *pieces] if len(s) >= 3}, key=len, reverse=True)
+
+
+def redact_secrets(text: str, dsn: str) -> str:
+    """``text`` (a driver's message, a traceback) without ``dsn``'s password, whole or in pieces, nor any DSN
+    password of its own."""
+    text = redact_dsn(text)
+    for secret in _passwords(dsn):
+        text = text.replace(secret, _HIDDEN)
+    return text
 
 
 @contextmanager
@@ -46,11 +79,11 @@ def connecting(dsn: str) -> Iterator[None]:
         yield
     except (asyncpg.ClientConfigurationError, ValueError) as exc:
         raise ConfigurationError(
-            f"the DSN {redact_dsn(dsn)!r} is not usable ({redact_dsn(str(exc))}); {_FIX_DSN}"
+            f"the DSN {redact_dsn(dsn)!r} is not usable ({redact_secrets(str(exc), dsn)}); {_FIX_DSN}"
         ) from exc
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {redact_dsn(str(exc))}. {_FIX_REACH}"
+            f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {redact_secrets(str(exc), dsn)}. {_FIX_REACH}"
         ) from exc
 
 
@@ -63,9 +96,9 @@ async def connect(dsn: str, **options: Any) -> asyncpg.Connection:
 
 def translate(exc: BaseException) -> EventBusError | None:
     """The eventbus error standing for a driver exception raised after connecting, or None when ``exc`` is not a
-    driver (or OS) error. The result's ``__cause__`` is ``exc``."""
+    driver error nor a lost connection. The result's ``__cause__`` is ``exc``."""
     error: EventBusError
-    if isinstance(exc, ConnectionError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+    if isinstance(exc, ConnectionError | socket.gaierror | asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
         error = DatabaseUnavailable(
             f"lost the connection to PostgreSQL ({redact_dsn(str(exc))}); check the server and retry"
         )
@@ -73,8 +106,6 @@ def translate(exc: BaseException) -> EventBusError | None:
         error = DatabaseError(
             f"PostgreSQL refused the request: {redact_dsn(str(exc))} (SQLSTATE {exc.sqlstate})", sqlstate=exc.sqlstate
         )
-    elif isinstance(exc, OSError):
-        error = DatabaseUnavailable(f"{redact_dsn(str(exc))}; check the server and retry")
     else:
         return None
     error.__cause__ = exc

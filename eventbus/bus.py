@@ -24,7 +24,7 @@ from ._embedded import embedded_dsn
 from ._pool import bus_connection, create_pool
 from ._typing import Connection
 from .errors import ConfigurationError, RegistrationError
-from .events import Registry
+from .events import EventFields, Registry
 from .handlers import AttemptRunner, PublishOptions, SubscribeOptions, Subscription, subscription_for
 from .migrations import check_migrations, migrate
 from .observability import inject_headers
@@ -413,6 +413,10 @@ class EventBus:
     ) -> NewEvent:
         """Turn an event into the row an offer inserts (topic, payload, trace context); see
         :meth:`Transaction.offer`."""
+        if isinstance(event, EventFields):
+            raise ConfigurationError(
+                f"{type(event).__name__} is encoded already: offer it with tx.offer([...]), not publish or encode"
+            )
         return NewEvent(
             topic=self.registry.topic_for(event),
             payload=self.registry.encode(event),
@@ -458,10 +462,15 @@ class EventBus:
         """
         return (await self.offer([self.encode(event, **options)], connection=connection)).ids[0]
 
-    async def offer(self, events: Sequence[NewEvent], *, connection: Any = None) -> OfferResult:
-        """Offer already-encoded events (see :meth:`encode`) in the caller's open transaction on
-        ``connection`` (as for :meth:`publish`), or, without one, in a transaction of the bus's own."""
+    async def offer(self, events: Sequence[NewEvent], *, connection: Any) -> OfferResult:
+        """Offer already-encoded events (see :meth:`encode`) in the caller's open transaction on ``connection``,
+        as :meth:`publish` does."""
+        return await self.outbox.offer(await transactional_connection(connection), events)
+
+    async def offer_follow_up(self, events: Sequence[NewEvent], connection: Connection | None) -> OfferResult:
+        """Offer a handler's follow-up events: on its transaction (a transactional subscriber's ``connection``),
+        else in a transaction of the bus's own."""
         if connection is None:
             async with self.transaction() as tx:
                 return await tx.offer(events)
-        return await self.outbox.offer(await transactional_connection(connection), events)
+        return await self.outbox.offer(connection, events)

@@ -70,7 +70,7 @@ class Publisher(Protocol):
 
     def encode(self, event: msgspec.Struct, **options: Unpack[PublishOptions]) -> NewEvent: ...
 
-    async def offer(self, events: Sequence[NewEvent], *, connection: Any = None) -> OfferResult: ...
+    async def offer_follow_up(self, events: Sequence[NewEvent], connection: Connection | None) -> OfferResult: ...
 
 
 class Context:
@@ -115,9 +115,10 @@ class Context:
         if "correlation_id" in self.headers:
             merged.setdefault("correlation_id", self.headers["correlation_id"])
         options["headers"] = merged
-        options.setdefault("tenant", self.tenant)
+        if options.get("tenant") is None:
+            options["tenant"] = self.tenant
         new = self._publisher.encode(event, **options)
-        return (await self._publisher.offer([new], connection=self._connection)).ids[0]
+        return (await self._publisher.offer_follow_up([new], self._connection)).ids[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
+from ._driver import connect
 from .events import PARTITIONS, Envelope, partition_of
 from .repositories import DeadLetterRepository, OutboxRepository, RelayRepository, Settlement, Status
 from .transports import Transport
@@ -289,7 +290,7 @@ class Relay:
         delay = 0.2
         while True:
             try:
-                conn = await asyncpg.connect(self.dsn)
+                conn = await connect(self.dsn)
             except Exception as exc:
                 log.warning("relay %s: session connection failed (%s); polling meanwhile", self.worker, exc)
                 await anyio.sleep(delay)

@@ -1,5 +1,5 @@
-"""The claim query's plan with a large backlog of published rows: it must walk the partial index of pending rows,
-never the table (see DESIGN.md, "Lessons": claims that scan past published history slow down without bound)."""
+"""The claim query's plan with a large backlog of relayed rows: it must walk the partial index of pending rows,
+never the table (docs/architecture.md, "Tables": claims that scan past relayed history slow down without bound)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ async def _explain(conn: asyncpg.Connection, sql: str, args: tuple[Any, ...]) ->
 
 
 @pytest.mark.parametrize("partitions", [None, [0, 1, 2, 3, 4, 5, 6, 7]], ids=["every-partition", "some-partitions"])
-async def test_claim_uses_pending_index_with_large_published_backlog(
+async def test_claim_uses_pending_index_with_large_relayed_backlog(
     eventbus_dsn: str, eventbus_schema: str, partitions: list[int] | None
 ) -> None:
     table = f"{quote_schema(eventbus_schema)}.eventbus_outbox"
@@ -73,7 +73,7 @@ async def test_claim_uses_pending_index_with_large_published_backlog(
         picked = [n for n in nodes if n.get("Index Name") == "eventbus_outbox_pending"]
         assert all(n["Node Type"] in {"Index Scan", "Index Only Scan", "Bitmap Index Scan"} for n in picked)
 
-        # And the claim really takes the oldest pending rows, none of the published history.
+        # And the claim really takes the oldest pending rows, none of the relayed history.
         oldest = [r["id"] for r in await conn.fetch(f"SELECT id FROM {table} WHERE status = 0 ORDER BY id LIMIT 100")]
         rows = await conn.fetch(claim, 100, "relay-1", 30.0, partitions)
         assert sorted(r["id"] for r in rows) == oldest

@@ -45,7 +45,7 @@ def test_missing_migrations_then_migrate_then_status(
     assert main(["status", *common]) == 4
     assert "eventbus migrate" in capsys.readouterr().err
     code, applied = _json(capsys, ["migrate", "--json", *common])
-    assert code == 0 and applied["applied"] == ["0001_initial", "0002_dead_letter_source"]  # type: ignore[index]
+    assert code == 0 and applied["applied"] == ["0001_initial"]  # type: ignore[index]
     code, status = _json(capsys, ["status", "--json", *common])
     assert code == 0
     assert status["outbox"]["pending"] == 0 and status["dead_letters"] == []  # type: ignore[index]
@@ -140,3 +140,21 @@ def test_errors_are_json_with_json(eventbus_dsn: str, schema: str, capsys: pytes
     assert main(["status", "--dsn", "postgresql://postgres@127.0.0.1:1/none"]) == 3
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("eventbus: error: cannot connect")
+
+
+def test_usage_errors_name_the_command_and_refuse_abbreviations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dlq", "list", "--limit", "0"]) == 2
+    assert "see `eventbus dlq list --help`" in capsys.readouterr().err
+    assert main(["--js", "status"]) == 2
+    assert "unrecognized arguments: --js" in capsys.readouterr().err
+    code, document = _json(capsys, ["--json", "dlq"])
+    assert code == 2 and document == {"error": {"message": "name a command (see `eventbus dlq --help`)",
+                                                "type": "UsageError", "exit_code": 2}}  # fmt: skip
+
+
+def test_a_timeout_is_a_failure_not_an_unreachable_database() -> None:
+    from eventbus.cli import _explain
+
+    assert _explain(TimeoutError("3 events were still pending")) == (1, "3 events were still pending", "TimeoutError")
+    assert _explain(PermissionError("no access to app.py"))[0] == 1
+    assert _explain(ConnectionResetError("reset by peer"))[:1] == (3,)

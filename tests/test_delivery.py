@@ -252,7 +252,7 @@ async def test_raising_handler_is_dead_lettered_and_only_it_is_retried(eventbus_
         (Reason.DELIVERY_FAILED, "broken", 4, "ValueError")
     ]
     assert dead[0].error == "ValueError: cannot handle o-9 (attempt 4)"
-    # The original row is published; the retries went through one row targeted at the failing subscriber alone
+    # The original row is relayed; the retries went through one row targeted at the failing subscriber alone
     # (sent back to pending after each failure), which ends dead.
     assert original is not None and original["status"] == Status.RELAYED
     assert [(r["target"], r["status"]) for r in retry_rows] == [("broken", Status.DEAD)]
@@ -587,3 +587,7 @@ async def test_settings_that_cannot_be_used_are_refused(eventbus_dsn: str, event
         async with bus.transaction() as tx:
             with pytest.raises(ConfigurationError, match="an idempotency key names one event"):
                 await tx.publish_many([Sequenced("one", 1)], idempotency_key="once")
+            with pytest.raises(ConfigurationError, match=r"is encoded already: offer it with tx\.offer"):
+                await tx.publish_many([bus.encode(Sequenced("one", 1))])
+        with pytest.raises(ConfigurationError, match="cannot publish on NoneType"):
+            await bus.publish(Sequenced("one", 1), connection=None)

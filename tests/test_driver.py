@@ -24,6 +24,9 @@ SECRET = "s3cr3t-Pa55"
         (f"host=db password = '{SECRET} with space' dbname=orders", "host=db password = *** dbname=orders"),
         (f"cannot reach postgresql://app:{SECRET}@db/x: refused", "cannot reach postgresql://app:***@db/x: refused"),
         ("postgresql://app@db/orders", "postgresql://app@db/orders"),
+        (f"postgresql://app:{SECRET}/x@db/orders", "postgresql://app:***@db/orders"),
+        (f"postgresql://app:{SECRET}@x@db/orders", "postgresql://app:***@db/orders"),
+        (f"host=db sslpassword={SECRET} dbname=orders", "host=db sslpassword=*** dbname=orders"),
     ],
 )  # fmt: skip
 def test_redact_dsn_hides_every_form_of_password(text: str, expected: str) -> None:
@@ -59,3 +62,21 @@ async def test_bus_connect_error_hides_the_password() -> None:
     with pytest.raises(DatabaseUnavailable) as caught:
         await bus.connect()
     assert SECRET not in str(caught.value)
+
+
+async def test_a_password_the_parser_quotes_back_is_hidden_too() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        await connect(f"postgresql://app:{SECRET[:4]}/{SECRET[4:]}@127.0.0.1:1/none")
+    assert SECRET[:4] not in str(caught.value) and SECRET[4:] not in str(caught.value)
+
+
+def test_commands_print_no_password(capsys: pytest.CaptureFixture[str]) -> None:
+    from eventbus.cli import main
+
+    for dsn in (f"postgresql://app:{SECRET}@127.0.0.1:1/none", f"postgresql://app@127.0.0.1:1/none?password={SECRET}",
+                f"host=127.0.0.1 port=1 user=app password={SECRET} dbname=none"):  # fmt: skip
+        commands = (["status", "--dsn", dsn], ["--debug", "status", "--dsn", dsn], ["--json", "migrate", "--dsn", dsn])
+        for argv in commands:
+            assert main(argv) in (2, 3)
+            captured = capsys.readouterr()
+            assert SECRET not in captured.out + captured.err, argv

@@ -1,4 +1,4 @@
-"""Property tests of the delivery invariants in DESIGN.md over random histories, against a real PostgreSQL.
+"""Property tests of the delivery guarantees (docs/architecture.md) over random histories, against a real PostgreSQL.
 
 A history is a list of steps: commit or roll back a few events (each with random keys and a per-subscriber
 fault plan: raise or hang past the timeout on given attempts), start or gracefully stop an extra relay (up to

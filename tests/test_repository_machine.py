@@ -89,7 +89,7 @@ class Model:
     keys: set[tuple[str, str]] = field(default_factory=set)
     dead: dict[uuid.UUID, str] = field(default_factory=dict)
     rolled_back: set[uuid.UUID] = field(default_factory=set)
-    # Every envelope a worker was ever handed, stale ones included: completing those must settle nothing.
+    # Every envelope a worker was ever handed, stale ones included: settling those must settle nothing.
     held: dict[str, list[Envelope]] = field(default_factory=lambda: {w: [] for w in WORKERS})
 
     def expected_slots(self, events: list[NewEvent]) -> list[bool]:
@@ -107,7 +107,7 @@ class Model:
         return slots
 
     def holds(self, worker: str, envelope: Envelope) -> bool:
-        """Whether a completion of ``envelope`` by ``worker`` must settle its row (the fence)."""
+        """Whether a settle of ``envelope`` by ``worker`` must settle its row (the fence)."""
         row = self.rows[envelope.id]
         return row.status == Status.CLAIMED and row.claimed_by == worker and row.attempts == envelope.attempts
 
@@ -231,7 +231,7 @@ class OutboxMachine(RuleBasedStateMachine):
         )
         winners = [e for e in envelopes if self.model.holds(worker, e)]
         settled = self.env.run(_settle_relayed, self.env.repo, worker, envelopes)
-        assert settled == len(winners), "a completion must settle exactly the rows the worker still holds"
+        assert settled == len(winners), "a settle must settle exactly the rows the worker still holds"
         for envelope in winners:
             row = self.model.rows[envelope.id]
             row.status, row.claimed_by, row.lease_valid = Status.RELAYED, None, False
@@ -254,7 +254,7 @@ class OutboxMachine(RuleBasedStateMachine):
             )
         )
         after = self.env.run(self._db_clock)
-        assert settled == (1 if holds else 0), "a fenced-out completion must settle nothing"
+        assert settled == (1 if holds else 0), "a fenced-out settle must settle nothing"
         if not holds:
             return
         row = self.model.rows[envelope.id]

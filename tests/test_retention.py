@@ -15,7 +15,7 @@ class Tick(msgspec.Struct, frozen=True):
     n: int
 
 
-async def test_relay_purges_published_rows_past_retention(eventbus_dsn: str, eventbus_schema: str) -> None:
+async def test_relay_purges_relayed_rows_past_retention(eventbus_dsn: str, eventbus_schema: str) -> None:
     config = RelayConfig(
         poll_interval=0.02, heartbeat_interval=0.2, retention=timedelta(0), retention_interval=0.1, retention_batch=3
     )

@@ -1,5 +1,5 @@
 """How many statements the happy path of a fan-out costs: one offer for a whole transaction's events, and a
-claim plus a completion per batch, never a statement per event or per delivery."""
+claim plus a settle per batch, never a statement per event or per delivery."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _subscribe(bus: EventBus, name: str, seen: Counter[str]) -> None:
         seen[name] += 1
 
 
-async def test_fan_out_costs_one_offer_and_a_claim_and_a_completion_per_batch(
+async def test_fan_out_costs_one_offer_and_a_claim_and_a_settle_per_batch(
     eventbus_dsn: str, eventbus_schema: str
 ) -> None:
     queries = Queries(eventbus_schema)
@@ -113,7 +113,7 @@ async def test_fan_out_costs_one_offer_and_a_claim_and_a_completion_per_batch(
     assert set(published) <= {"offer", "transaction", "pool reset", "asyncpg type introspection"}, published
 
     # drain() polls the outbox through the same pool; those polls are the test's, not the relay's. Every other
-    # statement on the pool in this phase is the relay's: claims (idle polls included), completions, and its
+    # statement on the pool in this phase is the relay's: claims (idle polls included), settles, and its
     # bookkeeping (heartbeat, partition checks, forgetting itself on stop).
     during = kinds("relay")
     not_relay = {"drain", "pool reset", "asyncpg type introspection"}
@@ -125,7 +125,7 @@ async def test_fan_out_costs_one_offer_and_a_claim_and_a_completion_per_batch(
           f"{ {kind: n for kind, n in during.items() if kind in not_relay} }")  # fmt: skip
     assert "offer" not in relay_kinds
     assert relay_statements <= 2 * EVENTS, relay_kinds
-    # The figure that shows a per-event or per-delivery write: one completion per claimed batch, and one batch.
+    # The figure that shows a per-event or per-delivery write: one settle per claimed batch, and one batch.
     assert relay.batches == math.ceil(EVENTS / BATCH)
     assert relay_kinds.get("settle", 0) == relay.batches, relay_kinds
     assert relay_kinds.get("claim", 0) >= relay.batches, relay_kinds

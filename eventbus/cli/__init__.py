@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from .._driver import redact_dsn, translate
+from .._driver import redact_secrets, translate
 from ..errors import ConfigurationError, DatabaseUnavailable, EventBusError, MigrationsMissing
 from ._common import (
     DEFAULT_SCHEMA,
@@ -52,12 +52,15 @@ __all__ = ["build_parser", "main"]
 class _UsageError(Exception):
     """A command line that does not parse; :func:`main` reports it (as JSON with ``--json``)."""
 
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(f"{message} (see `{prog} --help`)")
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are raised, for :func:`main` to report in one line with exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
+        raise _UsageError(message, self.prog)
 
 
 def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
@@ -101,10 +104,10 @@ class _Commands:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="eventbus", description="Transactional outbox event bus for PostgreSQL.")
+    parser = _Parser(prog="eventbus", description="Transactional outbox event bus for PostgreSQL.", allow_abbrev=False)
     _global_options(parser, default=None)
     parser.set_defaults(json=False, debug=False, command=None, help_parser=parser)
-    common = _Parser(add_help=False)
+    common = _Parser(add_help=False, allow_abbrev=False)
     _global_options(common, default=argparse.SUPPRESS)
     commands = _Commands(parser, common)
 
@@ -172,6 +175,8 @@ def _explain(exc: BaseException) -> tuple[int, str, str]:
         return EXIT_FAILED, str(exc), kind
     if isinstance(exc, TimeoutError):
         return EXIT_FAILED, str(exc) or "timed out", kind
+    if isinstance(exc, OSError):
+        return EXIT_FAILED, f"{exc}; rerun with --debug for the traceback", kind
     return EXIT_FAILED, f"unexpected {kind}: {exc}; rerun with --debug for the traceback", kind
 
 
@@ -183,13 +188,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:
-        error(Output(as_json=True) if as_json else None, f"{exc} (see `{parser.prog} --help`)", code=EXIT_USAGE,
-              kind="UsageError")  # fmt: skip
+        error(Output(as_json=True) if as_json else None, str(exc), code=EXIT_USAGE, kind="UsageError")
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         args.help_parser.print_help(sys.stderr)
+        if as_json:
+            error(Output(as_json=True), f"name a command (see `{args.help_parser.prog} --help`)", code=EXIT_USAGE,
+                  kind="UsageError")  # fmt: skip
         return EXIT_USAGE
     warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")  # embedded server's noise
     logging.basicConfig(
@@ -210,11 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         code, message, kind = _explain(exc)
+        dsn = args.dsn or os.environ.get("EVENTBUS_DSN") or ""
         if args.debug:
-            traceback.print_exc()
-        error(out, redact_dsn(message), code=code, kind=kind)
+            print(redact_secrets(traceback.format_exc(), dsn), end="", file=sys.stderr)
+        error(out, redact_secrets(message, dsn), code=code, kind=kind)
         return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,6 +28,7 @@ __all__ = [
     "dead_letter_filter",
     "dead_letter_id",
     "duration",
+    "filters_given",
     "letter_document",
     "letter_filters",
     "moment",
@@ -126,6 +127,12 @@ def letter_filters(parser: argparse.ArgumentParser) -> None:
         "--since", type=moment, metavar="TIME", help="failed at or after TIME (ISO 8601, UTC by default, or an age: 2h)"
     )
     parser.add_argument("--until", type=moment, metavar="TIME", help="failed at or before TIME (as --since)")
+
+
+def filters_given(args: argparse.Namespace) -> bool:
+    """Whether the command line narrowed the dead letters (by any filter of :func:`letter_filters`, or ``--id``)."""
+    picked = (args.reason, args.subscriber, args.topic, args.tenant, args.since, args.until, getattr(args, "id", None))
+    return any(value is not None for value in picked)
 
 
 def dead_letter_filter(args: argparse.Namespace, *, include_replayed: bool = False) -> DeadLetterFilter:

@@ -7,7 +7,15 @@ import argparse
 import msgspec
 
 from ..errors import EventBusError
-from ._common import EXIT_OK, command_hint, connected, dead_letter_filter, letter_document, schema_of
+from ._common import (
+    EXIT_OK,
+    command_hint,
+    connected,
+    dead_letter_filter,
+    filters_given,
+    letter_document,
+    schema_of,
+)
 from ._output import Output, Progress, count, first_line, since
 
 __all__ = ["cmd_dlq_list", "cmd_dlq_purge", "cmd_dlq_replay", "cmd_dlq_show"]
@@ -24,9 +32,7 @@ async def cmd_dlq_list(args: argparse.Namespace, out: Output) -> int:
         out.json({"dead_letters": [letter_document(d) for d in letters], "more": more})
         return EXIT_OK
     if not letters:
-        picked = (args.reason, args.subscriber, args.topic, args.tenant, args.since, args.until)
-        narrowed = any(value is not None for value in picked)
-        out.line("no dead letters" + (" match these filters" if narrowed else f" in schema {schema!r}"))
+        out.line("no dead letters" + (" match these filters" if filters_given(args) else f" in schema {schema!r}"))
         return EXIT_OK
     columns = ["id", "failed", "reason", "subscriber", "topic", "key", "attempts", "error"]
     if args.all:
@@ -103,7 +109,7 @@ async def cmd_dlq_replay(args: argparse.Namespace, out: Output) -> int:
         if args.dry_run:
             letters = await bus.dead_letters.replay(where, ids=args.id or None, dry_run=True)
         else:
-            expected = sum((await bus.dead_letters.count()).values())
+            expected = None if filters_given(args) else sum((await bus.dead_letters.count()).values())
             with Progress(out, "replaying", expected or None) as progress:
                 letters = await bus.dead_letters.replay(
                     where, ids=args.id or None, rate=args.rate, on_page=progress.advance

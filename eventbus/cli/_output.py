@@ -135,6 +135,6 @@ def error(out: Output | None, message: str, *, code: int, kind: str) -> None:
     """Report a failed command: one line on standard error, or with ``--json`` a JSON document on standard output
     (``{"error": {"message", "type", "exit_code"}}``), so that a script reading the output can parse it too."""
     if out is not None and out.as_json:
-        out.json({"error": {"message": message, "type": kind, "exit_code": code}})
+        out.json({"error": {"message": message, "type": kind, "exit_code": code}}, compact=True)
     else:
         print(f"eventbus: error: {message}", file=sys.stderr)

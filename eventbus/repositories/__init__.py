@@ -6,8 +6,8 @@
 - :mod:`.relays` — ``eventbus_relays`` and partition ownership.
 """
 
-from ._rows import MAX_ERROR_CHARS, cap_error
-from .dead_letters import DeadLetter, DeadLetterFilter, DeadLetterRepository, Reason
+from ._rows import MAX_ERROR_CHARS, Reason, cap_error
+from .dead_letters import DeadLetter, DeadLetterFilter, DeadLetterRepository
 from .inbox import InboxRepository
 from .outbox import NewEvent, OfferResult, OutboxRepository, Settlement, Status, envelope_from_row
 from .relays import RelayRepository

@@ -1,12 +1,25 @@
-"""What the repositories share: JSON codecs for stored text, and the cap on stored error text."""
+"""What the repositories share: JSON codecs for stored text, the cap on stored error text, and the reasons a
+delivery is dead-lettered (the outbox's settle statement writes dead letters)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 
 import msgspec
 
-__all__ = ["MAX_ERROR_CHARS", "cap_error", "headers_decoder", "json_encoder"]
+__all__ = ["MAX_ERROR_CHARS", "Reason", "cap_error", "headers_decoder", "json_encoder"]
+
+
+class Reason(StrEnum):
+    """Why a delivery ended in the dead-letter table."""
+
+    DELIVERY_FAILED = "DeliveryFailed"
+    DESERIALIZATION_FAILED = "DeserializationFailed"
+    DUPLICATE_EVENT = "DuplicateEvent"
+    HANDLER_MISSING = "HandlerMissing"
+    HANDLER_TIMEOUT = "HandlerTimeout"
+
 
 #: Stored error text is cut to this many characters (tracebacks can be long and can carry secrets).
 MAX_ERROR_CHARS = 4096

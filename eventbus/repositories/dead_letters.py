@@ -10,8 +10,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import asyncpg
@@ -19,22 +18,10 @@ import msgspec
 
 from .. import _pool as pooled
 from ..ids import max_id_for, min_id_for
-from ._rows import headers_decoder
-
-if TYPE_CHECKING:
-    from .outbox import NewEvent, OutboxRepository
+from ._rows import Reason, headers_decoder
+from .outbox import NewEvent, OutboxRepository
 
 __all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterRepository", "Reason"]
-
-
-class Reason(StrEnum):
-    """Why a delivery ended in the dead-letter table."""
-
-    DELIVERY_FAILED = "DeliveryFailed"
-    DESERIALIZATION_FAILED = "DeserializationFailed"
-    DUPLICATE_EVENT = "DuplicateEvent"
-    HANDLER_MISSING = "HandlerMissing"
-    HANDLER_TIMEOUT = "HandlerTimeout"
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,8 +76,6 @@ def _dead_letter_from_row(row: asyncpg.Record) -> DeadLetter:
 
 
 def _replay_event(letter: DeadLetter) -> NewEvent:
-    from .outbox import NewEvent
-
     return NewEvent(
         topic=letter.topic,
         payload=letter.payload.encode(),

@@ -23,8 +23,7 @@ from .._waker import Waker
 from ..events import Envelope, EventFields, partition_of
 from ..ids import min_id_for, new_id
 from ..sql import Queries
-from ._rows import cap_error, headers_decoder, json_encoder
-from .dead_letters import Reason
+from ._rows import Reason, cap_error, headers_decoder, json_encoder
 
 __all__ = ["NewEvent", "OfferResult", "OutboxRepository", "Settlement", "Status", "envelope_from_row"]
 

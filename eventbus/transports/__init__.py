@@ -40,7 +40,7 @@ class Transport(Protocol):
         """Take the bus's subscribers and the runner of their attempts; called once, before :meth:`run`."""
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        """Run until :meth:`close` was called and in-flight work drained (or until cancelled)."""
+        """Run until :meth:`close` was called and the work in hand drained (or until cancelled)."""
 
     async def deliver(self, rows: Sequence[Envelope], settlement: Settlement) -> None:
         """Deliver claimed rows and record every row's outcome in ``settlement``."""

@@ -36,6 +36,7 @@ class LocalTransport:
     def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
         self._runner = runner
         self.unrouted = unrouted
+        self.counters.clear()
         self.actors = {sub.name: Actor(sub, self._handle, self.mailbox_size) for sub in subscriptions}
         self.routes = {}
         for actor in self.actors.values():
