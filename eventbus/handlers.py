@@ -241,6 +241,8 @@ class Outcome:
     error_type: str | None = None
     error: str | None = None
     attempts: int = 0
+    #: When the attempt failed (``anyio.current_time()``): a retry's backoff runs from here.
+    failed_at: float = 0.0
 
 
 DONE = Outcome(Verdict.DONE)
@@ -311,7 +313,10 @@ class AttemptRunner:
         timed_out = isinstance(exc, TimeoutError)
         text = f"handler exceeded its timeout of {sub.timeout:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
         if attempt < sub.max_attempts:
-            return Outcome(Verdict.RETRY, delay=sub.backoff.delay(attempt), error=cap_error(text, self.redact))
+            return Outcome(
+                Verdict.RETRY, delay=sub.backoff.delay(attempt), error=cap_error(text, self.redact),
+                failed_at=anyio.current_time(),
+            )  # fmt: skip
         return Outcome(
             Verdict.DEAD,
             reason=Reason.HANDLER_TIMEOUT if timed_out else Reason.DELIVERY_FAILED,

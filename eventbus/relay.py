@@ -1,8 +1,11 @@
-"""The relay: claims committed rows, hands them to a transport, and writes the outcomes back.
+"""The relay: claims committed rows, hands them to a transport, and writes the outcomes back as they arrive.
 
-It wakes on the commit notification (LISTEN) and polls as a safety net, keeps several batches in flight,
-renews the lease of rows still being handled, reclaims rows of relays that died, and shares the key-hash
-partitions with the other relays through advisory locks so that each key is relayed by one process at a time.
+It wakes on the commit notification (LISTEN) and polls as a safety net, claims as many rows as it has room for
+(``max_batches_in_flight`` batches' worth of rows not yet settled), hands them to the transport in the order it
+claimed them, and settles each row once its subscribers are done with it, several rows to a statement (see
+:mod:`eventbus._settler`). It renews the lease of rows still being handled, reclaims rows of relays that died,
+and shares the key-hash partitions with the other relays through advisory locks so that each key is relayed by
+one process at a time.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Any
 
 import anyio
 import asyncpg
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from ._driver import connect
+from ._settler import Settler
 from .events import PARTITIONS, Envelope, partition_of
 from .repositories import DeadLetterRepository, OutboxRepository, RelayRepository, Settlement, Status
 from .transports import Transport
@@ -41,6 +45,8 @@ class RelayConfig:
     lease: float = 30.0
     poll_interval: float = 1.0
     use_notify: bool = True
+    #: How many batches' worth of rows may wait for their subscribers at once (rows detached from a laggard and
+    #: rows targeted at one subscriber do not count: a subscriber's own backlog bounds those).
     max_batches_in_flight: int = 3
     reclaim_interval: float = 5.0
     heartbeat_interval: float = 2.0
@@ -63,8 +69,10 @@ class RelayStatistics:
     batches: int
     claimed: int
     settled: int
-    #: Rows claimed and not yet settled.
+    #: Rows claimed and not yet settled (continuations being handled here included).
     unsettled: int
+    #: Statements that wrote outcomes.
+    settle_statements: int
     partitions_owned: int
     partitions_ready: int
     listening: bool
@@ -114,8 +122,10 @@ class Relay:
         self._wakeup = _Wakeup()
         self._stopping = False
         self._stopped = anyio.Event()
-        self._slots = anyio.Semaphore(self.config.max_batches_in_flight)
         self._unsettled: dict[uuid.UUID, Envelope] = {}
+        self._load: set[uuid.UUID] = set()  # the claimed rows that count against max_batches_in_flight
+        self._room = anyio.Event()
+        self._settler = Settler(self.outbox, self.worker, self.config.lease, self._written)
         self._partition_load: Counter[int] = Counter()
         self._session: asyncpg.Connection | None = None
         self._session_lock = anyio.Lock()
@@ -137,9 +147,10 @@ class Relay:
         self._wakeup.set()
 
     def stop(self) -> None:
-        """Stop claiming; batches in flight finish, then :meth:`run` returns."""
+        """Stop claiming; rows in hand finish, then :meth:`run` returns."""
         self._stopping = True
         self._wakeup.set()
+        self._room.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -147,7 +158,8 @@ class Relay:
     def statistics(self) -> RelayStatistics:
         return RelayStatistics(
             worker=self.worker, batches=self._batches, claimed=self._claimed, settled=self._settled,
-            unsettled=len(self._unsettled), partitions_owned=len(self._owned), partitions_ready=len(self._ready),
+            unsettled=len(self._unsettled), settle_statements=self._settler.statements,
+            partitions_owned=len(self._owned), partitions_ready=len(self._ready),
             listening=self._listening, purged=self._purged,
         )  # fmt: skip
 
@@ -158,15 +170,18 @@ class Relay:
                 background.start_soon(self._maintenance_loop)
                 if self.config.retention is not None:
                     background.start_soon(self._retention_loop)
-                async with anyio.create_task_group() as work:
-                    await work.start(self.transport.run)
-                    task_status.started()
-                    async with anyio.create_task_group() as batches:
-                        await self._claim_loop(batches)
-                    self.transport.close()
+                async with anyio.create_task_group() as settling:
+                    await settling.start(self._settler.run)
+                    async with anyio.create_task_group() as work:
+                        await work.start(self.transport.run)
+                        task_status.started()
+                        await self._claim_loop()
+                        self.transport.close()
+                    self._settler.close()
                 background.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                await self._settler.flush()
                 await self._release_unsettled()
                 await self._close_session()
                 try:
@@ -182,13 +197,18 @@ class Relay:
             return None
         return sorted(self._ready)
 
-    async def _claim_loop(self, batches: TaskGroup) -> None:
+    async def _claim_loop(self) -> None:
         config = self.config
+        capacity = config.batch_size * config.max_batches_in_flight
         failures = 0
         poll_started = anyio.current_time()  # start of the last claim made on the poll's cadence
         follow_up = False
         while not self._stopping:
-            await self._slots.acquire()
+            room = min(config.batch_size, capacity - len(self._load))
+            if room <= 0:
+                self._room = anyio.Event()
+                await self._room.wait()
+                continue
             self._wakeup.clear()
             claimed_at = anyio.current_time()
             if not follow_up:
@@ -197,11 +217,10 @@ class Relay:
                 # Under the claim lock a partition cannot be given up between the claim and its tracking.
                 async with self._claim_lock:
                     rows = await self.outbox.claim(
-                        config.batch_size, config.lease, self.worker, partitions=self._claimable()
+                        room, config.lease, self.worker, partitions=self._claimable(), skip=self.transport.full()
                     )
                     self._track(rows)
             except Exception as exc:
-                self._slots.release()
                 failures += 1
                 delay = min(config.poll_interval * failures, 5.0)
                 log.warning("relay %s: claim failed (%s); retrying in %.1f s", self.worker, exc, delay)
@@ -209,10 +228,9 @@ class Relay:
                 continue
             failures = 0
             if rows:
-                batches.start_soon(self._run_batch, rows)
-            else:
-                self._slots.release()
-            if len(rows) == config.batch_size:
+                self._load.update(row.id for row in rows if row.target is None)
+                await self.transport.deliver(rows, self._report)
+            if len(rows) == room:
                 follow_up = False
                 continue
             # A claim that found rows is followed by one more at once, for the rows committed while it ran: without
@@ -224,51 +242,34 @@ class Relay:
                     max(config.poll_interval / 10, poll_started + config.poll_interval - anyio.current_time())
                 )
 
-    def _track(self, rows: Sequence[Envelope]) -> None:
+    def _track(self, rows: Sequence[Envelope], *, claimed: bool = True) -> None:
         if not rows:
             return
-        self._batches += 1
-        self._claimed += len(rows)
+        if claimed:
+            self._batches += 1
+            self._claimed += len(rows)
         for row in rows:
             self._unsettled[row.id] = row
             partition = partition_of(row.key)
             if partition is not None:
                 self._partition_load[partition] += 1
 
-    def _untrack(self, rows: Sequence[Envelope]) -> None:
-        for row in rows:
-            if self._unsettled.pop(row.id, None) is not None:
+    def _report(self, row: Envelope, settlement: Settlement, leased: Sequence[Envelope]) -> None:
+        """A row is done (or detached from its laggards): write it soon; keep the continuations leased."""
+        self._track(leased, claimed=False)
+        self._settler.add(settlement)
+
+    def _written(self, ids: list[uuid.UUID], settled: int) -> None:
+        """A statement wrote the outcomes of these rows: they no longer take room."""
+        self._settled += settled
+        for row_id in ids:
+            row = self._unsettled.pop(row_id, None)
+            if row is not None:
                 partition = partition_of(row.key)
                 if partition is not None:
                     self._partition_load[partition] -= 1
-
-    async def _run_batch(self, rows: list[Envelope]) -> None:
-        try:
-            settlement = Settlement()
-            await self.transport.deliver(rows, settlement)
-            await self._settle(settlement)
-        finally:
-            self._untrack(rows)
-            self._slots.release()
-
-    async def _settle(self, settlement: Settlement) -> None:
-        """Write outcomes, retrying through a dropped connection until the lease would have run out."""
-        with anyio.CancelScope(shield=True):
-            deadline = anyio.current_time() + self.config.lease
-            delay = 0.1
-            while True:
-                try:
-                    settled = await self.outbox.settle(self.worker, settlement)
-                    self._settled += settled
-                    return
-                except Exception as exc:
-                    if anyio.current_time() + delay > deadline:
-                        log.error("relay %s: giving up writing %d outcomes (%s); the rows will be reclaimed "
-                                  "and delivered again", self.worker, len(settlement), exc)
-                        return
-                    log.warning("relay %s: writing outcomes failed (%s); retrying", self.worker, exc)
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+            self._load.discard(row_id)
+        self._room.set()
 
     async def _release_unsettled(self) -> None:
         """On shutdown, hand rows still held back to pending so another relay need not wait for the lease."""

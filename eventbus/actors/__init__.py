@@ -1,5 +1,5 @@
-"""A small actor runtime on anyio: bounded mailboxes, lanes for per-key order, supervised workers."""
+"""A small actor runtime on anyio: ordered queues per key, parked retries, supervised workers."""
 
-from .runtime import Actor, BatchTracker, Delivery
+from .runtime import Actor, Delivery
 
-__all__ = ["Actor", "BatchTracker", "Delivery"]
+__all__ = ["Actor", "Delivery"]

@@ -1,26 +1,36 @@
 """Subscriber actors.
 
-Each subscriber is an :class:`Actor`: a bounded mailbox (so a slow subscriber pushes back on the relay),
-``concurrency`` workers, and, for an ordered subscriber, one lane per worker chosen by the key's hash so that a
-key's events are handled one after another in the order they were sent. A worker that crashes is restarted by
-its supervisor with backoff and resumes with the message it held; nothing it held is lost.
+Each subscriber is an :class:`Actor`: a queue of deliveries and ``concurrency`` workers under a supervisor.
+Deliveries are put in synchronously, in the order the relay claimed them, so nothing can overtake on the way in.
+
+- An unordered subscriber's workers take deliveries first in, first out.
+- An ordered subscriber keeps one queue per key. A key is handled by one worker at a time, head first; a
+  delivery that is to be retried in place parks its key until its backoff ends, and the workers go on with the
+  other keys meanwhile. So a key's events are handled one at a time in the order they came, and a key that
+  retries holds up only itself.
+
+A worker that crashes is restarted by its supervisor with backoff; the delivery it held goes back to the head of
+its key, and nothing it held is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
-import zlib
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..events import Envelope
-from ..handlers import Outcome, Subscription
+from ..handlers import Outcome, Subscription, Verdict
 
-__all__ = ["Actor", "BatchTracker", "Delivery"]
+__all__ = ["Actor", "Delivery"]
 
 log = logging.getLogger("eventbus.actors")
 
@@ -28,144 +38,172 @@ log = logging.getLogger("eventbus.actors")
 _YIELD_EVERY = 64
 
 
-class BatchTracker:
-    """Collects the outcomes of one batch's deliveries; :meth:`wait` returns when every one has reported."""
-
-    __slots__ = ("_done", "_remaining", "outcomes")
-
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome | None] = []
-        self._remaining = 1  # a guard released by seal(), so early reports cannot finish the batch
-        self._done = anyio.Event()
-
-    def slot(self) -> int:
-        self.outcomes.append(None)
-        self._remaining += 1
-        return len(self.outcomes) - 1
-
-    def report(self, index: int, outcome: Outcome) -> None:
-        self.outcomes[index] = outcome
-        self._remaining -= 1
-        if self._remaining == 0:
-            self._done.set()
-
-    def seal(self) -> None:
-        """No more slots will be added."""
-        self._remaining -= 1
-        if self._remaining == 0:
-            self._done.set()
-
-    async def wait(self) -> None:
-        await self._done.wait()
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Delivery:
+    """One subscriber's share of a claimed row: the envelope to hand to the handler (the row itself, or the
+    continuation row that carries this share once it is detached) and the attempt to run next."""
+
     envelope: Envelope
-    tracker: BatchTracker
-    index: int
+    attempt: int
+    #: What the transport tracks about the row (opaque here).
+    owner: Any = None
+    started: bool = False
 
 
-@dataclass(slots=True)
-class _Worker:
-    receive: MemoryObjectReceiveStream[Delivery]
-    current: Delivery | None = None
-
-
-Handle = Callable[[Subscription, Delivery], Awaitable[Outcome]]
+Attempt = Callable[[Subscription, Delivery], Awaitable[Outcome]]
+Report = Callable[[Delivery, Outcome], None]
+#: Told when an ordered delivery is to be retried in place (for counters).
+Retrying = Callable[[Delivery, Outcome], None]
 
 
 @dataclass
 class Actor:
-    """One subscriber's mailbox and workers."""
+    """One subscriber's queue and workers."""
 
     subscription: Subscription
-    handle: Handle
-    mailbox_size: int = 256
+    attempt: Attempt
+    report: Report
+    retrying: Retrying = lambda _delivery, _outcome: None
     restart_backoff: float = 0.05
-    _sends: list[MemoryObjectSendStream[Delivery]] = field(default_factory=list)
-    _workers: list[_Worker] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        sub = self.subscription
-        if sub.ordered:
-            for _ in range(sub.concurrency):
-                send, receive = anyio.create_memory_object_stream[Delivery](self.mailbox_size)
-                self._sends.append(send)
-                self._workers.append(_Worker(receive))
-        else:
-            send, receive = anyio.create_memory_object_stream[Delivery](self.mailbox_size * sub.concurrency)
-            self._sends.append(send)
-            self._workers.append(_Worker(receive))
-            self._workers.extend(_Worker(receive.clone()) for _ in range(sub.concurrency - 1))
+    _queues: dict[Hashable, deque[Delivery]] = field(default_factory=dict)
+    _ready: deque[Hashable] = field(default_factory=deque)
+    _parked: list[tuple[float, int, Hashable]] = field(default_factory=list)
+    _queued: int = 0
+    _closed: bool = False
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+    _tiebreak: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def name(self) -> str:
         return self.subscription.name
 
-    async def send(self, delivery: Delivery) -> None:
-        """Put a delivery in the mailbox, waiting while it is full."""
-        if len(self._sends) == 1:
-            stream = self._sends[0]
-        else:
+    @property
+    def backlog(self) -> int:
+        """Deliveries queued, parked or being handled."""
+        return self._queued
+
+    def send_nowait(self, delivery: Delivery) -> None:
+        """Queue a delivery (never waits: the relay bounds what it claims, not this queue)."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        key: Hashable = delivery
+        if self.subscription.ordered:
             envelope = delivery.envelope
-            lane_key = envelope.key if envelope.key is not None else str(envelope.event_id)
-            stream = self._sends[zlib.crc32(lane_key.encode()) % len(self._sends)]
-        try:
-            stream.send_nowait(delivery)  # no trip through the event loop while there is room
-        except anyio.WouldBlock:
-            await stream.send(delivery)
+            key = envelope.key if envelope.key is not None else envelope.event_id
+        queue = self._queues.get(key)
+        self._queued += 1
+        if queue is None:
+            self._queues[key] = deque((delivery,))
+            self._ready.append(key)
+            self._notify()
+        else:
+            queue.append(delivery)  # behind the key's earlier deliveries; its key is ready, busy or parked
+
+    def withdraw(self, delivery: Delivery) -> bool:
+        """Take a delivery that has not started out of the queue; return whether it was there to take."""
+        if delivery.started or self.subscription.ordered:
+            return False
+        queue = self._queues.pop(delivery, None)
+        if queue is None:
+            return False
+        self._queued -= 1
+        with contextlib.suppress(ValueError):
+            self._ready.remove(delivery)
+        return True
 
     def close(self) -> None:
         """Accept no more deliveries; workers finish what is queued, then :meth:`run` returns."""
-        for send in self._sends:
-            send.close()
+        self._closed = True
+        self._notify()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                for worker in self._workers:
-                    tg.start_soon(self._supervise, worker)
+                for _ in range(self.subscription.concurrency):
+                    tg.start_soon(self._supervise)
                 task_status.started()
         finally:
-            # Cancelled (a stop past its timeout): close the mailbox too, or its send streams leak
-            # (ResourceWarning: Unclosed MemoryObjectSendStream). Closing twice is harmless.
-            self.close()
+            self._closed = True
 
-    async def _supervise(self, worker: _Worker) -> None:
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _take_nowait(self) -> Hashable | None:
+        if self._parked and self._parked[0][0] <= anyio.current_time():
+            now = anyio.current_time()
+            while self._parked and self._parked[0][0] <= now:
+                self._ready.append(heapq.heappop(self._parked)[2])
+        if self._ready:
+            return self._ready.popleft()
+        return None
+
+    async def _take(self) -> Hashable | None:
+        """The next key (or unordered delivery) to handle; None once closed and nothing is left."""
+        while True:
+            key = self._take_nowait()
+            if key is not None:
+                return key
+            if self._closed and not self._queues:
+                return None
+            changed = self._changed
+            if self._parked:
+                with anyio.move_on_after(max(0.0, self._parked[0][0] - anyio.current_time())):
+                    await changed.wait()
+            else:
+                await changed.wait()
+
+    def _done(self, key: Hashable, *, park_until: float | None = None) -> None:
+        queue = self._queues[key]
+        if park_until is not None:
+            heapq.heappush(self._parked, (park_until, next(self._tiebreak), key))
+            self._notify()
+            return
+        queue.popleft()
+        self._queued -= 1
+        if queue:
+            self._ready.append(key)
+            self._notify()
+        else:
+            del self._queues[key]
+            if self._closed and not self._queues:
+                self._notify()
+
+    async def _supervise(self) -> None:
         delay = self.restart_backoff
-        with worker.receive:
-            while True:
-                try:
-                    await self._work(worker)
-                    return
-                except Exception:
-                    log.exception("subscriber %s: worker crashed; restarting in %.2f s", self.name, delay)
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+        while True:
+            try:
+                await self._work()
+                return
+            except Exception:
+                log.exception("subscriber %s: worker crashed; restarting in %.2f s", self.name, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    async def _work(self, worker: _Worker) -> None:
+    async def _work(self) -> None:
         unyielded = 0
         while True:
-            if worker.current is None:
-                try:
-                    # Take what is queued without a trip through the event loop, but yield now and then so
-                    # that handlers which never await cannot starve the relay.
-                    if unyielded < _YIELD_EVERY:
-                        unyielded += 1
-                        worker.current = worker.receive.receive_nowait()
-                    else:
-                        unyielded = 0
-                        worker.current = await worker.receive.receive()
-                except anyio.WouldBlock:
-                    unyielded = 0
-                    try:
-                        worker.current = await worker.receive.receive()
-                    except anyio.EndOfStream:
-                        return
-                except anyio.EndOfStream:
+            # Take what is queued without a trip through the event loop, but yield now and then so that
+            # handlers which never await cannot starve the relay.
+            key = self._take_nowait() if unyielded < _YIELD_EVERY else None
+            if key is None:
+                unyielded = 0
+                key = await self._take()
+                if key is None:
                     return
-            delivery = worker.current
-            outcome = await self.handle(self.subscription, delivery)
-            worker.current = None
-            delivery.tracker.report(delivery.index, outcome)
+            unyielded += 1
+            delivery = self._queues[key][0]
+            delivery.started = True
+            try:
+                outcome = await self.attempt(self.subscription, delivery)
+            except BaseException:
+                self._ready.appendleft(key)  # the delivery stays at the head of its key for the next worker
+                raise
+            if outcome.verdict is Verdict.RETRY and self.subscription.ordered:
+                # An ordered subscriber retries in place: the key's later events wait, the other keys go on.
+                self.retrying(delivery, outcome)
+                delivery.attempt += 1
+                self._done(key, park_until=anyio.current_time() + outcome.delay)
+                continue
+            self._done(key)
+            self.report(delivery, outcome)

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import msgspec
 
 from .. import _pool as pooled
 from .._typing import Connection
@@ -67,7 +68,7 @@ class OfferResult:
 
 
 _Mark = tuple[uuid.UUID, int, int, float, str | None]
-_Retry = tuple[uuid.UUID, uuid.UUID, str, int, float, str | None]
+_Retry = tuple[uuid.UUID, uuid.UUID, str, int, float, str | None, bool]
 _DeadLetter = tuple[uuid.UUID, uuid.UUID, str, str | None, int, str | None, str | None]
 
 
@@ -78,7 +79,8 @@ class Settlement:
 
     #: (row id, attempt, status, delay, error) per claimed row.
     marks: list[_Mark] = field(default_factory=list)
-    #: (claimed row id, new row id, subscriber, attempt, delay, error) per targeted retry row.
+    #: (claimed row id, new row id, subscriber, attempt, delay, error, leased) per targeted row cut from a
+    #: claimed row: a retry, or a continuation that carries one subscriber's share on.
     retries: list[_Retry] = field(default_factory=list)
     #: (claimed row id, letter id, reason, subscriber, attempts, error type, error) per dead letter.
     dead_letters: list[_DeadLetter] = field(default_factory=list)
@@ -91,8 +93,18 @@ class Settlement:
         """Cut a row targeted at ``subscriber`` alone from a claimed row, due after ``delay`` seconds; return
         the new row's id."""
         row_id = new_id()
-        self.retries.append((row.id, row_id, subscriber, row.attempts, delay, cap_error(error)))
+        self.retries.append((row.id, row_id, subscriber, row.attempts, delay, cap_error(error), False))
         return row_id
+
+    def continuation(self, row: Envelope, subscriber: str, *, leased: bool) -> Envelope:
+        """Cut a row that carries ``subscriber``'s share of a claimed row on, with the same event id, so the
+        claimed row can settle for its other subscribers. ``leased``: the share is being handled here, and the
+        new row is claimed by the settling worker at the same attempt (its outcome settles the new row); else
+        the new row is pending and its share gets back the attempt it never ran. Returns the new row."""
+        row_id = new_id()
+        attempts = row.attempts if leased else max(0, row.attempts - 1)
+        self.retries.append((row.id, row_id, subscriber, attempts, 0.0, None, leased))
+        return msgspec.structs.replace(row, id=row_id, target=subscriber, attempts=attempts)
 
     def dead_letter(
         self,
@@ -113,7 +125,17 @@ class Settlement:
     def columns(self) -> list[list[Any]]:
         """The settle statement's 18 array parameters (after the worker): the marks', retries' and dead
         letters' fields, one array per field."""
-        return [*_columns(self.marks, 5), *_columns(self.retries, 6), *_columns(self.dead_letters, 7)]
+        return [*_columns(self.marks, 5), *_columns(self.retries, 7), *_columns(self.dead_letters, 7)]
+
+    def extend(self, other: Settlement) -> None:
+        """Take on ``other``'s outcomes (to write several in one statement)."""
+        self.marks.extend(other.marks)
+        self.retries.extend(other.retries)
+        self.dead_letters.extend(other.dead_letters)
+
+    def leased(self) -> set[uuid.UUID]:
+        """The ids of the rows this settlement inserts as claimed (continuations being handled)."""
+        return {retry[1] for retry in self.retries if retry[6]}
 
     def __len__(self) -> int:
         return len(self.marks)
@@ -202,27 +224,36 @@ class OutboxRepository:
         return OfferResult(tuple(i if i in inserted else None for i in ids))
 
     async def claim(
-        self, limit: int, lease: float, worker: str, *, partitions: Sequence[int] | None = None
+        self,
+        limit: int,
+        lease: float,
+        worker: str,
+        *,
+        partitions: Sequence[int] | None = None,
+        skip: Sequence[str] = (),
     ) -> list[Envelope]:
         """Lease up to ``limit`` due rows to ``worker`` for ``lease`` seconds, oldest id first, skipping rows
         others hold; the attempt is counted now.
 
         With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
+        Rows targeted at a subscriber in ``skip`` (one without room) are left for later.
         """
         rows = await pooled.fetch(
-            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions)
-        )
+            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
+            list(skip) if skip else None,
+        )  # fmt: skip
         claimed = [envelope_from_row(row) for row in rows]
         claimed.sort(key=lambda e: e.id)
         return claimed
 
-    async def settle(self, worker: str, settlement: Settlement) -> int:
+    async def settle(self, worker: str, settlement: Settlement, *, lease: float = 30.0) -> int:
         """Write the outcomes of claimed rows in one statement, shielded from cancellation; return how many
-        rows were still ``worker``'s to settle (the rest were reclaimed and belong to a newer claim)."""
+        rows were still ``worker``'s to settle (the rest were reclaimed and belong to a newer claim).
+        Continuations it inserts as claimed are leased to ``worker`` for ``lease`` seconds."""
         if not settlement.marks:
             return 0
         with anyio.CancelScope(shield=True):
-            row = await pooled.fetchrow(self.pool, self.queries.settle, worker, *settlement.columns())
+            row = await pooled.fetchrow(self.pool, self.queries.settle, worker, *settlement.columns(), lease)
         assert row is not None
         return int(row["settled"])
 

@@ -89,10 +89,12 @@ SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken F
 -- $2 worker text
 -- $3 lease_seconds float8
 -- $4 partitions smallint[] (NULL: every partition; rows without a key are always claimable)
+-- $5 skip_targets text[] (rows targeted at these subscribers are left pending; NULL: none)
 WITH picked AS (
     SELECT id FROM __schema__.eventbus_outbox
     WHERE status = 0 AND available_at <= now()
       AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
+      AND ($5::text[] IS NULL OR target IS NULL OR NOT target = ANY($5::text[]))
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -113,19 +115,21 @@ RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text 
 -- $4 statuses smallint[] (0 pending again: retry in place or release, 2 relayed, 3 dead)
 -- $5 retry_delays float8[] (seconds, for status 0)
 -- $6 errors text[]
--- $7 retry_sources uuid[] (claimed row each targeted retry row is cut from)
+-- $7 retry_sources uuid[] (claimed row each targeted row is cut from)
 -- $8 retry_ids uuid[]
 -- $9 retry_targets text[]
 -- $10 retry_attempts int[]
 -- $11 retry_delays float8[]
 -- $12 retry_errors text[]
--- $13 dead_sources uuid[]
--- $14 dead_ids uuid[]
--- $15 dead_reasons text[]
--- $16 dead_subscribers text[]
--- $17 dead_attempts int[]
--- $18 dead_error_types text[]
--- $19 dead_errors text[]
+-- $13 retry_leased bool[] (true: inserted as claimed by $1 for $21 seconds, a continuation being handled)
+-- $14 dead_sources uuid[]
+-- $15 dead_ids uuid[]
+-- $16 dead_reasons text[]
+-- $17 dead_subscribers text[]
+-- $18 dead_attempts int[]
+-- $19 dead_error_types text[]
+-- $20 dead_errors text[]
+-- $21 lease_seconds float8
 WITH settled AS (
     UPDATE __schema__.eventbus_outbox AS o
     SET status = u.status,
@@ -145,11 +149,14 @@ WITH settled AS (
     RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.partition, o.payload, o.headers
 ), retries AS (
     INSERT INTO __schema__.eventbus_outbox
-        (id, event_id, tenant, topic, key, partition, target, payload, headers, attempts, available_at, last_error)
+        (id, event_id, tenant, topic, key, partition, target, payload, headers, attempts, available_at, last_error,
+         status, claimed_by, claimed_until)
     SELECT r.id, s.event_id, s.tenant, s.topic, s.key, s.partition, r.target, s.payload, s.headers, r.attempts,
-           now() + make_interval(secs => r.delay), r.error
-    FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::int[], $11::float8[], $12::text[])
-        AS r(source, id, target, attempts, delay, error)
+           now() + make_interval(secs => r.delay), r.error,
+           CASE WHEN r.leased THEN 1 ELSE 0 END, CASE WHEN r.leased THEN $1 END,
+           CASE WHEN r.leased THEN now() + make_interval(secs => $21::float8) END
+    FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::int[], $11::float8[], $12::text[], $13::bool[])
+        AS r(source, id, target, attempts, delay, error, leased)
     JOIN settled AS s ON s.id = r.source
     RETURNING 1
 ), dead AS (
@@ -157,7 +164,7 @@ WITH settled AS (
         (id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error)
     SELECT d.id, d.reason, s.event_id, s.id, s.tenant, s.topic, s.key, d.subscriber, s.payload, s.headers,
            d.attempts, d.error_type, d.error
-    FROM unnest($13::uuid[], $14::uuid[], $15::text[], $16::text[], $17::int[], $18::text[], $19::text[])
+    FROM unnest($14::uuid[], $15::uuid[], $16::text[], $17::text[], $18::int[], $19::text[], $20::text[])
         AS d(source, id, reason, subscriber, attempts, error_type, error)
     JOIN settled AS s ON s.id = d.source
     RETURNING 1

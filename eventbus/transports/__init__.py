@@ -7,7 +7,7 @@ broker transport would publish each row and report it settled once the broker ac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -17,10 +17,14 @@ from ..events import Envelope
 from ..handlers import AttemptRunner, Subscription
 from ..repositories import Settlement
 
-__all__ = ["DeliveryStatistics", "Transport", "Unrouted"]
+__all__ = ["DeliveryStatistics", "Report", "Transport", "Unrouted"]
 
 #: What happens to an event no subscriber takes: a ``HandlerMissing`` dead letter, or nothing.
 Unrouted = Literal["dead_letter", "drop"]
+
+#: How a transport reports a row it is done with: the row, what settling it writes, and the continuation rows
+#: that writing inserts as claimed by this relay (shares still being handled here, to keep leased).
+Report = Callable[[Envelope, Settlement, Sequence[Envelope]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +46,12 @@ class Transport(Protocol):
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Run until :meth:`close` was called and the work in hand drained (or until cancelled)."""
 
-    async def deliver(self, rows: Sequence[Envelope], settlement: Settlement) -> None:
-        """Deliver claimed rows and record every row's outcome in ``settlement``."""
+    async def deliver(self, rows: Sequence[Envelope], report: Report) -> None:
+        """Take claimed rows, in the order they were claimed, and ``report`` each one as soon as it is done.
+        Returns once the rows are taken (a row of one call never overtakes a row of an earlier call)."""
+
+    def full(self) -> list[str]:
+        """Subscribers that have no room: rows targeted at them are not to be claimed meanwhile."""
 
     def close(self) -> None:
         """Accept no more rows; :meth:`run` returns once what was accepted is done."""

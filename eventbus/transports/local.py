@@ -1,43 +1,75 @@
-"""The in-process transport: rows go to subscriber actors in this process."""
+"""The in-process transport: rows go to subscriber actors in this process.
+
+Rows are handed to the actors in the order the relay claimed them, without waiting, so no batch can overtake
+another on the way in. Each row is reported to the relay as soon as every subscriber it went to has an outcome;
+it does not wait for its batch. A subscriber that holds a row up for longer than ``detach_after`` seconds (slow,
+hung, or retrying in place) is detached from it: the row settles for the others, and a continuation row with
+the same event id carries the laggard's share on, claimed by this relay when its handler runs (or holds its
+place in an ordered key), pending when it had not started. An unordered subscriber whose backlog is full gets
+its share of new rows as pending continuations, which the relay claims once it has room.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ..actors import Actor, BatchTracker, Delivery
+from ..actors import Actor, Delivery
 from ..errors import ConfigurationError
 from ..events import Envelope
 from ..handlers import AttemptRunner, Outcome, Subscription, Verdict
 from ..repositories import Reason, Settlement, Status
-from . import DeliveryStatistics, Unrouted
+from . import DeliveryStatistics, Report, Unrouted
 
 __all__ = ["LocalTransport"]
 
 
-class LocalTransport:
-    """Delivers to subscriber actors in this process: one bounded mailbox of ``mailbox_size`` deliveries per
-    worker (a full mailbox makes the relay wait)."""
+@dataclass(slots=True, eq=False)
+class _Row:
+    """A claimed row on its way through the subscribers it went to."""
 
-    def __init__(self, *, mailbox_size: int = 256) -> None:
+    envelope: Envelope
+    dispatched_at: float
+    waiting: dict[str, Delivery] = field(default_factory=dict)
+    outcomes: list[tuple[str, Outcome]] = field(default_factory=list)
+    #: Subscribers whose share goes on in a pending continuation (their backlog was full).
+    deferred: list[str] = field(default_factory=list)
+
+
+class LocalTransport:
+    """Delivers to subscriber actors in this process. ``mailbox_size`` bounds the backlog of an unordered
+    subscriber (beyond it, its shares wait in the outbox); ``detach_after`` is how long a subscriber may hold a
+    row up for the others."""
+
+    def __init__(self, *, mailbox_size: int = 256, detach_after: float = 1.0) -> None:
         if mailbox_size < 1:
             raise ConfigurationError(f"mailbox_size must be at least 1, not {mailbox_size}")
+        if not detach_after > 0:
+            raise ConfigurationError(f"detach_after must be more than 0 seconds, not {detach_after!r}")
         self.mailbox_size = mailbox_size
+        self.detach_after = detach_after
         self.unrouted: Unrouted = "dead_letter"
         self.actors: dict[str, Actor] = {}
         self.routes: dict[str, list[Actor]] = {}
         #: What :meth:`statistics` reports, by the names of :class:`DeliveryStatistics`.
         self.counters: Counter[str] = Counter()
         self._runner: AttemptRunner | None = None
+        self._report: Report | None = None
+        self._rows: dict[object, _Row] = {}  # rows not yet reported, in the order they came
 
     def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
         self._runner = runner
         self.unrouted = unrouted
         self.counters.clear()
-        self.actors = {sub.name: Actor(sub, self._handle, self.mailbox_size) for sub in subscriptions}
+        self._rows.clear()
+        self._closing = anyio.Event()
+        self.actors = {
+            sub.name: Actor(sub, self._attempt, self._reported, retrying=self._retrying) for sub in subscriptions
+        }
         self.routes = {}
         for actor in self.actors.values():
             for topic in actor.subscription.topics:
@@ -46,17 +78,71 @@ class LocalTransport:
     def statistics(self) -> DeliveryStatistics:
         return DeliveryStatistics(**self.counters)
 
+    def full(self) -> list[str]:
+        """Subscribers whose backlog is full: the relay claims no rows targeted at them meanwhile."""
+        return [name for name, actor in self.actors.items() if actor.backlog >= self.mailbox_size]
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             for actor in self.actors.values():
                 await tg.start(actor.run)
+            detaching = anyio.CancelScope()
+            tg.start_soon(self._detach_laggards, detaching)
             task_status.started()
+            await self._closing.wait()
+            detaching.cancel()
 
     def close(self) -> None:
+        self._closing.set()
         for actor in self.actors.values():
             actor.close()
 
-    async def _handle(self, sub: Subscription, delivery: Delivery) -> Outcome:
+    # -- in --------------------------------------------------------------------------------------------------
+
+    async def deliver(self, rows: Sequence[Envelope], report: Report) -> None:
+        self._report = report
+        now = anyio.current_time()
+        for row in rows:
+            if row.target is not None:
+                actor = self.actors.get(row.target)
+                actors = [actor] if actor is not None else []
+            else:
+                actors = self.routes.get(row.topic, [])
+            if not actors:
+                self._unrouted(row, report)
+                continue
+            state = _Row(row, now)
+            for actor in actors:
+                sub = actor.subscription
+                if row.target is None and not sub.ordered and actor.backlog >= self.mailbox_size:
+                    state.deferred.append(actor.name)
+                    continue
+                delivery = Delivery(row, row.attempts, state)
+                state.waiting[actor.name] = delivery
+                actor.send_nowait(delivery)
+            if state.waiting:
+                self._rows[row.id] = state
+            else:
+                self._finish(state)
+
+    def _unrouted(self, row: Envelope, report: Report) -> None:
+        why = (
+            f"no subscriber named {row.target!r} in this process" if row.target is not None
+            else f"no subscriber for topic {row.topic!r} in this process"
+        )  # fmt: skip
+        settlement = Settlement()
+        if self.unrouted == "drop" and row.target is None:
+            self.counters["dropped"] += 1
+            settlement.mark(row, Status.RELAYED)
+        else:
+            self.counters["dead_lettered"] += 1
+            settlement.mark(row, Status.DEAD, error=why)
+            settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why)
+        report(row, settlement, ())
+
+    # -- attempts and outcomes ---------------------------------------------------------------------------------
+
+    async def _attempt(self, sub: Subscription, delivery: Delivery) -> Outcome:
         envelope = delivery.envelope
         if envelope.attempts > sub.max_attempts:
             return Outcome(
@@ -66,60 +152,79 @@ class LocalTransport:
                 attempts=envelope.attempts,
             )  # fmt: skip
         assert self._runner is not None, "attach() comes first"
-        attempt = envelope.attempts
-        while True:
-            outcome = await self._runner.run(sub, envelope, attempt)
-            if outcome.verdict is Verdict.RETRY and sub.ordered:
-                # An ordered subscriber retries in place: later events of the key wait behind this one.
-                self.counters["failed"] += 1
-                await anyio.sleep(outcome.delay)
-                attempt += 1
-                continue
-            return outcome
+        return await self._runner.run(sub, envelope, delivery.attempt)
 
-    async def deliver(self, rows: Sequence[Envelope], settlement: Settlement) -> None:
-        tracker = BatchTracker()
-        plan: list[list[tuple[str, int]]] = []
-        missing: dict[int, str] = {}
-        for position, row in enumerate(rows):
-            if row.target is not None:
-                actor = self.actors.get(row.target)
-                actors = [actor] if actor is not None else []
-            else:
-                actors = self.routes.get(row.topic, [])
-            slots = []
-            for actor in actors:
-                index = tracker.slot()
-                slots.append((actor.name, index))
-                await actor.send(Delivery(row, tracker, index))
-            if not actors:
-                missing[position] = (
-                    f"no subscriber named {row.target!r} in this process" if row.target is not None
-                    else f"no subscriber for topic {row.topic!r} in this process"
-                )
-            plan.append(slots)
-        tracker.seal()
-        await tracker.wait()
-        for position, row in enumerate(rows):
-            if position in missing:
-                self._unrouted(row, missing[position], settlement)
-            else:
-                self._settle(row, [(name, tracker.outcomes[i]) for name, i in plan[position]], settlement)
+    def _retrying(self, delivery: Delivery, outcome: Outcome) -> None:
+        self.counters["failed"] += 1
 
-    def _unrouted(self, row: Envelope, why: str, settlement: Settlement) -> None:
-        if self.unrouted == "drop" and row.target is None:
-            self.counters["dropped"] += 1
-            settlement.mark(row, Status.RELAYED)
+    def _reported(self, delivery: Delivery, outcome: Outcome) -> None:
+        state: _Row = delivery.owner
+        if delivery.envelope is not state.envelope:
+            # A detached share: its outcome settles the continuation row it now travels on.
+            settlement = Settlement()
+            self._settle(delivery.envelope, [(delivery.envelope.target or "", outcome)], [], settlement)
+            self._reported_row(delivery.envelope, settlement, ())
             return
-        self.counters["dead_lettered"] += 1
-        settlement.mark(row, Status.DEAD, error=why)
-        settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why)
+        name = next(name for name, d in state.waiting.items() if d is delivery)
+        del state.waiting[name]
+        state.outcomes.append((name, outcome))
+        if not state.waiting:
+            self._rows.pop(state.envelope.id, None)
+            self._finish(state)
 
-    def _settle(self, row: Envelope, outcomes: list[tuple[str, Outcome | None]], s: Settlement) -> None:
+    def _finish(self, state: _Row) -> None:
+        settlement = Settlement()
+        row = state.envelope
+        continuations = [settlement.continuation(row, name, leased=False) for name in state.deferred]
+        self._settle(row, state.outcomes, continuations, settlement)
+        self._reported_row(row, settlement, ())
+
+    def _reported_row(self, row: Envelope, settlement: Settlement, leased: Sequence[Envelope]) -> None:
+        assert self._report is not None
+        self._report(row, settlement, leased)
+
+    async def _detach_laggards(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                await anyio.sleep(self.detach_after / 4)
+                bound = anyio.current_time() - self.detach_after
+                late = []
+                for state in self._rows.values():
+                    if state.dispatched_at > bound:
+                        break
+                    late.append(state)
+                for state in late:
+                    self._detach(state)
+
+    def _detach(self, state: _Row) -> None:
+        """Settle a row for the subscribers done with it; continuations carry the shares still being worked on."""
+        row = state.envelope
+        if row.target is not None:
+            return  # one subscriber's own row: there is nobody to let go
+        del self._rows[row.id]
+        settlement = Settlement()
+        continuations: list[Envelope] = []
+        leased: list[Envelope] = []
+        for name, delivery in state.waiting.items():
+            if self.actors[name].withdraw(delivery):
+                continuations.append(settlement.continuation(row, name, leased=False))
+            else:
+                continuation = settlement.continuation(row, name, leased=True)
+                delivery.envelope = continuation
+                continuations.append(continuation)
+                leased.append(continuation)
+        state.waiting.clear()
+        continuations.extend(settlement.continuation(row, name, leased=False) for name in state.deferred)
+        self._settle(row, state.outcomes, continuations, settlement)
+        self._reported_row(row, settlement, leased)
+
+    def _settle(
+        self, row: Envelope, outcomes: list[tuple[str, Outcome]], continuations: list[Envelope], s: Settlement
+    ) -> None:
+        """Record a row's final status and what its subscribers' outcomes write."""
         counters = self.counters
         dead = 0
         for name, outcome in outcomes:
-            assert outcome is not None
             verdict = outcome.verdict
             if verdict is Verdict.DONE:
                 counters["delivered"] += 1
@@ -128,10 +233,12 @@ class LocalTransport:
             elif verdict is Verdict.RETRY:
                 counters["failed"] += 1
                 counters["retried"] += 1
+                # The backoff runs from the failure, not from now.
+                delay = max(0.0, outcome.failed_at + outcome.delay - anyio.current_time())
                 if row.target is not None:
-                    s.mark(row, Status.PENDING, delay=outcome.delay, error=outcome.error)
+                    s.mark(row, Status.PENDING, delay=delay, error=outcome.error)
                     return
-                s.retry(row, name, delay=outcome.delay, error=outcome.error)
+                s.retry(row, name, delay=delay, error=outcome.error)
             else:
                 assert outcome.reason is not None
                 counters["dead_lettered"] += 1
@@ -142,7 +249,7 @@ class LocalTransport:
                     row, outcome.reason, name, error_type=outcome.error_type, error=outcome.error,
                     attempts=outcome.attempts or row.attempts,
                 )  # fmt: skip
-        if dead == len(outcomes):
-            s.mark(row, Status.DEAD, error=outcomes[-1][1].error if outcomes[-1][1] else None)
+        if outcomes and dead == len(outcomes) and not continuations:
+            s.mark(row, Status.DEAD, error=outcomes[-1][1].error)
         else:
             s.mark(row, Status.RELAYED)
