@@ -2,8 +2,9 @@
 
 Rows are reported one by one, whenever their subscribers are done; the settler gathers what they write and
 sends it in one statement as soon as ``most`` rows are waiting, else ``every`` seconds after the first one came.
-One statement runs at a time, in the order the outcomes came. A continuation row inserted as claimed is settled
-only by a later statement than the one inserting it (a statement does not see its own inserts). A statement that
+Up to ``writers`` statements run at once, on rows no two of them share; a continuation row inserted as claimed
+is settled only by a statement that starts after the one inserting it has finished (a statement does not see
+its own inserts). A statement that
 fails is tried again with backoff until the lease would have run out; after that the rows are left to be
 reclaimed. Writes are shielded from cancellation: outcomes taken are written, or the relay says why not.
 """
@@ -13,16 +14,27 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskStatus
 
-from .repositories import OutboxRepository, Settlement
+from .events import Envelope
+from .repositories import OutboxRepository, Settlement, Status
 
 __all__ = ["Settler"]
 
 log = logging.getLogger("eventbus.relay")
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Outcomes to write in one statement, once the batch it must follow (if any) is written."""
+
+    settlement: Settlement = field(default_factory=Settlement)
+    after: list[_Batch] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Settler:
@@ -35,19 +47,16 @@ class Settler:
         *,
         most: int = 500,
         every: float = 0.002,
+        writers: int = 3,
     ) -> None:
-        self.outbox = outbox
-        self.worker = worker
-        self.lease = lease
-        self.most = most
-        self.every = every
-        #: Told the ids of the rows a statement was for, and how many of them it settled.
-        self.written = written
+        self.outbox, self.worker, self.lease, self.written = outbox, worker, lease, written
+        self.most, self.every = most, every
         self.statements = 0
-        self._buffers: deque[Settlement] = deque()
-        self._leased_last: set[uuid.UUID] = set()  # continuations the last buffer inserts as claimed
+        self._batches: deque[_Batch] = deque()
+        self._inserting: dict[uuid.UUID, _Batch] = {}  # continuations that batches not yet written insert
         self._waiting = 0
         self._signal = anyio.Event()
+        self._writers = anyio.Semaphore(writers)
         self._closed = False
 
     @property
@@ -57,13 +66,29 @@ class Settler:
 
     def add(self, settlement: Settlement) -> None:
         """Take a row's outcome (and what it writes) to be written soon."""
-        if not self._buffers or any(mark[0] in self._leased_last for mark in settlement.marks):
-            self._buffers.append(Settlement())
-            self._leased_last = set()
-        self._buffers[-1].extend(settlement)
-        self._leased_last |= settlement.leased()
+        batch = self._batch_for([mark[0] for mark in settlement.marks])
+        batch.settlement.extend(settlement)
+        if settlement.retries:
+            for row_id in settlement.leased():
+                self._inserting[row_id] = batch
         self._waiting += len(settlement)
-        self._signal.set()
+        if not self._signal.is_set():
+            self._signal.set()
+
+    def add_relayed(self, row: Envelope) -> None:
+        """Take a row that is relayed and writes nothing else (the common case, without a settlement of its own)."""
+        self._batch_for((row.id,)).settlement.mark(row, Status.RELAYED)
+        self._waiting += 1
+        if not self._signal.is_set():
+            self._signal.set()
+
+    def _batch_for(self, settles: Sequence[uuid.UUID]) -> _Batch:
+        """The batch to add outcomes for the rows ``settles`` to: the newest, unless a batch not yet written
+        inserts one of those rows; then a new batch, written only once those are."""
+        after = [self._inserting[row_id] for row_id in settles if row_id in self._inserting] if self._inserting else []
+        if after or not self._batches:
+            self._batches.append(_Batch(after=after))
+        return self._batches[-1]
 
     def close(self) -> None:
         """Write what is waiting, then let :meth:`run` return."""
@@ -71,30 +96,45 @@ class Settler:
         self._signal.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            if not self._buffers:
-                if self._closed:
-                    return
-                await self._signal.wait()
-                self._signal = anyio.Event()
-                continue
-            if self._waiting < self.most and not self._closed and len(self._buffers) == 1:
-                await anyio.sleep(self.every)  # let a few more outcomes come along
-            await self._write_first()
+        async with anyio.create_task_group() as writing:
+            task_status.started()
+            while True:
+                if not self._batches:
+                    if self._closed:
+                        return
+                    await self._signal.wait()
+                    self._signal = anyio.Event()
+                    continue
+                if self._waiting < self.most and not self._closed and len(self._batches) == 1:
+                    await anyio.sleep(self.every)  # let a few more outcomes come along
+                await self._writers.acquire()
+                if self._batches:
+                    writing.start_soon(self._write_and_release, self._take())
+                else:  # a flush at a stop took them meanwhile
+                    self._writers.release()
 
     async def flush(self) -> None:
         """Write everything waiting now (at a stop, also after the settler's task was cancelled)."""
-        while self._buffers:
-            await self._write_first()
+        while self._batches:
+            await self._write(self._take())
 
-    async def _write_first(self) -> None:
-        settlement = self._buffers.popleft()
-        if not self._buffers:
-            self._leased_last = set()
-        self._waiting -= len(settlement)
+    def _take(self) -> _Batch:
+        batch = self._batches.popleft()
+        self._waiting -= len(batch.settlement)
+        return batch
+
+    async def _write_and_release(self, batch: _Batch) -> None:
+        try:
+            await self._write(batch)
+        finally:
+            self._writers.release()
+
+    async def _write(self, batch: _Batch) -> None:
+        settlement = batch.settlement
         ids = [mark[0] for mark in settlement.marks]
         with anyio.CancelScope(shield=True):
+            for earlier in batch.after:
+                await earlier.done.wait()
             deadline = anyio.current_time() + self.lease
             delay = 0.1
             while True:
@@ -110,5 +150,9 @@ class Settler:
                     log.warning("relay %s: writing outcomes failed (%s); retrying", self.worker, exc)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 2.0)
+            batch.done.set()
+        for row_id in settlement.leased():
+            if self._inserting.get(row_id) is batch:
+                del self._inserting[row_id]
         self.statements += 1
         self.written(ids, settled)

@@ -205,9 +205,13 @@ class Relay:
         follow_up = False
         while not self._stopping:
             room = min(config.batch_size, capacity - len(self._load))
-            if room <= 0:
+            # A claim waits for room for half a batch, or for nothing to be in hand: many small claims would cost
+            # a statement each.
+            if room <= 0 or (room < config.batch_size // 2 and self._load):
+                self.transport.make_room()
                 self._room = anyio.Event()
-                await self._room.wait()
+                with anyio.move_on_after(config.poll_interval):
+                    await self._room.wait()
                 continue
             self._wakeup.clear()
             claimed_at = anyio.current_time()
@@ -254,8 +258,11 @@ class Relay:
             if partition is not None:
                 self._partition_load[partition] += 1
 
-    def _report(self, row: Envelope, settlement: Settlement, leased: Sequence[Envelope]) -> None:
+    def _report(self, row: Envelope, settlement: Settlement | None, leased: Sequence[Envelope]) -> None:
         """A row is done (or detached from its laggards): write it soon; keep the continuations leased."""
+        if settlement is None:
+            self._settler.add_relayed(row)
+            return
         self._track(leased, claimed=False)
         self._settler.add(settlement)
 

@@ -15,7 +15,6 @@ its key, and nothing it held is lost.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import logging
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from ..events import Envelope
@@ -45,6 +45,7 @@ class Delivery:
 
     envelope: Envelope
     attempt: int
+    subscriber: str
     #: What the transport tracks about the row (opaque here).
     owner: Any = None
     started: bool = False
@@ -65,12 +66,14 @@ class Actor:
     report: Report
     retrying: Retrying = lambda _delivery, _outcome: None
     restart_backoff: float = 0.05
-    _queues: dict[Hashable, deque[Delivery]] = field(default_factory=dict)
-    _ready: deque[Hashable] = field(default_factory=deque)
-    _parked: list[tuple[float, int, Hashable]] = field(default_factory=list)
+    _fifo: deque[Delivery] = field(default_factory=deque)  # unordered: first in, first out
+    _queues: dict[Hashable, deque[Delivery]] = field(default_factory=dict)  # ordered: one queue per key
+    _ready: deque[Hashable] = field(default_factory=deque)  # ordered: keys whose head may run now
+    _parked: list[tuple[float, int, Hashable]] = field(default_factory=list)  # ordered: keys backing off
     _queued: int = 0
+    _waiting: int = 0  # workers waiting for work
     _closed: bool = False
-    _changed: anyio.Event = field(default_factory=anyio.Event)
+    _changed: anyio.Event | None = None
     _tiebreak: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -86,29 +89,30 @@ class Actor:
         """Queue a delivery (never waits: the relay bounds what it claims, not this queue)."""
         if self._closed:
             raise anyio.ClosedResourceError
-        key: Hashable = delivery
-        if self.subscription.ordered:
+        self._queued += 1
+        if not self.subscription.ordered:
+            self._fifo.append(delivery)
+        else:
             envelope = delivery.envelope
             key = envelope.key if envelope.key is not None else envelope.event_id
-        queue = self._queues.get(key)
-        self._queued += 1
-        if queue is None:
+            queue = self._queues.get(key)
+            if queue is not None:
+                queue.append(delivery)  # behind the key's earlier deliveries; its key is ready, busy or parked
+                return
             self._queues[key] = deque((delivery,))
             self._ready.append(key)
+        if self._waiting:
             self._notify()
-        else:
-            queue.append(delivery)  # behind the key's earlier deliveries; its key is ready, busy or parked
 
     def withdraw(self, delivery: Delivery) -> bool:
-        """Take a delivery that has not started out of the queue; return whether it was there to take."""
+        """Take an unordered delivery that has not started out of the queue; return whether it was there."""
         if delivery.started or self.subscription.ordered:
             return False
-        queue = self._queues.pop(delivery, None)
-        if queue is None:
+        try:
+            self._fifo.remove(delivery)
+        except ValueError:
             return False
         self._queued -= 1
-        with contextlib.suppress(ValueError):
-            self._ready.remove(delivery)
         return True
 
     def close(self) -> None:
@@ -126,48 +130,64 @@ class Actor:
             self._closed = True
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
-    def _take_nowait(self) -> Hashable | None:
+    def _take_nowait(self) -> tuple[Hashable, Delivery] | None:
+        if not self.subscription.ordered:
+            return (None, self._fifo.popleft()) if self._fifo else None
         if self._parked and self._parked[0][0] <= anyio.current_time():
             now = anyio.current_time()
             while self._parked and self._parked[0][0] <= now:
                 self._ready.append(heapq.heappop(self._parked)[2])
         if self._ready:
-            return self._ready.popleft()
+            key = self._ready.popleft()
+            return key, self._queues[key][0]
         return None
 
-    async def _take(self) -> Hashable | None:
-        """The next key (or unordered delivery) to handle; None once closed and nothing is left."""
+    def _idle(self) -> bool:
+        """Closed, and nothing queued, parked or being handled."""
+        return self._closed and not self._queued
+
+    async def _take(self) -> tuple[Hashable, Delivery] | None:
+        """The next delivery to handle (with its key); None once closed and nothing is left."""
         while True:
-            key = self._take_nowait()
-            if key is not None:
-                return key
-            if self._closed and not self._queues:
+            taken = self._take_nowait()
+            if taken is not None:
+                return taken
+            if self._idle():
                 return None
+            if self._changed is None:
+                self._changed = anyio.Event()
             changed = self._changed
-            if self._parked:
-                with anyio.move_on_after(max(0.0, self._parked[0][0] - anyio.current_time())):
+            self._waiting += 1
+            try:
+                if self._parked:
+                    with anyio.move_on_after(max(0.0, self._parked[0][0] - anyio.current_time())):
+                        await changed.wait()
+                else:
                     await changed.wait()
-            else:
-                await changed.wait()
+            finally:
+                self._waiting -= 1
 
     def _done(self, key: Hashable, *, park_until: float | None = None) -> None:
-        queue = self._queues[key]
         if park_until is not None:
             heapq.heappush(self._parked, (park_until, next(self._tiebreak), key))
             self._notify()
             return
-        queue.popleft()
         self._queued -= 1
-        if queue:
-            self._ready.append(key)
+        if self.subscription.ordered:
+            queue = self._queues[key]
+            queue.popleft()
+            if queue:
+                self._ready.append(key)
+                if self._waiting:
+                    self._notify()
+            else:
+                del self._queues[key]
+        if self._idle():
             self._notify()
-        else:
-            del self._queues[key]
-            if self._closed and not self._queues:
-                self._notify()
 
     async def _supervise(self) -> None:
         delay = self.restart_backoff
@@ -185,19 +205,26 @@ class Actor:
         while True:
             # Take what is queued without a trip through the event loop, but yield now and then so that
             # handlers which never await cannot starve the relay.
-            key = self._take_nowait() if unyielded < _YIELD_EVERY else None
-            if key is None:
+            if unyielded >= _YIELD_EVERY:
                 unyielded = 0
-                key = await self._take()
-                if key is None:
+                await anyio.lowlevel.checkpoint()
+            taken = self._take_nowait()
+            if taken is None:
+                unyielded = 0
+                taken = await self._take()
+                if taken is None:
                     return
             unyielded += 1
-            delivery = self._queues[key][0]
+            key, delivery = taken
             delivery.started = True
             try:
                 outcome = await self.attempt(self.subscription, delivery)
             except BaseException:
-                self._ready.appendleft(key)  # the delivery stays at the head of its key for the next worker
+                # The delivery goes back to the head of the queue (of its key) for the next worker.
+                if self.subscription.ordered:
+                    self._ready.appendleft(key)
+                else:
+                    self._fifo.appendleft(delivery)
                 raise
             if outcome.verdict is Verdict.RETRY and self.subscription.ordered:
                 # An ordered subscriber retries in place: the key's later events wait, the other keys go on.

@@ -22,9 +22,10 @@ __all__ = ["DeliveryStatistics", "Report", "Transport", "Unrouted"]
 #: What happens to an event no subscriber takes: a ``HandlerMissing`` dead letter, or nothing.
 Unrouted = Literal["dead_letter", "drop"]
 
-#: How a transport reports a row it is done with: the row, what settling it writes, and the continuation rows
-#: that writing inserts as claimed by this relay (shares still being handled here, to keep leased).
-Report = Callable[[Envelope, Settlement, Sequence[Envelope]], None]
+#: How a transport reports a row it is done with: the row, what settling it writes (None: the row is relayed and
+#: writes nothing else, the common case), and the continuation rows that writing inserts as claimed by this relay
+#: (shares still being handled here, to keep leased).
+Report = Callable[[Envelope, Settlement | None, Sequence[Envelope]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class Transport(Protocol):
     async def deliver(self, rows: Sequence[Envelope], report: Report) -> None:
         """Take claimed rows, in the order they were claimed, and ``report`` each one as soon as it is done.
         Returns once the rows are taken (a row of one call never overtakes a row of an earlier call)."""
+
+    def make_room(self) -> None:
+        """The relay has no room for new rows: let go of the rows laggards hold up (see ``LocalTransport``)."""
 
     def full(self) -> list[str]:
         """Subscribers that have no room: rows targeted at them are not to be claimed meanwhile."""

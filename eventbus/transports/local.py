@@ -3,10 +3,11 @@
 Rows are handed to the actors in the order the relay claimed them, without waiting, so no batch can overtake
 another on the way in. Each row is reported to the relay as soon as every subscriber it went to has an outcome;
 it does not wait for its batch. A subscriber that holds a row up for longer than ``detach_after`` seconds (slow,
-hung, or retrying in place) is detached from it: the row settles for the others, and a continuation row with
-the same event id carries the laggard's share on, claimed by this relay when its handler runs (or holds its
-place in an ordered key), pending when it had not started. An unordered subscriber whose backlog is full gets
-its share of new rows as pending continuations, which the relay claims once it has room.
+hung, or retrying in place) is detached from it when another subscriber is done with the row, or when the relay
+has no room left: the row settles for the others, and a continuation row with the same event id carries the
+laggard's share on, claimed by this relay when its handler runs (or holds its
+place in an ordered key), pending when it had not started. The relay claims pending rows targeted at a
+subscriber only while that subscriber's backlog is below ``mailbox_size``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from anyio.abc import TaskStatus
 from ..actors import Actor, Delivery
 from ..errors import ConfigurationError
 from ..events import Envelope
-from ..handlers import AttemptRunner, Outcome, Subscription, Verdict
+from ..handlers import DONE, AttemptRunner, Outcome, Subscription, Verdict
 from ..repositories import Reason, Settlement, Status
 from . import DeliveryStatistics, Report, Unrouted
 
@@ -36,14 +37,12 @@ class _Row:
     dispatched_at: float
     waiting: dict[str, Delivery] = field(default_factory=dict)
     outcomes: list[tuple[str, Outcome]] = field(default_factory=list)
-    #: Subscribers whose share goes on in a pending continuation (their backlog was full).
-    deferred: list[str] = field(default_factory=list)
 
 
 class LocalTransport:
-    """Delivers to subscriber actors in this process. ``mailbox_size`` bounds the backlog of an unordered
-    subscriber (beyond it, its shares wait in the outbox); ``detach_after`` is how long a subscriber may hold a
-    row up for the others."""
+    """Delivers to subscriber actors in this process. Rows targeted at one subscriber (retries, continuations,
+    replays) are claimed for it only while its backlog is below ``mailbox_size``; ``detach_after`` is how long a
+    subscriber may hold a row up for the others."""
 
     def __init__(self, *, mailbox_size: int = 256, detach_after: float = 1.0) -> None:
         if mailbox_size < 1:
@@ -113,17 +112,10 @@ class LocalTransport:
                 continue
             state = _Row(row, now)
             for actor in actors:
-                sub = actor.subscription
-                if row.target is None and not sub.ordered and actor.backlog >= self.mailbox_size:
-                    state.deferred.append(actor.name)
-                    continue
-                delivery = Delivery(row, row.attempts, state)
+                delivery = Delivery(row, row.attempts, actor.name, state)
                 state.waiting[actor.name] = delivery
                 actor.send_nowait(delivery)
-            if state.waiting:
-                self._rows[row.id] = state
-            else:
-                self._finish(state)
+            self._rows[row.id] = state
 
     def _unrouted(self, row: Envelope, report: Report) -> None:
         why = (
@@ -162,24 +154,25 @@ class LocalTransport:
         if delivery.envelope is not state.envelope:
             # A detached share: its outcome settles the continuation row it now travels on.
             settlement = Settlement()
-            self._settle(delivery.envelope, [(delivery.envelope.target or "", outcome)], [], settlement)
+            self._settle(delivery.envelope, [(delivery.subscriber, outcome)], [], settlement)
             self._reported_row(delivery.envelope, settlement, ())
             return
-        name = next(name for name, d in state.waiting.items() if d is delivery)
-        del state.waiting[name]
-        state.outcomes.append((name, outcome))
+        del state.waiting[delivery.subscriber]
+        state.outcomes.append((delivery.subscriber, outcome))
         if not state.waiting:
             self._rows.pop(state.envelope.id, None)
             self._finish(state)
 
     def _finish(self, state: _Row) -> None:
+        if all(outcome is DONE for _, outcome in state.outcomes):
+            self.counters["delivered"] += len(state.outcomes)
+            self._reported_row(state.envelope, None, ())  # the common case: relayed, nothing else to write
+            return
         settlement = Settlement()
-        row = state.envelope
-        continuations = [settlement.continuation(row, name, leased=False) for name in state.deferred]
-        self._settle(row, state.outcomes, continuations, settlement)
-        self._reported_row(row, settlement, ())
+        self._settle(state.envelope, state.outcomes, [], settlement)
+        self._reported_row(state.envelope, settlement, ())
 
-    def _reported_row(self, row: Envelope, settlement: Settlement, leased: Sequence[Envelope]) -> None:
+    def _reported_row(self, row: Envelope, settlement: Settlement | None, leased: Sequence[Envelope]) -> None:
         assert self._report is not None
         self._report(row, settlement, leased)
 
@@ -187,20 +180,29 @@ class LocalTransport:
         with scope:
             while True:
                 await anyio.sleep(self.detach_after / 4)
-                bound = anyio.current_time() - self.detach_after
-                late = []
-                for state in self._rows.values():
-                    if state.dispatched_at > bound:
-                        break
-                    late.append(state)
-                for state in late:
-                    self._detach(state)
+                for state in self._late():
+                    if state.outcomes:  # another subscriber is done with it and waits for the laggard
+                        self._detach(state)
+
+    def make_room(self) -> None:
+        """Detach every row held up for longer than ``detach_after``: the relay has no room for new rows."""
+        for state in self._late():
+            self._detach(state)
+
+    def _late(self) -> list[_Row]:
+        bound = anyio.current_time() - self.detach_after
+        late = []
+        for state in self._rows.values():
+            if state.dispatched_at > bound:
+                break
+            late.append(state)
+        return late
 
     def _detach(self, state: _Row) -> None:
         """Settle a row for the subscribers done with it; continuations carry the shares still being worked on."""
         row = state.envelope
         if row.target is not None:
-            return  # one subscriber's own row: there is nobody to let go
+            return  # one subscriber's own row: detaching it would only copy it
         del self._rows[row.id]
         settlement = Settlement()
         continuations: list[Envelope] = []
@@ -214,7 +216,6 @@ class LocalTransport:
                 continuations.append(continuation)
                 leased.append(continuation)
         state.waiting.clear()
-        continuations.extend(settlement.continuation(row, name, leased=False) for name in state.deferred)
         self._settle(row, state.outcomes, continuations, settlement)
         self._reported_row(row, settlement, leased)
 
