@@ -3,9 +3,14 @@
 It wakes on the commit notification (LISTEN) and polls as a safety net, claims as many rows as it has room for
 (``max_batches_in_flight`` batches' worth of rows not yet settled), hands them to the transport in the order it
 claimed them, and settles each row once its subscribers are done with it, several rows to a statement (see
-:mod:`eventbus._settler`). It renews the lease of rows still being handled, reclaims rows of relays that died,
-and shares the key-hash partitions with the other relays through advisory locks so that each key is relayed by
-one process at a time.
+:mod:`eventbus._settler`). It renews the lease of rows still being handled and reclaims rows of relays that died.
+
+Keyed rows are relayed by the owner of their key's partition alone, one process at a time per key. Relays share
+the partitions evenly, through leases in ``eventbus_partitions`` that the claim and settle statements check
+(fenced ownership: see :mod:`eventbus.repositories.relays`). A relay renews its leases every heartbeat; one
+that cannot stops claiming keyed rows before its leases run out. When relays join, the others give up their
+surplus: they stop claiming from a partition, let its rows settle, then release it. A relay that stops hands
+its rows back and releases its partitions at once.
 """
 
 from __future__ import annotations
@@ -59,8 +64,6 @@ class RelayConfig:
     #: :meth:`OutboxRepository.refresh_statistics`); needs the right to ANALYZE it (its owner has it).
     refresh_statistics: bool = True
 
-#: The advisory lock (in the partition lock space) whose holder runs retention: one relay per schema.
-_RETENTION_LOCK = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +135,9 @@ class Relay:
         self._claim_lock = anyio.Lock()
         self._analyze = self.config.refresh_statistics
         self._owned: set[int] = set()
-        self._ready: set[int] = set()
+        self._ready: set[int] = set()  # owned partitions no other relay still holds rows of
+        self._draining: set[int] = set()  # owned partitions to give up once their rows are settled
+        self._trusted_until = 0.0  # until when (anyio clock) the partition leases surely run
         self._listening = False
         self._retention_leader = False
         self._purged = 0
@@ -183,6 +188,7 @@ class Relay:
             with anyio.CancelScope(shield=True):
                 await self._settler.flush()
                 await self._release_unsettled()
+                await self._release_partitions()
                 await self._close_session()
                 try:
                     await self.relays.forget(self.worker, stale_after=self.config.heartbeat_interval * 10)
@@ -192,10 +198,10 @@ class Relay:
 
     # -- claiming --------------------------------------------------------------------------------------------
 
-    def _claimable(self) -> list[int] | None:
-        if len(self._ready) == PARTITIONS:
-            return None
-        return sorted(self._ready)
+    def _claimable(self) -> list[int]:
+        if anyio.current_time() >= self._trusted_until:
+            return []  # the leases may have run out: claim no keyed row until they are renewed
+        return sorted(self._ready - self._draining)
 
     async def _claim_loop(self) -> None:
         config = self.config
@@ -310,7 +316,6 @@ class Relay:
                     await conn.add_listener(self.outbox.channel, self._on_notify)
                     self._listening = True
                 self._session = conn
-                await self._rebalance()
                 self._wakeup.set()  # notifications may have been missed while disconnected
                 while True:
                     await anyio.sleep(self.config.heartbeat_interval)
@@ -323,8 +328,6 @@ class Relay:
                 self._listening = False
                 self._retention_leader = False
                 self._session = None
-                self._owned.clear()
-                self._ready.clear()
                 conn.terminate()
 
     def _on_notify(self, *_args: Any) -> None:
@@ -336,31 +339,40 @@ class Relay:
             self._session = None
 
     async def _rebalance(self) -> None:
-        """Own a fair share of the partitions; a newly owned one is claimable once no other relay holds its rows."""
-        session = self._session
-        if session is None:
-            return
+        """Renew the partition leases, give up a surplus, take a fair share; a newly owned partition is claimable
+        once no other relay holds rows of it (they settle, or come back when their lease ends)."""
         config = self.config
+        started = anyio.current_time()
+        renewed = await self.relays.renew(self.worker, sorted(self._owned), config.lease) if self._owned else {}
+        self._trusted_until = started + config.lease * 0.8
+        async with self._claim_lock:
+            lost = self._owned - renewed.keys()
+            if lost:
+                log.warning("relay %s: lost partitions %s (their lease ran out)", self.worker, sorted(lost))
+                self._owned -= lost
+                self._ready -= lost
+                self._draining -= lost
         await self.relays.heartbeat(self.worker, socket.gethostname(), os.getpid(), sorted(self._owned))
         alive = await self.relays.alive(within=config.heartbeat_interval * 3)
         target = math.ceil(PARTITIONS / max(1, len(alive)))
-        async with self._session_lock, self._claim_lock:
-            if len(self._owned) > target:
-                for partition in sorted(self._owned, reverse=True):
-                    if len(self._owned) <= target:
-                        break
-                    if self._partition_load[partition] == 0:
-                        self._ready.discard(partition)
-                        self._owned.discard(partition)
-                        await self.relays.unlock_partition(session, partition)
-            if len(self._owned) < target:
-                start = int(self.worker.encode().hex(), 16) % PARTITIONS
-                for step in range(PARTITIONS):
-                    if len(self._owned) >= target:
-                        break
-                    partition = (start + step) % PARTITIONS
-                    if partition not in self._owned and await self.relays.lock_partition(session, partition):
-                        self._owned.add(partition)
+        # Stop claiming from the surplus (those already draining first); each is released once its rows settled.
+        surplus = max(0, len(self._owned) - target)
+        ranked = sorted(self._owned, key=lambda p: (p not in self._draining, -p))
+        self._draining = set(ranked[:surplus])
+        async with self._claim_lock:
+            done = {p for p in self._draining if self._partition_load[p] == 0}
+            if done:
+                await self.relays.release(self.worker, sorted(done))
+                self._owned -= done
+                self._ready -= done
+                self._draining -= done
+        wanted = target - len(self._owned)
+        if wanted > 0:
+            free = [r["partition"] for r in await self.relays.owners() if not r["live"] and r["owner"] != self.worker]
+            start = int(self.worker.encode().hex(), 16) % PARTITIONS
+            free.sort(key=lambda p: (p - start) % PARTITIONS)
+            taken = await self.relays.acquire(self.worker, free[:wanted], config.lease)
+            self._owned |= taken.keys()
         waiting = self._owned - self._ready
         if waiting:
             busy = await self.relays.busy_partitions(sorted(waiting), self.worker)
@@ -368,6 +380,18 @@ class Relay:
             if newly_ready:
                 self._ready |= newly_ready
                 self._wakeup.set()
+
+    async def _release_partitions(self) -> None:
+        """At a stop, after the rows were handed back: the partitions go at once, no lease need run out."""
+        if not self._owned:
+            return
+        try:
+            await self.relays.release(self.worker, sorted(self._owned))
+        except Exception:
+            log.warning("relay %s: could not release its partitions; others take them when the lease ends",
+                        self.worker)  # fmt: skip
+        self._owned.clear()
+        self._ready.clear()
 
     # -- maintenance -----------------------------------------------------------------------------------------
 
@@ -381,7 +405,7 @@ class Relay:
                 session = self._session
                 if session is not None and not self._retention_leader:
                     async with self._session_lock:
-                        self._retention_leader = await self.relays.lock_partition(session, _RETENTION_LOCK)
+                        self._retention_leader = await self.relays.lead_retention(session)
                 if self._retention_leader:
                     self._purged += await self.outbox.purge(
                         config.retention, batch=config.retention_batch, pause=config.retention_pause
@@ -409,9 +433,9 @@ class Relay:
     async def _maintenance_loop(self) -> None:
         config = self.config
         tick = min(config.heartbeat_interval, config.lease / 3, config.reclaim_interval)
-        last_reclaim = last_beat = last_renew = anyio.current_time()
+        last_reclaim = last_renew = anyio.current_time()
+        last_beat = -math.inf  # take partitions at once
         while True:
-            await anyio.sleep(tick)
             now = anyio.current_time()
             try:
                 if self._unsettled and now - last_renew >= config.lease / 3:
@@ -421,10 +445,12 @@ class Relay:
                     last_reclaim = now
                     if await self.outbox.reclaim():
                         self._wakeup.set()
-                if now - last_beat >= config.heartbeat_interval:
+                # Partition leases are renewed here: at least three times per lease.
+                if now - last_beat >= min(config.heartbeat_interval, config.lease / 3):
                     last_beat = now
                     await self._refresh_statistics()
                     await self._rebalance()
                     await self.relays.forget("", stale_after=config.heartbeat_interval * 10)
             except Exception as exc:
                 log.warning("relay %s: maintenance failed (%s); will retry", self.worker, exc)
+            await anyio.sleep(tick)

@@ -31,6 +31,7 @@ async def dead_letter(
         (row_id,) = (await tx.offer([event])).ids
     assert row_id is not None
     worker = f"test-{uuid.uuid4().hex[:6]}"
+    owned = await bus.relays.acquire(worker, range(32), 30.0)  # keyed rows are claimed by their partition's owner
     claimed = await bus.outbox.claim(10_000, 30.0, worker)
     settlement = Settlement()
     letters = []
@@ -43,5 +44,6 @@ async def dead_letter(
         else:
             settlement.mark(row, Status.PENDING)
     assert await bus.outbox.settle(worker, settlement) == len(claimed)
+    await bus.relays.release(worker, list(owned))
     assert len(letters) == 1, "the offered row was claimed"
     return letters[0], row_id

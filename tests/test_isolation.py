@@ -82,7 +82,7 @@ async def test_many_keys_backlog_stays_in_order_per_key(eventbus_dsn: str, event
 
 async def test_a_retrying_key_holds_up_only_itself(eventbus_dsn: str, eventbus_schema: str) -> None:
     config = RelayConfig(poll_interval=0.05)
-    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=config)
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=config, stop_timeout=0.5)
     log: list[tuple[str, int, int]] = []
     released = anyio.Event()
 

@@ -27,6 +27,7 @@ EXPECTED_TABLES = {
     "eventbus_inbox",
     "eventbus_migrations",
     "eventbus_outbox",
+    "eventbus_partitions",
     "eventbus_relays",
 }
 EXPECTED_INDEXES = {
@@ -40,6 +41,7 @@ EXPECTED_INDEXES = {
     "eventbus_outbox_in_flight",
     "eventbus_outbox_pending",
     "eventbus_outbox_pkey",
+    "eventbus_partitions_pkey",
     "eventbus_relays_pkey",
 }
 

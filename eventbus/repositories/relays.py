@@ -1,7 +1,9 @@
-"""The ``eventbus_relays`` table and partition ownership: which relays are alive and which partitions they own.
+"""The ``eventbus_relays`` and ``eventbus_partitions`` tables: which relays are alive, and which of them owns each
+key partition.
 
-Ownership of a key partition is a session advisory lock in the schema's lock space, taken on the relay's own
-session connection and released when that session ends.
+A relay owns a partition while its lease runs; taking a partition over bumps its epoch. The outbox's claim and
+settle statements check owner and epoch themselves (see ``queries.sql``), so ownership is fenced in the database:
+a relay whose lease ran out, or whose session or network is gone, can neither claim nor settle keyed rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ __all__ = ["RelayRepository"]
 
 
 class RelayRepository:
-    """Heartbeats of relays, and the advisory locks through which they own partitions."""
+    """Heartbeats of relays, and leases on the key partitions."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "eventbus") -> None:
         self.pool = pool
@@ -37,14 +39,30 @@ class RelayRepository:
         """Relays that sent a heartbeat within ``within`` seconds."""
         return list(await pooled.fetch(self.pool, self.queries.relay_alive, within))
 
-    async def lock_partition(self, session: Connection, partition: int) -> bool:
-        """Take ownership of ``partition`` on ``session`` (an advisory lock held while the session lives)."""
-        return bool(await session.fetchval(self.queries.partition_lock, self.lock_space, partition))
+    async def acquire(self, worker: str, partitions: Sequence[int], lease: float) -> dict[int, int]:
+        """Take those of ``partitions`` that are free (or whose owner's lease ran out); return them with their
+        new epochs."""
+        rows = await pooled.fetch(self.pool, self.queries.partition_acquire, worker, list(partitions), lease)
+        return {row["partition"]: row["epoch"] for row in rows}
 
-    async def unlock_partition(self, session: Connection, partition: int) -> None:
-        await session.fetchval(self.queries.partition_unlock, self.lock_space, partition)
+    async def renew(self, worker: str, partitions: Sequence[int], lease: float) -> dict[int, int]:
+        """Extend ``worker``'s leases; return the partitions it still owns (a lease that ran out is lost)."""
+        rows = await pooled.fetch(self.pool, self.queries.partition_renew, worker, list(partitions), lease)
+        return {row["partition"]: row["epoch"] for row in rows}
+
+    async def release(self, worker: str, partitions: Sequence[int]) -> None:
+        """Give ``partitions`` up (after their rows were settled or handed back)."""
+        await pooled.execute(self.pool, self.queries.partition_release, worker, list(partitions))
+
+    async def owners(self) -> list[asyncpg.Record]:
+        """Every partition with its ``owner``, ``epoch``, ``lease_until`` and whether the lease is ``live``."""
+        return list(await pooled.fetch(self.pool, self.queries.partition_owners))
 
     async def busy_partitions(self, partitions: Sequence[int], worker: str) -> set[int]:
         """Those of ``partitions`` with rows still claimed by a worker other than ``worker``."""
         rows = await pooled.fetch(self.pool, self.queries.partition_busy, list(partitions), worker)
         return {row["partition"] for row in rows}
+
+    async def lead_retention(self, session: Connection) -> bool:
+        """Become the one relay of the schema that runs retention (an advisory lock held while ``session`` lives)."""
+        return bool(await session.fetchval(self.queries.retention_lock, self.lock_space))

@@ -84,7 +84,8 @@ WITH inserted AS (
 SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken FROM wake) AS w;
 
 -- name: claim
--- Lease up to $1 due pending rows to worker $2 for $3 seconds, in id order, counting the attempt now.
+-- Lease up to $1 due pending rows to worker $2 for $3 seconds, in id order, counting the attempt now; keyed rows
+-- only from partitions $2 owns, recording the partition's epoch on the row.
 -- $1 limit int
 -- $2 worker text
 -- $3 lease_seconds float8
@@ -95,12 +96,16 @@ WITH picked AS (
     WHERE status = 0 AND available_at <= now()
       AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
       AND ($5::text[] IS NULL OR target IS NULL OR NOT target = ANY($5::text[]))
+      -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them).
+      AND (partition IS NULL OR partition = ANY(ARRAY(
+          SELECT p.partition FROM __schema__.eventbus_partitions AS p WHERE p.owner = $2 AND p.lease_until > now())))
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
 UPDATE __schema__.eventbus_outbox AS o
-SET status = 1, claimed_by = $2, claimed_until = now() + make_interval(secs => $3), attempts = o.attempts + 1
+SET status = 1, claimed_by = $2, claimed_until = now() + make_interval(secs => $3), attempts = o.attempts + 1,
+    claimed_epoch = (SELECT p.epoch FROM __schema__.eventbus_partitions AS p WHERE p.partition = o.partition)
 -- An id array, not a join with picked: the primary key serves it whatever the plan guesses of the batch size.
 WHERE o.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text AS payload, o.headers::text AS headers,
@@ -108,7 +113,8 @@ RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text 
 
 -- name: settle
 -- Settle claimed rows in one statement: set their status, insert targeted retry rows and dead letters.
--- Only rows still leased to worker $1 at the claimed attempt are touched (a fenced settle).
+-- Only rows still leased to worker $1 at the claimed attempt (and, for keyed rows, in a partition $1 still owns
+-- at the claimed epoch) are touched: a fenced settle.
 -- $1 worker text
 -- $2 ids uuid[]
 -- $3 attempts int[]
@@ -146,15 +152,20 @@ WITH settled AS (
                 array_fill($1::text, ARRAY[cardinality($2::uuid[])]))
         AS u(id, attempts, status, delay, error, worker)
     WHERE o.id = u.id AND o.attempts = u.attempts AND o.claimed_by = u.worker
-    RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.partition, o.payload, o.headers
+      -- A keyed row settles only while its worker still owns the partition at the epoch it claimed it under.
+      AND (o.partition IS NULL OR EXISTS (
+          SELECT 1 FROM __schema__.eventbus_partitions AS p
+          WHERE p.partition = o.partition AND p.owner = u.worker AND p.epoch = o.claimed_epoch))
+    RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.partition, o.payload, o.headers, o.claimed_epoch
 ), retries AS (
     INSERT INTO __schema__.eventbus_outbox
         (id, event_id, tenant, topic, key, partition, target, payload, headers, attempts, available_at, last_error,
-         status, claimed_by, claimed_until)
+         status, claimed_by, claimed_until, claimed_epoch)
     SELECT r.id, s.event_id, s.tenant, s.topic, s.key, s.partition, r.target, s.payload, s.headers, r.attempts,
            now() + make_interval(secs => r.delay), r.error,
            CASE WHEN r.leased THEN 1 ELSE 0 END, CASE WHEN r.leased THEN $1 END,
-           CASE WHEN r.leased THEN now() + make_interval(secs => $21::float8) END
+           CASE WHEN r.leased THEN now() + make_interval(secs => $21::float8) END,
+           CASE WHEN r.leased THEN s.claimed_epoch END
     FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::int[], $11::float8[], $12::text[], $13::bool[])
         AS r(source, id, target, attempts, delay, error, leased)
     JOIN settled AS s ON s.id = r.source
@@ -180,9 +191,13 @@ SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM retries)
 -- Rows another statement has locked are skipped: that is the settling of their batch (so they need no lease),
 -- and waiting for it could deadlock with it, the two taking the rows' locks in different orders.
 WITH mine AS (
-    SELECT id FROM __schema__.eventbus_outbox
-    WHERE id = ANY($2::uuid[]) AND claimed_by = $1 AND status = 1
-    FOR UPDATE SKIP LOCKED
+    SELECT o.id FROM __schema__.eventbus_outbox AS o
+    WHERE o.id = ANY($2::uuid[]) AND o.claimed_by = $1 AND o.status = 1
+      -- Rows of a partition $1 no longer owns are left to expire, for the new owner to reclaim.
+      AND (o.partition IS NULL OR EXISTS (
+          SELECT 1 FROM __schema__.eventbus_partitions AS p
+          WHERE p.partition = o.partition AND p.owner = $1 AND p.epoch = o.claimed_epoch))
+    FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE __schema__.eventbus_outbox
 SET claimed_until = now() + make_interval(secs => $3)
@@ -360,17 +375,43 @@ INSERT INTO __schema__.eventbus_migrations (version, name) VALUES ($1, $2);
 -- $1 schema text
 SELECT to_regclass(quote_ident($1) || '.eventbus_migrations') IS NOT NULL AS present;
 
--- name: partition_lock
--- Try to take ownership of partition $2 for this session (released when the session ends or on unlock).
+-- name: retention_lock
+-- Try to become the one relay that runs retention in lock space $1 (held while the session lives).
 -- $1 lock_space text
--- $2 partition int
-SELECT pg_try_advisory_lock(hashtext($1), $2) AS acquired;
+SELECT pg_try_advisory_lock(hashtext($1), -1) AS acquired;
 
--- name: partition_unlock
--- Give up ownership of partition $2.
--- $1 lock_space text
--- $2 partition int
-SELECT pg_advisory_unlock(hashtext($1), $2) AS released;
+-- name: partition_acquire
+-- Take those of partitions $2 that nobody owns or whose owner's lease ran out, for worker $1 and $3 seconds;
+-- each takeover bumps the partition's epoch, which fences the former owner out.
+-- $1 worker text
+-- $2 partitions smallint[]
+-- $3 lease_seconds float8
+UPDATE __schema__.eventbus_partitions
+SET owner = $1, epoch = epoch + 1, lease_until = now() + make_interval(secs => $3)
+WHERE partition = ANY($2::smallint[]) AND (owner IS NULL OR lease_until < now())
+RETURNING partition, epoch;
+
+-- name: partition_renew
+-- Extend worker $1's leases on partitions $2 for $3 seconds, where they have not run out; returns those still its own.
+-- $1 worker text
+-- $2 partitions smallint[]
+-- $3 lease_seconds float8
+UPDATE __schema__.eventbus_partitions
+SET lease_until = now() + make_interval(secs => $3)
+WHERE owner = $1 AND partition = ANY($2::smallint[]) AND lease_until >= now()
+RETURNING partition, epoch;
+
+-- name: partition_release
+-- Give up worker $1's partitions $2 (their rows were settled or handed back first).
+-- $1 worker text
+-- $2 partitions smallint[]
+UPDATE __schema__.eventbus_partitions SET owner = NULL, lease_until = NULL
+WHERE owner = $1 AND partition = ANY($2::smallint[]);
+
+-- name: partition_owners
+-- Every partition with its owner, epoch, and whether the owner's lease still runs.
+SELECT partition, owner, epoch, lease_until, coalesce(lease_until >= now(), false) AS live
+FROM __schema__.eventbus_partitions ORDER BY partition;
 
 -- name: partition_busy
 -- Partitions among $1 with rows still leased to another worker than $2 (not yet safe to claim in order).
