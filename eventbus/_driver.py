@@ -98,7 +98,9 @@ def translate(exc: BaseException) -> EventBusError | None:
     """The eventbus error standing for a driver exception raised after connecting, or None when ``exc`` is not a
     driver error nor a lost connection. The result's ``__cause__`` is ``exc``."""
     error: EventBusError
-    if isinstance(exc, ConnectionError | socket.gaierror | asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+    # InternalClientError: what asyncpg raises for a statement sent as the server's termination notice arrives.
+    lost = ConnectionError | socket.gaierror | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
+    if isinstance(exc, lost | asyncpg.InternalClientError):
         error = DatabaseUnavailable(
             f"lost the connection to PostgreSQL ({redact_dsn(str(exc))}); check the server and retry"
         )

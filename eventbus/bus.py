@@ -19,11 +19,11 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from ._connections import transactional_connection
-from ._driver import connecting
+from ._driver import connecting, translate
 from ._embedded import embedded_dsn
 from ._pool import bus_connection, create_pool
 from ._typing import Connection
-from .errors import ConfigurationError, RegistrationError
+from .errors import ConfigurationError, DatabaseUnavailable, RegistrationError
 from .events import EventFields, Registry
 from .handlers import AttemptRunner, PublishOptions, SubscribeOptions, Subscription, subscription_for
 from .migrations import check_migrations, migrate
@@ -339,12 +339,19 @@ class EventBus:
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until every committed event is handled or dead-lettered (no row pending or claimed).
 
-        Raises ``TimeoutError`` saying how many rows are left after ``timeout`` seconds.
+        Raises ``TimeoutError`` saying how many rows are left after ``timeout`` seconds. A connection lost
+        meanwhile is replaced and the wait goes on.
         """
         left = 0
         with anyio.move_on_after(timeout):
             while True:
-                left = await self.outbox.unsettled()
+                try:
+                    left = await self.outbox.unsettled()
+                except Exception as exc:
+                    if not isinstance(translate(exc), DatabaseUnavailable):
+                        raise
+                    await anyio.sleep(0.05)
+                    continue
                 if left == 0:
                     return
                 if self._relay is not None:
