@@ -140,10 +140,7 @@ class Relay:
         self._trusted_until = 0.0  # until when (anyio clock) the partition leases surely run
         self._listening = False
         self._retention_leader = False
-        self._purged = 0
-        self._batches = 0
-        self._claimed = 0
-        self._settled = 0
+        self._purged = self._batches = self._claimed = self._settled = 0  # counters for statistics()
 
     # -- public ----------------------------------------------------------------------------------------------
 
@@ -154,10 +151,11 @@ class Relay:
     def stop(self) -> None:
         """Stop claiming; rows in hand finish, then :meth:`run` returns."""
         self._stopping = True
-        self._wakeup.set()
+        self.wake()  # the claim loop may be waiting for a notification, or for room
         self._room.set()
 
     async def wait_stopped(self) -> None:
+        """Return once :meth:`run` has finished: outcomes written, rows and partitions handed back."""
         await self._stopped.wait()
 
     def statistics(self) -> RelayStatistics:
