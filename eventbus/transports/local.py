@@ -164,9 +164,11 @@ class LocalTransport:
             self._finish(state)
 
     def _finish(self, state: _Row) -> None:
-        if all(outcome is DONE for _, outcome in state.outcomes):
-            self.counters["delivered"] += len(state.outcomes)
-            self._reported_row(state.envelope, None, ())  # the common case: relayed, nothing else to write
+        outcomes = state.outcomes
+        if (len(outcomes) == 1 and outcomes[0][1] is DONE) or all(outcome is DONE for _, outcome in outcomes):
+            self.counters["delivered"] += len(outcomes)
+            assert self._report is not None
+            self._report(state.envelope, None, ())  # the common case: relayed, nothing else to write
             return
         settlement = Settlement()
         self._settle(state.envelope, state.outcomes, [], settlement)
