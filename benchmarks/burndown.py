@@ -119,7 +119,7 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
         settled = batches = 0
         started = perf_counter()
         while True:
-            rows = await conn.fetch(claim, batch_size, worker, LEASE, None, None)
+            rows = await conn.fetch(claim, batch_size, worker, LEASE, None, None, None)
             if not rows:
                 break
             n = len(rows)

@@ -117,9 +117,11 @@ class Settler:
                     self._writers.release()
 
     async def flush(self) -> None:
-        """Write everything waiting now (at a stop, also after the settler's task was cancelled)."""
+        """Write everything waiting now (at a stop, also after the settler's task was cancelled), within one
+        lease in all: what is left then goes back when its lease ends."""
+        deadline = anyio.current_time() + self.lease
         while self._batches:
-            await self._write(self._take())
+            await self._write(self._take(), deadline=deadline)
 
     def _take(self) -> _Batch:
         batch = self._batches.popleft()
@@ -132,28 +134,31 @@ class Settler:
         finally:
             self._writers.release()
 
-    async def _write(self, batch: _Batch) -> None:
+    async def _write(self, batch: _Batch, *, deadline: float | None = None) -> None:
         settlement = batch.settlement
         ids = [mark[0] for mark in settlement.marks]
+        settled = 0
         with anyio.CancelScope(shield=True):
-            for earlier in batch.after:
-                await earlier.done.wait()
-            deadline = anyio.current_time() + self.lease
-            delay = 0.1
-            while True:
-                try:
-                    settled = await self.outbox.settle(self.worker, settlement, lease=self.lease)
-                    break
-                except Exception as exc:
-                    if anyio.current_time() + delay > deadline:
-                        log.error("relay %s: giving up writing %d outcomes (%s); the rows will be reclaimed and "
-                                  "delivered again", self.worker, len(settlement), exc)  # fmt: skip
-                        settled = 0
+            try:
+                for earlier in batch.after:
+                    await earlier.done.wait()
+                if deadline is None:
+                    deadline = anyio.current_time() + self.lease
+                delay = 0.1
+                while True:
+                    try:
+                        settled = await self.outbox.settle(self.worker, settlement, lease=self.lease)
                         break
-                    log.warning("relay %s: writing outcomes failed (%s); retrying", self.worker, exc)
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-            batch.done.set()
+                    except Exception as exc:
+                        if anyio.current_time() + delay > deadline:
+                            log.error("relay %s: giving up writing %d outcomes (%s); the rows will be reclaimed "
+                                      "and delivered again", self.worker, len(settlement), exc)  # fmt: skip
+                            break
+                        log.warning("relay %s: writing outcomes failed (%s); retrying", self.worker, exc)
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+            finally:
+                batch.done.set()
         for row_id in settlement.leased():
             if self._inserting.get(row_id) is batch:
                 del self._inserting[row_id]

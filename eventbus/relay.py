@@ -225,8 +225,9 @@ class Relay:
                 # Under the claim lock a partition cannot be given up between the claim and its tracking.
                 async with self._claim_lock:
                     rows = await self.outbox.claim(
-                        room, config.lease, self.worker, partitions=self._claimable(), skip=self.transport.full()
-                    )
+                        room, config.lease, self.worker, partitions=self._claimable(), skip=self.transport.full(),
+                        skip_topics=self.transport.blocked_topics(),
+                    )  # fmt: skip
                     self._track(rows)
             except Exception as exc:
                 failures += 1
@@ -257,6 +258,9 @@ class Relay:
             self._batches += 1
             self._claimed += len(rows)
         for row in rows:
+            if self._unsettled.get(row.id) is not None:
+                self._unsettled[row.id] = row  # claimed again while still in hand: counted once
+                continue
             self._unsettled[row.id] = row
             partition = partition_of(row.key)
             if partition is not None:
@@ -366,7 +370,8 @@ class Relay:
                 self._draining -= done
         wanted = target - len(self._owned)
         if wanted > 0:
-            free = [r["partition"] for r in await self.relays.owners() if not r["live"] and r["owner"] != self.worker]
+            owned = self._owned
+            free = [r["partition"] for r in await self.relays.owners() if not r["live"] and r["partition"] not in owned]
             start = int(self.worker.encode().hex(), 16) % PARTITIONS
             free.sort(key=lambda p: (p - start) % PARTITIONS)
             taken = await self.relays.acquire(self.worker, free[:wanted], config.lease)
@@ -381,10 +386,9 @@ class Relay:
 
     async def _release_partitions(self) -> None:
         """At a stop, after the rows were handed back: the partitions go at once, no lease need run out."""
-        if not self._owned:
-            return
         try:
-            await self.relays.release(self.worker, sorted(self._owned))
+            # Every partition the database says is this relay's, also one whose acquisition it never heard back.
+            await self.relays.release(self.worker, range(PARTITIONS))
         except Exception:
             log.warning("relay %s: could not release its partitions; others take them when the lease ends",
                         self.worker)  # fmt: skip
@@ -433,8 +437,16 @@ class Relay:
         tick = min(config.heartbeat_interval, config.lease / 3, config.reclaim_interval)
         last_reclaim = last_renew = anyio.current_time()
         last_beat = -math.inf  # take partitions at once
+        last_heartbeat = now = anyio.current_time()
         while True:
             now = anyio.current_time()
+            # Partition leases first, in a step of their own: nothing else may delay or skip their renewal.
+            if now - last_beat >= min(config.heartbeat_interval, config.lease / 3):
+                last_beat = now
+                try:
+                    await self._rebalance()
+                except Exception as exc:
+                    log.warning("relay %s: renewing partitions failed (%s); will retry", self.worker, exc)
             try:
                 if self._unsettled and now - last_renew >= config.lease / 3:
                     last_renew = now
@@ -443,11 +455,9 @@ class Relay:
                     last_reclaim = now
                     if await self.outbox.reclaim():
                         self._wakeup.set()
-                # Partition leases are renewed here: at least three times per lease.
-                if now - last_beat >= min(config.heartbeat_interval, config.lease / 3):
-                    last_beat = now
+                if now - last_heartbeat >= config.heartbeat_interval:
+                    last_heartbeat = now
                     await self._refresh_statistics()
-                    await self._rebalance()
                     await self.relays.forget("", stale_after=config.heartbeat_interval * 10)
             except Exception as exc:
                 log.warning("relay %s: maintenance failed (%s); will retry", self.worker, exc)

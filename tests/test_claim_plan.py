@@ -66,18 +66,18 @@ async def test_claim_uses_pending_index_with_large_relayed_backlog(
         claim = Queries(eventbus_schema).claim
         # Rows targeted at a subscriber without room are skipped by the same scan.
         skip = ["a-full-subscriber"] if partitions else None
-        nodes, text = await _explain(conn, claim, (100, "relay-1", 30.0, partitions, skip))
+        nodes, text = await _explain(conn, claim, (100, "relay-1", 30.0, partitions, skip, skip))
         print(f"\nbacklog of {ROWS} rows built and analysed in {built:.1f} s; claim plan ({partitions=}):\n{text}")
 
         scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
         assert not any(kind == "Seq Scan" and relation == "eventbus_outbox" for kind, relation, _ in scans), scans
-        assert any(index == "eventbus_outbox_pending" for _, _, index in scans), scans
-        picked = [n for n in nodes if n.get("Index Name") == "eventbus_outbox_pending"]
+        assert any(index == "eventbus_outbox_pending_events" for _, _, index in scans), scans
+        picked = [n for n in nodes if n.get("Index Name") == "eventbus_outbox_pending_events"]
         assert all(n["Node Type"] in {"Index Scan", "Index Only Scan", "Bitmap Index Scan"} for n in picked)
 
         # And the claim really takes the oldest pending rows, none of the relayed history.
         oldest = [r["id"] for r in await conn.fetch(f"SELECT id FROM {table} WHERE status = 0 ORDER BY id LIMIT 100")]
-        rows = await conn.fetch(claim, 100, "relay-1", 30.0, partitions, skip)
+        rows = await conn.fetch(claim, 100, "relay-1", 30.0, partitions, skip, skip)
         assert sorted(r["id"] for r in rows) == oldest
         assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE status = 1") == 100
     finally:

@@ -39,7 +39,7 @@ EXPECTED_INDEXES = {
     "eventbus_outbox_id_brin",
     "eventbus_outbox_idempotency",
     "eventbus_outbox_in_flight",
-    "eventbus_outbox_pending",
+    "eventbus_outbox_pending_events",
     "eventbus_outbox_pkey",
     "eventbus_partitions_pkey",
     "eventbus_relays_pkey",
@@ -185,7 +185,7 @@ async def test_concurrent_migrations_apply_each_version_once(eventbus_dsn: str, 
         tables, indexes = await _schema_objects(conn, fresh_schema)
         assert tables == EXPECTED_TABLES
         assert set(indexes) == EXPECTED_INDEXES
-        assert "WHERE (status = 0)" in indexes["eventbus_outbox_pending"]
+        assert "WHERE (status = 0)" in indexes["eventbus_outbox_pending_events"]
         assert "WHERE (status = 1)" in indexes["eventbus_outbox_in_flight"]
         assert "USING brin" in indexes["eventbus_outbox_id_brin"]
         assert "UNIQUE" in indexes["eventbus_outbox_idempotency"]

@@ -123,7 +123,7 @@ class Settlement:
         return letter_id
 
     def columns(self) -> list[list[Any]]:
-        """The settle statement's 18 array parameters (after the worker): the marks', retries' and dead
+        """The settle statement's 19 array parameters (after the worker): the marks', retries' and dead
         letters' fields, one array per field."""
         return [*_columns(self.marks, 5), *_columns(self.retries, 7), *_columns(self.dead_letters, 7)]
 
@@ -231,19 +231,21 @@ class OutboxRepository:
         *,
         partitions: Sequence[int] | None = None,
         skip: Sequence[str] = (),
+        skip_topics: Sequence[str] = (),
     ) -> list[Envelope]:
-        """Lease up to ``limit`` due rows to ``worker`` for ``lease`` seconds, oldest id first, skipping rows
-        others hold; the attempt is counted now.
+        """Lease up to ``limit`` due rows to ``worker`` for ``lease`` seconds, oldest event id first, skipping
+        rows others hold; the attempt is counted now. Keyed rows come only from partitions ``worker`` owns.
 
         With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
-        Rows targeted at a subscriber in ``skip`` (one without room) are left for later.
+        Rows targeted at a subscriber in ``skip``, and untargeted rows of a topic in ``skip_topics`` (subscribers
+        without room), are left for later.
         """
         rows = await pooled.fetch(
             self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
-            list(skip) if skip else None,
+            list(skip) if skip else None, list(skip_topics) if skip_topics else None,
         )  # fmt: skip
         claimed = [envelope_from_row(row) for row in rows]
-        claimed.sort(key=lambda e: e.id)
+        claimed.sort(key=lambda e: (e.event_id, e.id))
         return claimed
 
     async def settle(self, worker: str, settlement: Settlement, *, lease: float = 30.0) -> int:

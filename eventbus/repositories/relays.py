@@ -8,7 +8,7 @@ a relay whose lease ran out, or whose session or network is gone, can neither cl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import asyncpg
 
@@ -41,7 +41,7 @@ class RelayRepository:
 
     async def acquire(self, worker: str, partitions: Sequence[int], lease: float) -> dict[int, int]:
         """Take those of ``partitions`` that are free (or whose owner's lease ran out); return them with their
-        new epochs."""
+        new epochs. Rows ``worker`` still holds in a partition it takes back are adopted at the new epoch."""
         rows = await pooled.fetch(self.pool, self.queries.partition_acquire, worker, list(partitions), lease)
         return {row["partition"]: row["epoch"] for row in rows}
 
@@ -50,8 +50,8 @@ class RelayRepository:
         rows = await pooled.fetch(self.pool, self.queries.partition_renew, worker, list(partitions), lease)
         return {row["partition"]: row["epoch"] for row in rows}
 
-    async def release(self, worker: str, partitions: Sequence[int]) -> None:
-        """Give ``partitions`` up (after their rows were settled or handed back)."""
+    async def release(self, worker: str, partitions: Iterable[int]) -> None:
+        """Give those of ``partitions`` that ``worker`` owns up (after their rows were settled or handed back)."""
         await pooled.execute(self.pool, self.queries.partition_release, worker, list(partitions))
 
     async def owners(self) -> list[asyncpg.Record]:

@@ -84,22 +84,26 @@ WITH inserted AS (
 SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken FROM wake) AS w;
 
 -- name: claim
--- Lease up to $1 due pending rows to worker $2 for $3 seconds, in id order, counting the attempt now; keyed rows
--- only from partitions $2 owns, recording the partition's epoch on the row.
+-- Lease up to $1 due pending rows to worker $2 for $3 seconds, in event id order, counting the attempt now; keyed
+-- rows only from partitions $2 owns, recording the partition's epoch on the row.
 -- $1 limit int
 -- $2 worker text
 -- $3 lease_seconds float8
 -- $4 partitions smallint[] (NULL: every partition; rows without a key are always claimable)
 -- $5 skip_targets text[] (rows targeted at these subscribers are left pending; NULL: none)
+-- $6 skip_topics text[] (untargeted rows of these topics are left pending; NULL: none)
 WITH picked AS (
     SELECT id FROM __schema__.eventbus_outbox
     WHERE status = 0 AND available_at <= now()
       AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
       AND ($5::text[] IS NULL OR target IS NULL OR NOT target = ANY($5::text[]))
-      -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them).
+      AND ($6::text[] IS NULL OR target IS NOT NULL OR NOT topic = ANY($6::text[]))
+      -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them). The shared
+      -- lock keeps a takeover from committing before this claim does.
       AND (partition IS NULL OR partition = ANY(ARRAY(
-          SELECT p.partition FROM __schema__.eventbus_partitions AS p WHERE p.owner = $2 AND p.lease_until > now())))
-    ORDER BY id
+          SELECT p.partition FROM __schema__.eventbus_partitions AS p WHERE p.owner = $2 AND p.lease_until > now()
+          FOR SHARE)))
+    ORDER BY event_id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
@@ -386,10 +390,20 @@ SELECT pg_try_advisory_lock(hashtext($1), -1) AS acquired;
 -- $1 worker text
 -- $2 partitions smallint[]
 -- $3 lease_seconds float8
-UPDATE __schema__.eventbus_partitions
-SET owner = $1, epoch = epoch + 1, lease_until = now() + make_interval(secs => $3)
-WHERE partition = ANY($2::smallint[]) AND (owner IS NULL OR lease_until < now())
-RETURNING partition, epoch;
+-- Rows $1 still holds in a partition it takes back (its lease had run out) are adopted at the new epoch: nobody
+-- else can have claimed them meanwhile, and their handlers may still be running here.
+WITH taken AS (
+    UPDATE __schema__.eventbus_partitions
+    SET owner = $1, epoch = epoch + 1, lease_until = now() + make_interval(secs => $3)
+    WHERE partition = ANY($2::smallint[]) AND (owner IS NULL OR lease_until < now())
+    RETURNING partition, epoch
+), adopted AS (
+    UPDATE __schema__.eventbus_outbox AS o SET claimed_epoch = t.epoch
+    FROM taken AS t
+    WHERE o.status = 1 AND o.claimed_by = $1 AND o.partition = t.partition
+    RETURNING 1
+)
+SELECT partition, epoch, (SELECT count(*) FROM adopted) AS adopted FROM taken;
 
 -- name: partition_renew
 -- Extend worker $1's leases on partitions $2 for $3 seconds, where they have not run out; returns those still its own.

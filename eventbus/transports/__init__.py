@@ -57,6 +57,9 @@ class Transport(Protocol):
     def full(self) -> list[str]:
         """Subscribers that have no room: rows targeted at them are not to be claimed meanwhile."""
 
+    def blocked_topics(self) -> list[str]:
+        """Topics whose untargeted rows are not to be claimed meanwhile (a subscriber of theirs has no room)."""
+
     def close(self) -> None:
         """Accept no more rows; :meth:`run` returns once what was accepted is done."""
 

@@ -78,8 +78,22 @@ class LocalTransport:
         return DeliveryStatistics(**self.counters)
 
     def full(self) -> list[str]:
-        """Subscribers whose backlog is full: the relay claims no rows targeted at them meanwhile."""
-        return [name for name, actor in self.actors.items() if actor.backlog >= self.mailbox_size]
+        """Unordered subscribers whose backlog is full: the relay claims no rows targeted at them meanwhile.
+        (Skipping an ordered subscriber's targeted row could let the key's later events overtake it.)"""
+        return [
+            name for name, actor in self.actors.items()
+            if actor.backlog >= self.mailbox_size and not actor.subscription.ordered
+        ]  # fmt: skip
+
+    def blocked_topics(self) -> list[str]:
+        """Topics of ordered subscribers whose backlog is full: the relay claims none of their untargeted rows
+        meanwhile, so that a subscriber that hangs cannot pile up rows without bound (its key order forbids
+        leaving its share behind)."""
+        return sorted({
+            topic for actor in self.actors.values()
+            if actor.subscription.ordered and actor.backlog >= self.mailbox_size
+            for topic in actor.subscription.topics
+        })  # fmt: skip
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -102,6 +116,14 @@ class LocalTransport:
         self._report = report
         now = anyio.current_time()
         for row in rows:
+            held = self._rows.get(row.id)
+            if held is not None:
+                # Claimed again while still in hand here (its lease ran out mid-handling): the handlers running
+                # it settle the new claim.
+                held.envelope = row
+                for delivery in held.waiting.values():
+                    delivery.envelope = row
+                continue
             if row.target is not None:
                 actor = self.actors.get(row.target)
                 actors = [actor] if actor is not None else []
