@@ -192,3 +192,43 @@ async def test_killed_sessions_never_let_two_relays_handle_a_key_at_once(
     for key, ns in handled.items():
         firsts = list(dict.fromkeys(ns))
         assert firsts == sorted(firsts), f"key {key} out of order: {firsts}"
+
+
+async def test_a_continuation_keeps_its_events_place_in_the_claim_order(bus: EventBus) -> None:
+    worker = "relay-a"
+    await bus.relays.acquire(worker, range(32), 30.0)
+    async with bus.transaction() as tx:
+        await tx.offer([NewEvent(topic="Keyed", payload=b'{"key": "k", "n": 1}', key="k")])
+    (first,) = await bus.outbox.claim(1, 30.0, worker)
+    async with bus.transaction() as tx:
+        await tx.offer([NewEvent(topic="Keyed", payload=b'{"key": "k", "n": 2}', key="k")])
+    # The first event settles for its other subscribers; a pending continuation carries one subscriber's share.
+    settlement = Settlement()
+    continuation = settlement.continuation(first, "slow", leased=False)
+    settlement.mark(first, Status.RELAYED)
+    assert await bus.outbox.settle(worker, settlement) == 1
+    claimed = await bus.outbox.claim(10, 30.0, worker)
+    assert next((row.id, row.target) for row in claimed) == (continuation.id, "slow"), (
+        "the later event overtook the continuation of the earlier one"
+    )
+    assert [row.event_id for row in claimed] == sorted(row.event_id for row in claimed)
+
+
+async def test_a_lone_relay_takes_back_partitions_whose_lease_ran_out(eventbus_dsn: str, eventbus_schema: str) -> None:
+    seen: defaultdict[str, list[str]] = defaultdict(list)
+    async with _relay_bus(eventbus_dsn, eventbus_schema, seen, "a", lease=1.0) as bus:
+        relay = bus.relay
+        assert relay is not None
+        with anyio.fail_after(GIVE_UP):
+            while relay.statistics().partitions_owned < 32:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        # The relay stalls past its leases (as in a long pause of its process): they run out under it.
+        await bus.pool.execute(
+            f"UPDATE {quote_schema(eventbus_schema)}.eventbus_partitions SET lease_until = now() - interval '1 s'"
+        )
+        keys = [f"k{i}" for i in range(64)]
+        async with bus.transaction() as tx:
+            for key in keys:
+                await tx.publish(Keyed(key, 0), key=key)
+        await bus.drain(GIVE_UP / 2)
+    assert sorted(seen["a"]) == sorted(keys)
