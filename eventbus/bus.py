@@ -3,6 +3,7 @@ together; it holds no SQL."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -456,7 +457,10 @@ class EventBus:
                     yield conn
                     folded.ready_to_commit()
             finally:
-                folded.close_fold()
+                # A connection that died is detached from its pool proxy already: the error that ended the
+                # transaction is what the caller sees, not this.
+                with contextlib.suppress(AttributeError):
+                    folded.close_fold()
 
     async def publish(
         self, event: msgspec.Struct, *, connection: Any, **options: Unpack[PublishOptions]
