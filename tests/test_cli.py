@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import asyncpg
 import msgspec
 import pytest
 
-from eventbus import DeadLetterFilter, EventBus, RelayConfig
+from eventbus import DeadLetterFilter, EventBus, RelayConfig, Transaction
 from eventbus.cli import main
 
 
@@ -51,9 +51,11 @@ def test_missing_migrations_then_migrate_then_status(
     assert status["outbox"]["pending"] == 0 and status["dead_letters"] == []  # type: ignore[index]
 
 
-def test_dead_letters_listed_replayed_once(eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]) -> None:
-    async def make_letters() -> None:
-        bus = EventBus(eventbus_dsn, schema=schema, relay_config=RelayConfig(poll_interval=0.02))
+def make_letters(dsn: str, schema: str, publish: Callable[[Transaction], Awaitable[object]]) -> None:
+    """Dead letters of a subscriber that always fails, for the events ``publish`` publishes."""
+
+    async def run() -> None:
+        bus = EventBus(dsn, schema=schema, relay_config=RelayConfig(poll_interval=0.02))
 
         @bus.subscribe(max_attempts=1, name="cli.fails")
         async def fails(event: Ping) -> None:
@@ -61,10 +63,14 @@ def test_dead_letters_listed_replayed_once(eventbus_dsn: str, schema: str, capsy
 
         async with bus:
             async with bus.transaction() as tx:
-                await tx.publish_many([Ping(n) for n in range(3)])
+                await publish(tx)
             await bus.drain(timeout=30)
 
-    anyio.run(make_letters)
+    anyio.run(run)
+
+
+def test_dead_letters_listed_replayed_once(eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]) -> None:
+    make_letters(eventbus_dsn, schema, lambda tx: tx.publish_many([Ping(n) for n in range(3)]))
     common = ["--dsn", eventbus_dsn, "--schema", schema]
     code, listed = _json(capsys, ["dlq", "list", "--json", "--reason", "delivery_failed", *common])
     assert code == 0 and len(listed["dead_letters"]) == 3  # type: ignore[index]
@@ -95,20 +101,11 @@ def test_unreachable_database_exits_3(capsys: pytest.CaptureFixture[str]) -> Non
 def test_dead_letter_filters_by_tenant_and_time(
     eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def make_letters() -> None:
-        bus = EventBus(eventbus_dsn, schema=schema, relay_config=RelayConfig(poll_interval=0.02))
+    async def publish(tx: Transaction) -> None:
+        await tx.publish_many([Ping(n) for n in range(2)], tenant="acme")
+        await tx.publish(Ping(9))
 
-        @bus.subscribe(max_attempts=1, name="cli.fails")
-        async def fails(event: Ping) -> None:
-            raise RuntimeError("down")
-
-        async with bus:
-            async with bus.transaction() as tx:
-                await tx.publish_many([Ping(n) for n in range(2)], tenant="acme")
-                await tx.publish(Ping(9))
-            await bus.drain(timeout=30)
-
-    anyio.run(make_letters)
+    make_letters(eventbus_dsn, schema, publish)
     common = ["--dsn", eventbus_dsn, "--schema", schema]
     code, acme = _json(capsys, ["dlq", "list", "--json", "--tenant", "acme", *common])
     assert code == 0 and [d["tenant"] for d in acme["dead_letters"]] == ["acme", "acme"]  # type: ignore[index]
