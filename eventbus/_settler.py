@@ -73,15 +73,16 @@ class Settler:
         if settlement.retries:
             for row_id in settlement.leased():
                 self._inserting[row_id] = batch
-        self._waiting += len(settlement)
-        if not self._signal.is_set():
-            self._signal.set()
+        self._added(len(settlement))
 
     def add_relayed(self, row: Envelope) -> None:
         """Take a row that is relayed and writes nothing else (the common case, without a settlement of its own)."""
         batch = self._batches[-1] if self._batches and not self._inserting else self._batch_for((row.id,))
         batch.settlement.marks.append((row.id, row.attempts, _RELAYED, 0.0, None))
-        self._waiting += 1
+        self._added(1)
+
+    def _added(self, rows: int) -> None:
+        self._waiting += rows
         if not self._signal.is_set():
             self._signal.set()
 

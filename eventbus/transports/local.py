@@ -12,6 +12,7 @@ subscriber only while that subscriber's backlog is below ``mailbox_size``.
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class LocalTransport:
         self.counters: Counter[str] = Counter()
         self._runner: AttemptRunner | None = None
         self._report: Report | None = None
-        self._rows: dict[object, _Row] = {}  # rows not yet reported, in the order they came
+        self._rows: dict[uuid.UUID, _Row] = {}  # rows not yet reported, in the order they came
 
     def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
         self._runner = runner
@@ -80,20 +81,17 @@ class LocalTransport:
     def full(self) -> list[str]:
         """Unordered subscribers whose backlog is full: the relay claims no rows targeted at them meanwhile.
         (Skipping an ordered subscriber's targeted row could let the key's later events overtake it.)"""
-        return [
-            name for name, actor in self.actors.items()
-            if actor.backlog >= self.mailbox_size and not actor.subscription.ordered
-        ]  # fmt: skip
+        return [actor.name for actor in self._without_room() if not actor.subscription.ordered]
 
     def blocked_topics(self) -> list[str]:
         """Topics of ordered subscribers whose backlog is full: the relay claims none of their untargeted rows
         meanwhile, so that a subscriber that hangs cannot pile up rows without bound (its key order forbids
         leaving its share behind)."""
-        return sorted({
-            topic for actor in self.actors.values()
-            if actor.subscription.ordered and actor.backlog >= self.mailbox_size
-            for topic in actor.subscription.topics
-        })  # fmt: skip
+        ordered = (actor for actor in self._without_room() if actor.subscription.ordered)
+        return sorted({topic for actor in ordered for topic in actor.subscription.topics})
+
+    def _without_room(self) -> list[Actor]:
+        return [actor for actor in self.actors.values() if actor.backlog >= self.mailbox_size]
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -189,8 +187,7 @@ class LocalTransport:
         outcomes = state.outcomes
         if (len(outcomes) == 1 and outcomes[0][1] is DONE) or all(outcome is DONE for _, outcome in outcomes):
             self.counters["delivered"] += len(outcomes)
-            assert self._report is not None
-            self._report(state.envelope, None, ())  # the common case: relayed, nothing else to write
+            self._reported_row(state.envelope, None, ())  # the common case: relayed, nothing else to write
             return
         settlement = Settlement()
         self._settle(state.envelope, state.outcomes, [], settlement)
