@@ -22,6 +22,7 @@ from .ids import id_time, max_id_for, min_id_for, new_id
 from .migrations import check_migrations, migrate
 from .relay import RelayConfig, RelayStatistics
 from .repositories import (
+    Carried,
     DeadLetter,
     DeadLetterFilter,
     DeadLetterRepository,
@@ -32,6 +33,9 @@ from .repositories import (
     RelayRepository,
     Settlement,
     Status,
+    SubscriberState,
+    SubscriptionInfo,
+    SubscriptionRepository,
 )
 from .transports import DeliveryStatistics, Transport
 from .transports.local import LocalTransport
@@ -41,6 +45,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Backoff",
     "BusStatistics",
+    "Carried",
     "ConfigurationError",
     "Context",
     "DatabaseError",
@@ -69,7 +74,10 @@ __all__ = [
     "Settlement",
     "Status",
     "SubscribeOptions",
+    "SubscriberState",
     "Subscription",
+    "SubscriptionInfo",
+    "SubscriptionRepository",
     "Transaction",
     "Transport",
     "UnknownTopic",

@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .events import Envelope
-from .repositories import OutboxRepository, Settlement, Status
+from .repositories import Carried, OutboxRepository, Settlement, Status
 
 __all__ = ["Settler"]
 
@@ -54,6 +54,8 @@ class Settler:
         self.outbox, self.worker, self.lease, self.written = outbox, worker, lease, written
         self.most, self.every = most, every
         self.statements = 0
+        #: What the relay delivers (see :meth:`OutboxRepository.settle`); None until it registered.
+        self.carried: Sequence[Carried] | None = None
         self._batches: deque[_Batch] = deque()
         self._inserting: dict[uuid.UUID, _Batch] = {}  # continuations that batches not yet written insert
         self._waiting = 0
@@ -148,7 +150,9 @@ class Settler:
                 delay = 0.1
                 while True:
                     try:
-                        settled = await self.outbox.settle(self.worker, settlement, lease=self.lease)
+                        settled = await self.outbox.settle(
+                            self.worker, settlement, lease=self.lease, carried=self.carried
+                        )
                         break
                     except Exception as exc:
                         if anyio.current_time() + delay > deadline:

@@ -37,6 +37,7 @@ from .repositories import (
     OfferResult,
     OutboxRepository,
     RelayRepository,
+    SubscriptionRepository,
 )
 from .sql import quote_schema
 from .transports import DeliveryStatistics, Transport, Unrouted
@@ -157,6 +158,7 @@ class EventBus:
         self._outbox: OutboxRepository | None = None
         self._dead_letters: DeadLetterRepository | None = None
         self._relays: RelayRepository | None = None
+        self._subscribers: SubscriptionRepository | None = None
         self.run_relay = relay
         self.relay_config = relay_config or RelayConfig()
         self.unrouted: Unrouted = unrouted
@@ -265,6 +267,7 @@ class EventBus:
         self._outbox = OutboxRepository(pool, self.schema, notify=self.notify, wake_spacing=self.wake_spacing)
         self._dead_letters = DeadLetterRepository(self._outbox)
         self._relays = RelayRepository(pool, self.schema)
+        self._subscribers = SubscriptionRepository(pool, self.schema)
 
     async def start(self) -> None:
         """Connect, then start the relay and the subscriber actors (when this bus has subscribers or
@@ -289,7 +292,7 @@ class EventBus:
                 self._delivering = True
                 self._relay = Relay(
                     self.outbox, self.relays, self.transport, await self.resolve_dsn(), self.relay_config,
-                    dead_letters=self.dead_letters,
+                    dead_letters=self.dead_letters, subscriptions=self.subscribers,
                 )  # fmt: skip
                 await task_group.start(self._relay.run)
         except BaseException:
@@ -405,6 +408,13 @@ class EventBus:
         self.pool  # noqa: B018
         assert self._relays is not None
         return self._relays
+
+    @property
+    def subscribers(self) -> SubscriptionRepository:
+        """The subscribers the relays on this schema registered: list, pause, resume, retire them."""
+        self.pool  # noqa: B018
+        assert self._subscribers is not None
+        return self._subscribers
 
     # -- publishing ------------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import msgspec
 
 from .errors import DeserializationError, RegistrationError, UnknownTopic
 
-__all__ = ["PARTITIONS", "Envelope", "EventFields", "Registry", "partition_of", "topic", "topic_of"]
+__all__ = ["PARTITIONS", "Envelope", "EventFields", "Registry", "aliases_of", "partition_of", "topic", "topic_of"]
 
 #: Number of key-hash partitions. Ordered delivery is per partition; relays share partitions between them.
 PARTITIONS = 32
@@ -24,19 +24,28 @@ PARTITIONS = 32
 E = TypeVar("E", bound=msgspec.Struct)
 
 
-def topic(name: str) -> Any:
+def topic(name: str, *, aliases: Iterable[str] = ()) -> Any:
     """Class decorator giving an event class an explicit, stable topic name::
 
-        @topic("orders.placed")
+        @topic("orders.placed", aliases=["OrderPlaced"])
         class OrderPlaced(msgspec.Struct, frozen=True): ...
 
     Without it the topic is the class name. Renaming a class then renames its topic, so name topics
-    explicitly once events are stored anywhere.
+    explicitly once events are stored anywhere. ``aliases`` are former names of the topic: rows and dead letters
+    stored under them still decode into this class and reach its subscribers; new events take ``name``.
     """
     _check_topic_name(name)
+    former = tuple(aliases)
+    if isinstance(aliases, str):
+        raise RegistrationError(f"aliases of topic {name!r} must be a list of names, e.g. aliases=[{aliases!r}]")
+    for alias in former:
+        _check_topic_name(alias)
+    if name in former:
+        raise RegistrationError(f"topic {name!r} lists itself among its aliases")
 
     def mark(cls: type[E]) -> type[E]:
         cls.__eventbus_topic__ = name  # type: ignore[attr-defined]
+        cls.__eventbus_aliases__ = former  # type: ignore[attr-defined]
         return cls
 
     return mark
@@ -53,6 +62,12 @@ def topic_of(cls: type[msgspec.Struct]) -> str:
     """The topic name of an event class: its ``@topic`` name, else its class name."""
     name = getattr(cls, "__eventbus_topic__", None)
     return name if isinstance(name, str) else cls.__name__
+
+
+def aliases_of(cls: type[msgspec.Struct]) -> tuple[str, ...]:
+    """The former topic names of an event class (``@topic(..., aliases=[...])``)."""
+    aliases = getattr(cls, "__eventbus_aliases__", ())
+    return aliases if isinstance(aliases, tuple) else ()
 
 
 def partition_of(key: str | None) -> int | None:
@@ -93,7 +108,8 @@ class Registry:
         self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
 
     def register(self, cls: type[E], *, name: str | None = None) -> type[E]:
-        """Register ``cls`` under its topic (or ``name``). Registering the same class again is a no-op."""
+        """Register ``cls`` under its topic (or ``name``) and the topic's aliases. Registering the same class
+        again is a no-op."""
         if not (isinstance(cls, type) and issubclass(cls, msgspec.Struct)):
             raise RegistrationError(
                 f"{cls!r} is not an event class: declare events as "
@@ -101,17 +117,21 @@ class Registry:
             )
         topic_name = name if name is not None else topic_of(cls)
         _check_topic_name(topic_name)
-        existing = self._by_topic.get(topic_name)
-        if existing is not None and existing is not cls:
-            raise RegistrationError(
-                f"topic {topic_name!r} is already taken by {existing.__module__}.{existing.__qualname__}; "
-                f"give {cls.__qualname__} its own name with @eventbus.topic('...')"
-            )
+        names = (topic_name, *aliases_of(cls))
+        for each in names:
+            existing = self._by_topic.get(each)
+            if existing is not None and existing is not cls:
+                raise RegistrationError(
+                    f"topic {each!r} is already taken by {existing.__module__}.{existing.__qualname__}; "
+                    f"give {cls.__qualname__} its own name with @eventbus.topic('...')"
+                )
         for other_topic, other in self._by_topic.items():
-            if other is cls and other_topic != topic_name:
+            if other is cls and other_topic not in names:
                 raise RegistrationError(f"{cls.__qualname__} is already registered as topic {other_topic!r}")
-        self._by_topic[topic_name] = cls
-        self._decoders[topic_name] = msgspec.json.Decoder(cls)
+        decoder = msgspec.json.Decoder(cls)
+        for each in names:
+            self._by_topic[each] = cls
+            self._decoders[each] = decoder
         return cls
 
     def topic_for(self, event: msgspec.Struct) -> str:

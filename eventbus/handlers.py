@@ -26,7 +26,7 @@ import msgspec
 
 from ._typing import Connection
 from .errors import ConfigurationError, DeserializationError, RegistrationError
-from .events import Envelope, Registry, topic_of
+from .events import Envelope, Registry, aliases_of, topic_of
 from .observability import handle_span
 from .repositories import InboxRepository, NewEvent, OfferResult, Reason, cap_error
 
@@ -139,7 +139,8 @@ class Subscription:
 
     @property
     def topics(self) -> tuple[str, ...]:
-        return tuple(topic_of(cls) for cls in self.event_types)
+        """The topics it takes: its event classes' topic names and their aliases."""
+        return tuple(name for cls in self.event_types for name in (topic_of(cls), *aliases_of(cls)))
 
 
 def _event_types(annotation: Any, where: str) -> tuple[type[msgspec.Struct], ...]:

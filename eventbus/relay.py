@@ -15,6 +15,7 @@ its rows back and releases its partitions at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,7 +35,15 @@ from anyio.abc import TaskStatus
 from ._driver import connect
 from ._settler import Settler
 from .events import PARTITIONS, Envelope, partition_of
-from .repositories import DeadLetterRepository, OutboxRepository, RelayRepository, Settlement, Status
+from .repositories import (
+    Carried,
+    DeadLetterRepository,
+    OutboxRepository,
+    RelayRepository,
+    Settlement,
+    Status,
+    SubscriptionRepository,
+)
 from .transports import Transport
 
 __all__ = ["Relay", "RelayConfig", "RelayStatistics"]
@@ -116,8 +125,10 @@ class Relay:
         *,
         worker: str | None = None,
         dead_letters: DeadLetterRepository | None = None,
+        subscriptions: SubscriptionRepository | None = None,
     ) -> None:
         self.outbox, self.relays, self.dead_letters = outbox, relays, dead_letters
+        self.subscriptions = subscriptions
         self.transport = transport
         self.dsn = dsn
         self.config = config or RelayConfig()
@@ -140,6 +151,8 @@ class Relay:
         self._trusted_until = 0.0  # until when (anyio clock) the partition leases surely run
         self._listening = False
         self._retention_leader = False
+        # What this relay delivers, once registered (None: not yet; without a subscription repository, never).
+        self._carried: list[Carried] | None = None
         self._purged = self._batches = self._claimed = self._settled = 0  # counters for statistics()
 
     # -- public ----------------------------------------------------------------------------------------------
@@ -177,6 +190,10 @@ class Relay:
                     await settling.start(self._settler.run)
                     async with anyio.create_task_group() as work:
                         await work.start(self.transport.run)
+                        if self.subscriptions is not None:
+                            # Registered once started, as a rule; if the database fails now, the claim loop retries.
+                            with contextlib.suppress(Exception):
+                                await self._register()
                         task_status.started()
                         await self._claim_loop()
                         self.transport.close()
@@ -208,6 +225,16 @@ class Relay:
         poll_started = anyio.current_time()  # start of the last claim made on the poll's cadence
         follow_up = False
         while not self._stopping:
+            if self._carried is None and self.subscriptions is not None:
+                try:
+                    await self._register()
+                except Exception as exc:
+                    failures += 1
+                    delay = min(config.poll_interval * failures, 5.0)
+                    log.warning("relay %s: registering its subscribers failed (%s); retrying in %.1f s",
+                                self.worker, exc, delay)  # fmt: skip
+                    await anyio.sleep(delay)
+                    continue
             room = min(config.batch_size, capacity - len(self._load))
             # A claim waits for room for half a batch, or for nothing to be in hand: many small claims would cost
             # a statement each.
@@ -226,7 +253,7 @@ class Relay:
                 async with self._claim_lock:
                     rows = await self.outbox.claim(
                         room, config.lease, self.worker, partitions=self._claimable(), skip=self.transport.full(),
-                        skip_topics=self.transport.blocked_topics(),
+                        skip_topics=self.transport.blocked_topics(), carried=self._carried,
                     )  # fmt: skip
                     self._track(rows)
             except Exception as exc:
@@ -250,6 +277,20 @@ class Relay:
                 await self._wakeup.wait(
                     max(config.poll_interval / 10, poll_started + config.poll_interval - anyio.current_time())
                 )
+
+    async def _register(self) -> None:
+        """Register the subscribers this relay carries (before its first claim: from then on, no event settled
+        anywhere is lost to them); hold back the paused ones."""
+        assert self.subscriptions is not None
+        carried = list(self.transport.carried())
+        states = await self.subscriptions.register(self.worker, carried)
+        for name, (_, was_retired) in states.items():
+            if was_retired:
+                log.warning("relay %s: subscriber %r had been retired; registered again, since this relay carries it",
+                            self.worker, name)  # fmt: skip
+        self.transport.hold({name for name, (state, _) in states.items() if state == "paused"})
+        self._carried = carried
+        self._settler.carried = carried
 
     def _track(self, rows: Sequence[Envelope], *, claimed: bool = True) -> None:
         if not rows:
@@ -354,7 +395,15 @@ class Relay:
                 self._owned -= lost
                 self._ready -= lost
                 self._draining -= lost
-        await self.relays.heartbeat(self.worker, socket.gethostname(), os.getpid(), sorted(self._owned))
+        carried = self._carried or ()
+        states = await self.relays.heartbeat(
+            self.worker, socket.gethostname(), os.getpid(), sorted(self._owned), [sub.name for sub in carried]
+        )
+        if self._carried is not None:
+            if "unregistered" in states.values():
+                await self._register()  # its registration was removed: make it again
+            else:
+                self.transport.hold({name for name, state in states.items() if state == "paused"})
         alive = await self.relays.alive(within=config.heartbeat_interval * 3)
         target = math.ceil(PARTITIONS / max(1, len(alive)))
         # Stop claiming from the surplus (those already draining first); each is released once its rows settled.

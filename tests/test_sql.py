@@ -29,6 +29,7 @@ EXPECTED_TABLES = {
     "eventbus_outbox",
     "eventbus_partitions",
     "eventbus_relays",
+    "eventbus_subscriptions",
 }
 EXPECTED_INDEXES = {
     "eventbus_dead_letters_id_brin",
@@ -39,10 +40,12 @@ EXPECTED_INDEXES = {
     "eventbus_outbox_id_brin",
     "eventbus_outbox_idempotency",
     "eventbus_outbox_in_flight",
+    "eventbus_outbox_pending_targets",
     "eventbus_outbox_pending_events",
     "eventbus_outbox_pkey",
     "eventbus_partitions_pkey",
     "eventbus_relays_pkey",
+    "eventbus_subscriptions_pkey",
 }
 
 

@@ -1,12 +1,14 @@
-"""The ``eventbus`` command: apply migrations, look at the outbox and the dead letters, run a relay, try a demo.
+"""The ``eventbus`` command: apply migrations, look at the outbox, the dead letters and the subscribers, run a
+relay, try a demo.
 
 Every command talks to the database through the repositories (no SQL here). Tables use ``rich`` when it is
 installed (``pip install 'eventbus[cli]'``) and plain text otherwise; ``--json`` prints machine-readable output,
 errors included. Errors print one line saying what went wrong and what to do; the exit code says what kind of
 error it was: 1 failed, 2 usage or configuration, 3 database unreachable, 4 migrations missing.
 
-One module per command group (``_migrate``, ``_status``, ``_dlq``, ``_outbox``, ``_relay``, ``_demo``), the
-output in ``_output``, what they share in ``_common``; this module holds the parser and the entry point.
+One module per command group (``_migrate``, ``_status``, ``_dlq``, ``_subscribers``, ``_outbox``, ``_relay``,
+``_demo``), the output in ``_output``, what they share in ``_common``; this module holds the parser and the entry
+point.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ._outbox import cmd_outbox_purge
 from ._output import Output, error
 from ._relay import cmd_relay
 from ._status import cmd_status
+from ._subscribers import cmd_subscribers_list, cmd_subscribers_set
 
 __all__ = ["build_parser", "main"]
 
@@ -84,6 +87,7 @@ class _Commands:
     """Adds commands and command groups to a parser, each taking the options every command takes."""
 
     def __init__(self, parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+        self.parser = parser
         self.subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
         self.common = common
 
@@ -141,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h")
     p.add_argument("--include-unreplayed", action="store_true", help="also delete letters never replayed")
     p.add_argument("--batch", type=positive, default=5000, help="letters per delete statement (default 5000)")
+
+    subscribers = commands.group("subscribers", "registered subscribers: list, pause, resume, retire")
+    subscribers.parser.set_defaults(command=cmd_subscribers_list)
+    subscribers.command("list", cmd_subscribers_list, "subscribers, the relays carrying them, what waits for them")
+    for verb, text in (
+        ("pause", "hold a subscriber's deliveries (they wait; nothing is dead-lettered)"),
+        ("resume", "deliver to a paused (or retired) subscriber again"),
+        ("retire", "remove a subscriber on purpose: no event is kept for it any more"),
+    ):
+        p = subscribers.command(verb, cmd_subscribers_set, text)
+        p.set_defaults(verb=verb)
+        p.add_argument("name", help="the subscriber's name (from `eventbus subscribers`)")
+        if verb == "retire":
+            p.add_argument("--force", action="store_true", help="retire it although live relays still carry it")
 
     outbox = commands.group("outbox", "maintain the outbox table (purge)")
     p = outbox.command("purge", cmd_outbox_purge, "delete relayed rows older than an age")

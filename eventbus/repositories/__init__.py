@@ -4,6 +4,7 @@
 - :mod:`.dead_letters` — ``eventbus_dead_letters``: list, get, count, replay, purge.
 - :mod:`.inbox` — ``eventbus_inbox``: a transactional subscriber's dedupe.
 - :mod:`.relays` — ``eventbus_relays`` and partition ownership.
+- :mod:`.subscriptions` — ``eventbus_subscriptions``: what the relays carry; pause, resume, retire.
 """
 
 from ._rows import MAX_ERROR_CHARS, Reason, cap_error
@@ -11,9 +12,11 @@ from .dead_letters import DeadLetter, DeadLetterFilter, DeadLetterRepository
 from .inbox import InboxRepository
 from .outbox import NewEvent, OfferResult, OutboxRepository, Settlement, Status, envelope_from_row
 from .relays import RelayRepository
+from .subscriptions import Carried, SubscriberState, SubscriptionInfo, SubscriptionRepository
 
 __all__ = [
     "MAX_ERROR_CHARS",
+    "Carried",
     "DeadLetter",
     "DeadLetterFilter",
     "DeadLetterRepository",
@@ -25,6 +28,9 @@ __all__ = [
     "RelayRepository",
     "Settlement",
     "Status",
+    "SubscriberState",
+    "SubscriptionInfo",
+    "SubscriptionRepository",
     "cap_error",
     "envelope_from_row",
 ]

@@ -25,6 +25,7 @@ from ..events import Envelope, EventFields, partition_of
 from ..ids import min_id_for, new_id
 from ..sql import Queries
 from ._rows import Reason, cap_error, headers_decoder, json_encoder
+from .subscriptions import Carried, pairs
 
 __all__ = ["NewEvent", "OfferResult", "OutboxRepository", "Settlement", "Status", "envelope_from_row"]
 
@@ -232,30 +233,40 @@ class OutboxRepository:
         partitions: Sequence[int] | None = None,
         skip: Sequence[str] = (),
         skip_topics: Sequence[str] = (),
+        carried: Sequence[Carried] | None = None,
     ) -> list[Envelope]:
         """Lease up to ``limit`` due rows to ``worker`` for ``lease`` seconds, oldest event id first, skipping
         rows others hold; the attempt is counted now. Keyed rows come only from partitions ``worker`` owns.
 
         With ``partitions``, keyed rows are claimed only from those partitions (rows without a key always).
         Rows targeted at a subscriber in ``skip``, and untargeted rows of a topic in ``skip_topics`` (subscribers
-        without room), are left for later.
+        without room), are left for later. With ``carried`` (what ``worker`` delivers), rows targeted at a paused
+        subscriber, or at an active one ``worker`` does not carry with the row's topic, are left to others.
         """
+        names, topics = pairs(carried) if carried is not None else (None, None)
         rows = await pooled.fetch(
             self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
-            list(skip) if skip else None, list(skip_topics) if skip_topics else None,
+            list(skip) if skip else None, list(skip_topics) if skip_topics else None, names, topics,
         )  # fmt: skip
         claimed = [envelope_from_row(row) for row in rows]
         claimed.sort(key=lambda e: (e.event_id, e.id))
         return claimed
 
-    async def settle(self, worker: str, settlement: Settlement, *, lease: float = 30.0) -> int:
+    async def settle(
+        self, worker: str, settlement: Settlement, *, lease: float = 30.0, carried: Sequence[Carried] | None = None
+    ) -> int:
         """Write the outcomes of claimed rows in one statement, shielded from cancellation; return how many
         rows were still ``worker``'s to settle (the rest were reclaimed and belong to a newer claim).
-        Continuations it inserts as claimed are leased to ``worker`` for ``lease`` seconds."""
+        Continuations it inserts as claimed are leased to ``worker`` for ``lease`` seconds. With ``carried``
+        (what ``worker`` delivers), every untargeted row settled gets a targeted row for each registered subscriber
+        of its topic that is not retired and not carried (see :mod:`.subscriptions`)."""
         if not settlement.marks:
             return 0
+        names, topics = pairs(carried) if carried is not None else (None, None)
         with anyio.CancelScope(shield=True):
-            row = await pooled.fetchrow(self.pool, self.queries.settle, worker, *settlement.columns(), lease)
+            row = await pooled.fetchrow(
+                self.pool, self.queries.settle, worker, *settlement.columns(), lease, names, topics
+            )
         assert row is not None
         return int(row["settled"])
 

@@ -27,9 +27,15 @@ class RelayRepository:
         self.queries = Queries(schema)
         self.lock_space = f"eventbus_{schema}"
 
-    async def heartbeat(self, worker: str, hostname: str, pid: int, partitions: Sequence[int]) -> None:
-        """Register ``worker`` or refresh its heartbeat, with the partitions it owns."""
-        await pooled.execute(self.pool, self.queries.relay_heartbeat, worker, hostname, pid, list(partitions))
+    async def heartbeat(
+        self, worker: str, hostname: str, pid: int, partitions: Sequence[int], subscribers: Sequence[str] = ()
+    ) -> dict[str, str]:
+        """Register ``worker`` or refresh its heartbeat, with the partitions it owns and the subscribers it carries;
+        return those of its subscribers that are ``paused`` or ``unregistered``, with that state."""
+        rows = await pooled.fetch(
+            self.pool, self.queries.relay_heartbeat, worker, hostname, pid, list(partitions), list(subscribers)
+        )
+        return {row["name"]: row["state"] for row in rows}
 
     async def forget(self, worker: str, stale_after: float) -> None:
         """Remove ``worker``'s heartbeat row and every row silent for ``stale_after`` seconds."""

@@ -92,12 +92,23 @@ SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken F
 -- $4 partitions smallint[] (NULL: every partition; rows without a key are always claimable)
 -- $5 skip_targets text[] (rows targeted at these subscribers are left pending; NULL: none)
 -- $6 skip_topics text[] (untargeted rows of these topics are left pending; NULL: none)
+-- $7 carried_names text[] (with $8: the subscriber and topic pairs $2 delivers; NULL: take targeted rows whatever
+--    the subscriptions say)
+-- $8 carried_topics text[]
 WITH picked AS (
-    SELECT id FROM __schema__.eventbus_outbox
+    SELECT id FROM __schema__.eventbus_outbox AS r
     WHERE status = 0 AND available_at <= now()
       AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
       AND ($5::text[] IS NULL OR target IS NULL OR NOT target = ANY($5::text[]))
       AND ($6::text[] IS NULL OR target IS NOT NULL OR NOT topic = ANY($6::text[]))
+      -- A row targeted at a paused subscriber waits; one targeted at an active subscriber waits for a relay that
+      -- carries it with the row's topic. Rows of retired or unknown subscribers are taken (HandlerMissing, unless
+      -- this relay carries them after all).
+      AND ($7::text[] IS NULL OR target IS NULL OR NOT EXISTS (
+          SELECT 1 FROM __schema__.eventbus_subscriptions AS s
+          WHERE s.name = r.target AND (s.state = 'paused' OR (s.state = 'active' AND NOT EXISTS (
+              SELECT 1 FROM unnest($7::text[], $8::text[]) AS c(name, topic)
+              WHERE c.name = r.target AND c.topic = r.topic)))))
       -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them). The shared
       -- lock keeps a takeover from committing before this claim does.
       AND (partition IS NULL OR partition = ANY(ARRAY(
@@ -140,9 +151,23 @@ RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text 
 -- $19 dead_error_types text[]
 -- $20 dead_errors text[]
 -- $21 lease_seconds float8
-WITH settled AS (
+-- $22 carried_names text[] (with $23: the subscriber and topic pairs $1 delivers; NULL: write no catch-up rows)
+-- $23 carried_topics text[]
+WITH absent AS (
+    -- Registered subscribers that are not retired and that $1 does not deliver, by topic: each gets a targeted
+    -- row of every untargeted row settled here (a rolling deploy, or a subscriber running elsewhere).
+    SELECT s.name, t.topic
+    FROM __schema__.eventbus_subscriptions AS s CROSS JOIN unnest(s.topics) AS t(topic)
+    WHERE $22::text[] IS NOT NULL AND s.state <> 'retired'
+    EXCEPT
+    SELECT * FROM unnest($22::text[], $23::text[])
+), settled AS (
     UPDATE __schema__.eventbus_outbox AS o
-    SET status = u.status,
+    -- A row that was dead here (no subscriber here, or each dead-lettered it) is relayed when a subscriber
+    -- elsewhere still gets it.
+    SET status = CASE WHEN u.status = 3 AND o.target IS NULL AND EXISTS (SELECT 1 FROM absent AS a
+                                                                         WHERE a.topic = o.topic)
+                      THEN 2 ELSE u.status END,
         claimed_by = NULL,
         claimed_until = NULL,
         published_at = CASE WHEN u.status = 2 THEN now() END,
@@ -160,7 +185,18 @@ WITH settled AS (
       AND (o.partition IS NULL OR EXISTS (
           SELECT 1 FROM __schema__.eventbus_partitions AS p
           WHERE p.partition = o.partition AND p.owner = u.worker AND p.epoch = o.claimed_epoch))
-    RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.partition, o.payload, o.headers, o.claimed_epoch
+    RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.partition, o.payload, o.headers, o.claimed_epoch,
+              o.target, u.status
+), catch_up AS (
+    INSERT INTO __schema__.eventbus_outbox (id, event_id, tenant, topic, key, partition, target, payload, headers)
+    -- A UUIDv7 made here: the time in milliseconds over the first 48 bits of a random UUID, version bits 0111.
+    SELECT encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid())
+                  PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+                  FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid,
+           s.event_id, s.tenant, s.topic, s.key, s.partition, a.name, s.payload, s.headers
+    FROM settled AS s JOIN absent AS a ON a.topic = s.topic
+    WHERE s.target IS NULL AND s.status <> 0
+    RETURNING event_id
 ), retries AS (
     INSERT INTO __schema__.eventbus_outbox
         (id, event_id, tenant, topic, key, partition, target, payload, headers, attempts, available_at, last_error,
@@ -182,10 +218,13 @@ WITH settled AS (
     FROM unnest($14::uuid[], $15::uuid[], $16::text[], $17::text[], $18::int[], $19::text[], $20::text[])
         AS d(source, id, reason, subscriber, attempts, error_type, error)
     JOIN settled AS s ON s.id = d.source
+    -- No subscriber here is no dead letter when a subscriber elsewhere gets the event.
+    WHERE NOT (d.reason = 'HandlerMissing' AND d.subscriber IS NULL
+               AND EXISTS (SELECT 1 FROM catch_up AS c WHERE c.event_id = s.event_id))
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM retries) AS retries,
-       (SELECT count(*) FROM dead) AS dead;
+       (SELECT count(*) FROM dead) AS dead, (SELECT count(*) FROM catch_up) AS caught_up;
 
 -- name: renew
 -- Extend the lease of rows worker $1 still holds.
@@ -326,14 +365,80 @@ SELECT false, i.payload_hash FROM __schema__.eventbus_inbox AS i
 WHERE i.subscriber = $1 AND i.event_id = $2 AND NOT EXISTS (SELECT 1 FROM entered);
 
 -- name: relay_heartbeat
--- Register or refresh relay $1 with the partitions it owns.
+-- Register or refresh relay $1 with the partitions it owns and the subscribers it carries; return those of its
+-- subscribers that are paused, and those no longer registered.
 -- $1 worker text
 -- $2 hostname text
 -- $3 pid int
 -- $4 partitions smallint[]
-INSERT INTO __schema__.eventbus_relays (worker, hostname, pid, partitions)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (worker) DO UPDATE SET heartbeat_at = now(), partitions = EXCLUDED.partitions;
+-- $5 subscribers text[]
+WITH beat AS (
+    INSERT INTO __schema__.eventbus_relays (worker, hostname, pid, partitions, subscribers)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (worker) DO UPDATE SET heartbeat_at = now(), partitions = EXCLUDED.partitions,
+                                       subscribers = EXCLUDED.subscribers
+), seen AS (
+    UPDATE __schema__.eventbus_subscriptions SET last_seen = now() WHERE name = ANY($5::text[])
+    RETURNING name, state
+)
+SELECT n.name, coalesce(seen.state, 'unregistered') AS state
+FROM unnest($5::text[]) AS n(name) LEFT JOIN seen ON seen.name = n.name
+WHERE seen.state IS DISTINCT FROM 'active' AND seen.state IS DISTINCT FROM 'retired';
+
+-- name: subscription_register
+-- Register the subscribers relay $1 carries, as given in $2; one that was retired is registered again (a relay
+-- carries it), one that is paused stays paused. Returns each with its state and whether it had been retired.
+-- $1 worker text
+-- $2 subscribers jsonb (an array of {"name": text, "topics": [text], "ordered": bool})
+WITH given AS (
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS g(name text, topics text[], ordered boolean)
+), before AS (
+    SELECT s.name, s.state FROM __schema__.eventbus_subscriptions AS s JOIN given USING (name)
+), registered AS (
+    INSERT INTO __schema__.eventbus_subscriptions AS s (name, topics, ordered)
+    SELECT name, topics, ordered FROM given
+    ON CONFLICT (name) DO UPDATE
+    SET topics = EXCLUDED.topics, ordered = EXCLUDED.ordered, last_seen = now(),
+        state = CASE WHEN s.state = 'retired' THEN 'active' ELSE s.state END,
+        state_changed = CASE WHEN s.state = 'retired' THEN now() ELSE s.state_changed END
+    RETURNING s.name, s.state
+), relay AS (
+    UPDATE __schema__.eventbus_relays SET subscribers = ARRAY(SELECT name FROM given ORDER BY name) WHERE worker = $1
+)
+SELECT r.name, r.state, coalesce(b.state = 'retired', false) AS was_retired
+FROM registered AS r LEFT JOIN before AS b USING (name) ORDER BY r.name;
+
+-- name: subscription_list
+-- Every registered subscriber with the live relays that carry it, its backlog and lag; $2 names one.
+-- $1 within_seconds float8 (a relay is live when its heartbeat is this recent)
+-- $2 name text (NULL: every subscriber)
+SELECT s.name, s.topics, s.ordered, s.state, s.registered_at, s.last_seen, s.state_changed,
+       ARRAY(SELECT r.worker FROM __schema__.eventbus_relays AS r
+             WHERE s.name = ANY(r.subscribers) AND r.heartbeat_at >= now() - make_interval(secs => $1)
+             ORDER BY r.worker) AS relays,
+       (SELECT count(*) FROM __schema__.eventbus_outbox AS o
+        WHERE o.status = 0 AND o.target = s.name) AS backlog,
+       extract(epoch FROM now() - least(
+           (SELECT min(o.created_at) FROM __schema__.eventbus_outbox AS o
+            WHERE o.status = 0 AND o.target = s.name AND o.available_at <= now()),
+           (SELECT min(o.created_at) FROM __schema__.eventbus_outbox AS o
+            WHERE o.status IN (0, 1) AND o.target IS NULL AND o.topic = ANY(s.topics) AND o.available_at <= now())
+       ))::float8 AS lag_seconds
+FROM __schema__.eventbus_subscriptions AS s
+WHERE $2::text IS NULL OR s.name = $2
+ORDER BY s.name;
+
+-- name: subscription_set_state
+-- Set subscriber $1's state to $2; returns its state before, or no row when it is not registered.
+-- $1 name text
+-- $2 state text
+WITH before AS (
+    SELECT name, state FROM __schema__.eventbus_subscriptions WHERE name = $1 FOR UPDATE
+)
+UPDATE __schema__.eventbus_subscriptions AS s
+SET state = $2, state_changed = CASE WHEN before.state <> $2 THEN now() ELSE s.state_changed END
+FROM before WHERE s.name = before.name
+RETURNING before.state AS previous;
 
 -- name: relay_forget
 -- Remove relay $1 (clean shutdown) and relays silent for more than $2 seconds.

@@ -7,7 +7,7 @@ broker transport would publish each row and report it settled once the broker ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -15,7 +15,7 @@ from anyio.abc import TaskStatus
 
 from ..events import Envelope
 from ..handlers import AttemptRunner, Subscription
-from ..repositories import Settlement
+from ..repositories import Carried, Settlement
 
 __all__ = ["DeliveryStatistics", "Report", "Transport", "Unrouted"]
 
@@ -59,6 +59,13 @@ class Transport(Protocol):
 
     def blocked_topics(self) -> list[str]:
         """Topics whose untargeted rows are not to be claimed meanwhile (a subscriber of theirs has no room)."""
+
+    def carried(self) -> Sequence[Carried]:
+        """The subscribers this transport delivers to, with their topics (aliases included): what the relay
+        registers (see :mod:`eventbus.repositories.subscriptions`)."""
+
+    def hold(self, names: Collection[str]) -> None:
+        """Deliver no new rows to these subscribers (paused): their shares go on as pending rows targeted at them."""
 
     def close(self) -> None:
         """Accept no more rows; :meth:`run` returns once what was accepted is done."""

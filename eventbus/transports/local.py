@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -24,7 +24,7 @@ from ..actors import Actor, Delivery
 from ..errors import ConfigurationError
 from ..events import Envelope
 from ..handlers import DONE, AttemptRunner, Outcome, Subscription, Verdict
-from ..repositories import Reason, Settlement, Status
+from ..repositories import Carried, Reason, Settlement, Status
 from . import DeliveryStatistics, Report, Unrouted
 
 __all__ = ["LocalTransport"]
@@ -38,6 +38,8 @@ class _Row:
     dispatched_at: float
     waiting: dict[str, Delivery] = field(default_factory=dict)
     outcomes: list[tuple[str, Outcome]] = field(default_factory=list)
+    #: Paused subscribers of the row's topic: their shares go on as pending rows targeted at them.
+    held: list[str] = field(default_factory=list)
 
 
 class LocalTransport:
@@ -60,6 +62,7 @@ class LocalTransport:
         self._runner: AttemptRunner | None = None
         self._report: Report | None = None
         self._rows: dict[uuid.UUID, _Row] = {}  # rows not yet reported, in the order they came
+        self._held: set[str] = set()
 
     def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
         self._runner = runner
@@ -77,6 +80,16 @@ class LocalTransport:
 
     def statistics(self) -> DeliveryStatistics:
         return DeliveryStatistics(**self.counters)
+
+    def carried(self) -> list[Carried]:
+        return [
+            Carried(actor.name, actor.subscription.topics, actor.subscription.ordered) for actor in self.actors.values()
+        ]
+
+    def hold(self, names: Collection[str]) -> None:
+        """Deliver no new rows to these (paused) subscribers: their shares of a row become pending rows targeted
+        at them, claimed once they are resumed."""
+        self._held = set(names)
 
     def full(self) -> list[str]:
         """Unordered subscribers whose backlog is full: the relay claims no rows targeted at them meanwhile.
@@ -127,10 +140,17 @@ class LocalTransport:
                 actors = [actor] if actor is not None else []
             else:
                 actors = self.routes.get(row.topic, [])
+            paused: list[str] = []
+            if self._held and row.target is None:
+                paused = [actor.name for actor in actors if actor.name in self._held]
+                actors = [actor for actor in actors if actor.name not in self._held]
             if not actors:
-                self._unrouted(row, report)
+                if paused:
+                    self._finish(_Row(row, now, held=paused))
+                else:
+                    self._unrouted(row, report)
                 continue
-            state = _Row(row, now)
+            state = _Row(row, now, held=paused)
             for actor in actors:
                 delivery = Delivery(row, row.attempts, actor.name, state)
                 state.waiting[actor.name] = delivery
@@ -185,12 +205,15 @@ class LocalTransport:
 
     def _finish(self, state: _Row) -> None:
         outcomes = state.outcomes
-        if (len(outcomes) == 1 and outcomes[0][1] is DONE) or all(outcome is DONE for _, outcome in outcomes):
+        if not state.held and (
+            (len(outcomes) == 1 and outcomes[0][1] is DONE) or all(outcome is DONE for _, outcome in outcomes)
+        ):
             self.counters["delivered"] += len(outcomes)
             self._reported_row(state.envelope, None, ())  # the common case: relayed, nothing else to write
             return
         settlement = Settlement()
-        self._settle(state.envelope, state.outcomes, [], settlement)
+        held = [settlement.continuation(state.envelope, name, leased=False) for name in state.held]
+        self._settle(state.envelope, state.outcomes, held, settlement)
         self._reported_row(state.envelope, settlement, ())
 
     def _reported_row(self, row: Envelope, settlement: Settlement | None, leased: Sequence[Envelope]) -> None:
@@ -226,7 +249,7 @@ class LocalTransport:
             return  # one subscriber's own row: detaching it would only copy it
         del self._rows[row.id]
         settlement = Settlement()
-        continuations: list[Envelope] = []
+        continuations = [settlement.continuation(row, name, leased=False) for name in state.held]
         leased: list[Envelope] = []
         for name, delivery in state.waiting.items():
             if self.actors[name].withdraw(delivery):

@@ -1,0 +1,24 @@
+-- eventbus schema, version 3: subscriptions known to the database.
+-- Every relay registers the subscribers it carries (at start) and refreshes them (at each heartbeat). Settling
+-- an event's row writes a targeted row for each registered, non-retired subscriber of its topic that the settling
+-- relay does not carry, so a rolling deploy or a subscriber that runs elsewhere never loses an event; claims leave
+-- rows targeted at a paused subscriber, or at one carried elsewhere, to the relays that deliver them.
+
+CREATE TABLE __schema__.eventbus_subscriptions (
+    name          text        PRIMARY KEY,
+    -- The topics (aliases included) the most recently started relay carrying it declared.
+    topics        text[]      NOT NULL,
+    ordered       boolean     NOT NULL DEFAULT false,
+    -- active: delivered; paused: its rows wait; retired: removed on purpose, its rows are nobody's.
+    state         text        NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused', 'retired')),
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    last_seen     timestamptz NOT NULL DEFAULT now(),
+    state_changed timestamptz
+);
+
+-- The subscribers each relay carries.
+ALTER TABLE __schema__.eventbus_relays ADD COLUMN subscribers text[] NOT NULL DEFAULT '{}';
+
+-- Pending rows by target: the backlog of one subscriber (eventbus subscribers, and lag).
+CREATE INDEX eventbus_outbox_pending_targets ON __schema__.eventbus_outbox (target, event_id)
+    WHERE status = 0 AND target IS NOT NULL;
