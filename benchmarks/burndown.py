@@ -119,13 +119,13 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
         settled = batches = 0
         started = perf_counter()
         while True:
-            rows = await conn.fetch(claim, batch_size, worker, LEASE, None, None, None)
+            rows = await conn.fetch(claim, batch_size, worker, LEASE, None, None, None, None, None)
             if not rows:
                 break
             n = len(rows)
             done = await conn.fetchrow(
                 settle, worker, [r["id"] for r in rows], [r["attempts"] for r in rows], [int(Status.RELAYED)] * n,
-                [0.0] * n, [None] * n, [], [], [], [], [], [], [], [], [], [], [], [], [], [], LEASE,
+                [0.0] * n, [None] * n, [], [], [], [], [], [], [], [], [], [], [], [], [], [], LEASE, None, None,
             )  # fmt: skip
             assert done is not None
             settled += done["settled"]

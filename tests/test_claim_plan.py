@@ -66,7 +66,10 @@ async def test_claim_uses_pending_index_with_large_relayed_backlog(
         claim = Queries(eventbus_schema).claim
         # Rows targeted at a subscriber without room are skipped by the same scan.
         skip = ["a-full-subscriber"] if partitions else None
-        nodes, text = await _explain(conn, claim, (100, "relay-1", 30.0, partitions, skip, skip))
+        # And so are rows targeted at subscribers registered elsewhere (the relay carries one subscriber).
+        carried = (["a-subscriber"], ["a-topic"]) if partitions else (None, None)
+        args = (100, "relay-1", 30.0, partitions, skip, skip, *carried)
+        nodes, text = await _explain(conn, claim, args)
         print(f"\nbacklog of {ROWS} rows built and analysed in {built:.1f} s; claim plan ({partitions=}):\n{text}")
 
         scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
@@ -77,7 +80,7 @@ async def test_claim_uses_pending_index_with_large_relayed_backlog(
 
         # And the claim really takes the oldest pending rows, none of the relayed history.
         oldest = [r["id"] for r in await conn.fetch(f"SELECT id FROM {table} WHERE status = 0 ORDER BY id LIMIT 100")]
-        rows = await conn.fetch(claim, 100, "relay-1", 30.0, partitions, skip, skip)
+        rows = await conn.fetch(claim, *args)
         assert sorted(r["id"] for r in rows) == oldest
         assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE status = 1") == 100
     finally:

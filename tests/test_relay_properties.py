@@ -2,15 +2,18 @@
 
 A history is a list of steps: commit or roll back a few events (each with random keys and a per-subscriber
 fault plan: raise or hang past the timeout on given attempts), start or gracefully stop an extra relay (up to
-three EventBus instances on the same schema with the same subscribers), crash a relay (its task group is
+three EventBus instances on the same schema; an "old" one, as in a rolling deploy, lacks the ordered subscriber,
+which the relays started first carry), crash a relay (its task group is
 cancelled with no graceful hand-back and its pool terminated, so its claimed rows stay leased until the short
 lease runs out), kill a relay's database connections (pg_terminate_backend of its pool and LISTEN session, as a
 network failure would), and pauses. Relays have room for two batches of four rows and detach laggards after
 0.2 s, so backlogs outgrow what a relay holds, several batches are in flight, ordered keys retry while others go
-on, and shares travel on in continuation rows. After a drain on a surviving relay the invariants are checked:
+on, and shares travel on in continuation rows. After the old relays stopped (the rollout is over), a relay with
+every subscriber drains the outbox, and the invariants are checked:
 
 1. every committed event reached every subscriber, or has that subscriber's dead letter with the reason of its
-   last attempt (HandlerTimeout when it hung, DeliveryFailed when it raised);
+   last attempt (HandlerTimeout when it hung, DeliveryFailed when it raised); this includes the events an old
+   relay handled (rollout catch-up);
 2. nothing from a rolled-back transaction was delivered (or even stored);
 3. the transactional subscriber has exactly one effect row per handled event (none for a dead-lettered one);
 4. the ordered subscriber's first successful handlings of each key are in publish (event id) order, and it never
@@ -88,7 +91,7 @@ steps = st.one_of(
     commit,
     commit,  # listed twice (as is crash): one_of picks its branches about equally often
     st.tuples(st.just("rollback"), st.lists(st.sampled_from(KEYS), min_size=1, max_size=4)),
-    st.tuples(st.just("start")),
+    st.tuples(st.just("start"), st.booleans()),  # True: an old relay, without the ordered subscriber
     st.tuples(st.just("stop"), st.integers(0, MAX_RELAYS - 1)),
     crash_step,
     crash_step,
@@ -116,6 +119,7 @@ class World:
     overlaps: list[tuple[str, int, int]] = field(default_factory=list)
     crashed: int = 0
     most_relays: int = 0
+    old_relays: int = 0
     next_n: int = 0
     effects_table: str = ""
 
@@ -174,7 +178,7 @@ def _errored(world: World, sub: str, event: Item, ctx: Context) -> None:
         world.ordered_first.append((event.key, event.n))
 
 
-def build_bus(dsn: str, schema: str, world: World, **kwargs: Any) -> EventBus:
+def build_bus(dsn: str, schema: str, world: World, *, old: bool = False, **kwargs: Any) -> EventBus:
     bus = EventBus(
         dsn, schema=schema, relay_config=CONFIG, pool_size=5, stop_timeout=60, migrate=False,
         transport=LocalTransport(mailbox_size=4, detach_after=0.2), **kwargs,
@@ -188,6 +192,9 @@ def build_bus(dsn: str, schema: str, world: World, **kwargs: Any) -> EventBus:
     @bus.subscribe(name="tx", transactional=True, concurrency=2, **common)
     async def tx(event: Item, ctx: Context) -> None:
         await behave(world, "tx", event, ctx)
+
+    if old:
+        return bus  # a relay of the release before the ordered subscriber was added
 
     @bus.subscribe(name="ordered", ordered=True, concurrency=2, **common)
     async def ordered(event: Item, ctx: Context) -> None:
@@ -203,6 +210,7 @@ class RelayHandle:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self.name = ""
+        self.old = False
         self.mode: Literal["stop", "crash"] = "stop"
         self.requested = anyio.Event()
         self.done = anyio.Event()
@@ -294,12 +302,12 @@ async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: Ta
     relays, steps = history
     live: list[RelayHandle] = []
 
-    async def start_relay() -> None:
+    async def start_relay(old: bool = False) -> None:
         # Each relay's connections carry a name of their own, so that a step can kill one relay's connections.
         name = f"relay-{uuid.uuid4().hex[:8]}"
         separator = "&" if "?" in dsn else "?"
-        handle = RelayHandle(build_bus(f"{dsn}{separator}application_name={name}", schema, world))
-        handle.name = name
+        handle = RelayHandle(build_bus(f"{dsn}{separator}application_name={name}", schema, world, old=old))
+        handle.name, handle.old = name, old
         await tg.start(run_relay, handle)
         live.append(handle)
         world.most_relays = max(world.most_relays, len(live))
@@ -330,7 +338,9 @@ async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: Ta
                     world.rolled_back.update(doomed)
             elif kind == "start":
                 if len(live) < MAX_RELAYS:
-                    await start_relay()
+                    old = len(step) > 1 and step[1]
+                    await start_relay(old)
+                    world.old_relays += old
             elif kind == "stop":
                 if live:
                     await live.pop(step[1] % len(live)).end("stop")
@@ -356,6 +366,10 @@ async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: Ta
                     live[step[1] % len(live)].name,
                 )
                 world.crashed += 1  # settles may fail and rows come back: the relaxed checks apply
+        # The rollout ends: the old relays stop, and a relay with every subscriber delivers what waits for it.
+        for handle in [handle for handle in live if handle.old]:
+            live.remove(handle)
+            await handle.end("stop")
         if not live:
             await start_relay()
         await live[0].bus.drain(DRAIN)
@@ -504,6 +518,12 @@ HEALTHY = [("a", {}), ("b", {}), ("c", {}), (None, {}), ("a", {})]
 # the batch was settled (its rows come back after the lease); an ordered subscriber failing and retrying while
 # later events of its key wait, with the partitions handed over between relays; every attempt failing.
 @example(history=(1, [("commit", HEALTHY), ("crash", 0, True, 0.02), ("start",)]))
+# A rolling deploy: an old relay without the ordered subscriber takes over every partition and handles events
+# the ordered subscriber must still get, in order, once the old relay is gone.
+@example(history=(1, [
+    ("start", True), ("stop", 0), ("commit", HEALTHY), ("commit", [("a", {"ordered": {1: "raise"}}), ("a", {})]),
+    ("pause", 0.3), ("start", False), ("commit", HEALTHY),
+]))  # fmt: skip
 @example(history=(2, [("commit", HEALTHY), ("crash", 1, True, 0.03), ("commit", HEALTHY), ("crash", 0, True, 0.0)]))
 @example(history=(2, [
     ("commit", [
@@ -525,6 +545,7 @@ def test_delivery_invariants_hold_over_random_histories(eventbus_dsn: str, histo
     world, outcome = anyio.run(run_history, eventbus_dsn, history, backend="asyncio")
     event("crashed" if world.crashed else "no crash (exact check)")
     event(f"relays at once: {world.most_relays}")
+    event("an old relay ran (rollout)" if world.old_relays else "no old relay")
     event("with dead letters" if outcome.letters else "no dead letters")
     redelivered = any(any(o == "ok" for _, o in runs[:-1]) for runs in world.runs.values())
     event("a handled event came back after a crash" if redelivered else "no redelivery after success")

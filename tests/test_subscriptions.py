@@ -52,11 +52,13 @@ async def waiting_for(bus: EventBus, name: str) -> int:
 async def only_waiting_for(bus: EventBus, name: str, rows: int) -> None:
     """Wait until the only rows left pending or claimed are ``rows`` rows targeted at subscriber ``name``."""
     with anyio.fail_after(GIVE_UP):
-        while not (await waiting_for(bus, name) == rows and await bus.outbox.unsettled() == rows):
+        while not (await waiting_for(bus, name) == rows and await bus.outbox.unsettled() == rows):  # noqa: ASYNC110
             await anyio.sleep(0.02)
 
 
-async def test_an_old_relay_leaves_a_new_subscribers_share_for_a_new_relay(eventbus_dsn: str, eventbus_schema: str) -> None:
+async def test_an_old_relay_leaves_a_new_subscribers_share_for_a_new_relay(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
     """A rolling deploy adds ``mailer``: the old relay handles every event while the new one is down, and the
     new one delivers each of them to ``mailer`` once it runs (0.2.0 before: ``mailer`` got none)."""
     audit: Counter[int] = Counter()
@@ -227,7 +229,7 @@ async def test_cli_lists_pauses_resumes_and_retires_subscribers(
             return code, json.loads(capsys.readouterr().out)
 
         with anyio.fail_after(GIVE_UP):  # the relay's first heartbeat records what it carries
-            while not (await bus.subscribers.list(live_within=10.0))[0].relays:
+            while not (await bus.subscribers.list(live_within=10.0))[0].relays:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
         code, listed = await anyio.to_thread.run_sync(run, "subscribers")
         assert code == 0
