@@ -363,7 +363,8 @@ class EventBus:
                 await anyio.sleep(0.02)
         raise TimeoutError(
             f"{left} events were still pending or claimed after {timeout:g} s; is a relay running "
-            "(`async with bus:` with subscribers, or `eventbus relay`)? Delayed retries count as pending"
+            "(`async with bus:` with subscribers, or `eventbus relay`)? Delayed retries count as pending, and so do "
+            "rows waiting for a paused subscriber or for one no live relay carries (see `eventbus subscribers`)"
         )
 
     def statistics(self) -> BusStatistics:

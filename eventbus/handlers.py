@@ -232,6 +232,9 @@ class Verdict(Enum):
     DUPLICATE = "duplicate"  # an identical redelivery, skipped
     RETRY = "retry"
     DEAD = "dead"
+    #: Not run: the relay lost the row's key partition before the delivery started; the share goes back to pending
+    #: (the settle that says so is fenced: it writes nothing unless the relay owns the partition again).
+    REVOKED = "revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +251,7 @@ class Outcome:
 
 DONE = Outcome(Verdict.DONE)
 DUPLICATE = Outcome(Verdict.DUPLICATE)
+REVOKED = Outcome(Verdict.REVOKED)
 
 
 def payload_hash(payload: bytes) -> bytes:

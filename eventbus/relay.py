@@ -392,6 +392,7 @@ class Relay:
             lost = self._owned - renewed.keys()
             if lost:
                 log.warning("relay %s: lost partitions %s (their lease ran out)", self.worker, sorted(lost))
+                self.transport.revoke(lost)
                 self._owned -= lost
                 self._ready -= lost
                 self._draining -= lost
@@ -423,12 +424,14 @@ class Relay:
             free = [r["partition"] for r in await self.relays.owners() if not r["live"] and r["partition"] not in owned]
             start = int(self.worker.encode().hex(), 16) % PARTITIONS
             free.sort(key=lambda p: (p - start) % PARTITIONS)
-            taken = await self.relays.acquire(self.worker, free[:wanted], config.lease)
+            taken = await self.relays.acquire(self.worker, free[:wanted], config.lease, held=self._unsettled.keys())
             self._owned |= taken.keys()
         waiting = self._owned - self._ready
         if waiting:
             busy = await self.relays.busy_partitions(sorted(waiting), self.worker)
-            newly_ready = waiting - busy
+            # Rows this relay still holds of a partition it took back settle first: a share it did not run
+            # goes back to pending only then, and the key's later rows must not overtake it.
+            newly_ready = {p for p in waiting - busy if not self._partition_load[p]}
             if newly_ready:
                 self._ready |= newly_ready
                 self._wakeup.set()

@@ -232,3 +232,48 @@ async def test_a_lone_relay_takes_back_partitions_whose_lease_ran_out(eventbus_d
                 await tx.publish(Keyed(key, 0), key=key)
         await bus.drain(GIVE_UP / 2)
     assert sorted(seen["a"]) == sorted(keys)
+
+
+async def test_a_relay_that_lost_its_partitions_starts_none_of_their_queued_deliveries(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """Once a relay learns that its partitions were taken over, the deliveries of theirs still waiting in its
+    mailboxes do not start (the new owner gets the rows); their settles were already fenced, but the handlers
+    ran beside the new owner's (0.2.0 before: they all ran)."""
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=config(lease=3.0), relay=True)
+    starts: list[tuple[float, str, int]] = []
+
+    @bus.subscribe(name="ordered", ordered=True, concurrency=4)
+    async def handle(event: Keyed) -> None:
+        starts.append((anyio.current_time(), event.key, event.n))
+        await anyio.sleep(0.05)
+
+    await bus.connect()
+    async with bus.transaction() as tx:
+        await tx.offer([bus.encode(Keyed(key, n), key=key) for n in range(100) for key in ("a", "b", "c", "d")])
+    async with bus:
+        relay = bus.relay
+        assert relay is not None
+        with anyio.fail_after(GIVE_UP):
+            while len(starts) < 8:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        # Another relay takes every partition over (as after this relay's lease ran out).
+        await bus.pool.execute(
+            f"UPDATE {quote_schema(eventbus_schema)}.eventbus_partitions "
+            "SET owner = 'thief', epoch = epoch + 1, lease_until = now() + interval '1 hour'"
+        )
+        with anyio.fail_after(GIVE_UP):
+            while relay.statistics().partitions_owned:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        noticed = anyio.current_time()
+        await anyio.sleep(0.5)
+        late = [start for start in starts if start[0] > noticed]
+        assert not late, f"{len(late)} deliveries of lost partitions started after the loss, e.g. {late[:3]}"
+        # The thief goes away: this relay takes the partitions back and delivers every event, in order per key.
+        await bus.pool.execute(f"UPDATE {quote_schema(eventbus_schema)}.eventbus_partitions SET lease_until = now()")
+        await bus.drain(GIVE_UP)
+    first: defaultdict[str, list[int]] = defaultdict(list)
+    for _, key, n in starts:
+        if n not in first[key]:
+            first[key].append(n)
+    assert {key: ns for key, ns in first.items()} == {key: list(range(100)) for key in "abcd"}

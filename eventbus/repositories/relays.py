@@ -8,7 +8,8 @@ a relay whose lease ran out, or whose session or network is gone, can neither cl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Collection, Iterable, Sequence
 
 import asyncpg
 
@@ -45,10 +46,16 @@ class RelayRepository:
         """Relays that sent a heartbeat within ``within`` seconds."""
         return list(await pooled.fetch(self.pool, self.queries.relay_alive, within))
 
-    async def acquire(self, worker: str, partitions: Sequence[int], lease: float) -> dict[int, int]:
+    async def acquire(
+        self, worker: str, partitions: Sequence[int], lease: float, *, held: Collection[uuid.UUID] | None = None
+    ) -> dict[int, int]:
         """Take those of ``partitions`` that are free (or whose owner's lease ran out); return them with their
-        new epochs. Rows ``worker`` still holds in a partition it takes back are adopted at the new epoch."""
-        rows = await pooled.fetch(self.pool, self.queries.partition_acquire, worker, list(partitions), lease)
+        new epochs. Rows ``worker`` still holds in a partition it takes back are adopted at the new epoch (only
+        those in ``held``, when given: the rows it still has in hand)."""
+        rows = await pooled.fetch(
+            self.pool, self.queries.partition_acquire, worker, list(partitions), lease,
+            None if held is None else list(held),
+        )  # fmt: skip
         return {row["partition"]: row["epoch"] for row in rows}
 
     async def renew(self, worker: str, partitions: Sequence[int], lease: float) -> dict[int, int]:

@@ -495,8 +495,10 @@ SELECT pg_try_advisory_lock(hashtext($1), -1) AS acquired;
 -- $1 worker text
 -- $2 partitions smallint[]
 -- $3 lease_seconds float8
--- Rows $1 still holds in a partition it takes back (its lease had run out) are adopted at the new epoch: nobody
--- else can have claimed them meanwhile, and their handlers may still be running here.
+-- $4 held uuid[] (rows $1 still has in hand; NULL: every row claimed by $1)
+-- Rows $1 still has in hand in a partition it takes back (its lease had run out) are adopted at the new epoch:
+-- nobody else can have claimed them meanwhile, and their handlers may still be running here. Its other rows of
+-- the partition (shares it gave up when it lost the partition) are left to expire and come back.
 WITH taken AS (
     UPDATE __schema__.eventbus_partitions
     SET owner = $1, epoch = epoch + 1, lease_until = now() + make_interval(secs => $3)
@@ -506,6 +508,7 @@ WITH taken AS (
     UPDATE __schema__.eventbus_outbox AS o SET claimed_epoch = t.epoch
     FROM taken AS t
     WHERE o.status = 1 AND o.claimed_by = $1 AND o.partition = t.partition
+      AND ($4::uuid[] IS NULL OR o.id = ANY($4::uuid[]))
     RETURNING 1
 )
 SELECT partition, epoch, (SELECT count(*) FROM adopted) AS adopted FROM taken;
@@ -533,11 +536,14 @@ SELECT partition, owner, epoch, lease_until, coalesce(lease_until >= now(), fals
 FROM __schema__.eventbus_partitions ORDER BY partition;
 
 -- name: partition_busy
--- Partitions among $1 with rows still leased to another worker than $2 (not yet safe to claim in order).
+-- Partitions among $1 with rows still leased to another worker than $2, or to $2 under an earlier epoch (rows it
+-- gave up): not yet safe to claim in order.
 -- $1 partitions smallint[]
 -- $2 worker text
-SELECT DISTINCT partition FROM __schema__.eventbus_outbox
-WHERE status = 1 AND partition = ANY($1::smallint[]) AND claimed_by <> $2;
+SELECT DISTINCT o.partition FROM __schema__.eventbus_outbox AS o
+JOIN __schema__.eventbus_partitions AS p ON p.partition = o.partition
+WHERE o.status = 1 AND o.partition = ANY($1::smallint[])
+  AND (o.claimed_by <> $2 OR o.claimed_epoch IS DISTINCT FROM p.epoch);
 
 -- name: outbox_unsettled
 -- Rows not yet settled: pending (due or not) and claimed.

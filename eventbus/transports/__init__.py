@@ -38,6 +38,8 @@ class DeliveryStatistics:
     dead_lettered: int = 0
     duplicates_skipped: int = 0
     dropped: int = 0
+    #: Deliveries not run because the relay lost their key partition first.
+    revoked: int = 0
 
 
 class Transport(Protocol):
@@ -63,6 +65,10 @@ class Transport(Protocol):
     def carried(self) -> Sequence[Carried]:
         """The subscribers this transport delivers to, with their topics (aliases included): what the relay
         registers (see :mod:`eventbus.repositories.subscriptions`)."""
+
+    def revoke(self, partitions: Collection[int]) -> None:
+        """The relay lost these key partitions: do not start what is waiting of their rows; report those shares
+        as not run (see ``Verdict.REVOKED``)."""
 
     def hold(self, names: Collection[str]) -> None:
         """Deliver no new rows to these subscribers (paused): their shares go on as pending rows targeted at them."""

@@ -22,8 +22,8 @@ from anyio.abc import TaskStatus
 
 from ..actors import Actor, Delivery
 from ..errors import ConfigurationError
-from ..events import Envelope
-from ..handlers import DONE, AttemptRunner, Outcome, Subscription, Verdict
+from ..events import Envelope, partition_of
+from ..handlers import DONE, REVOKED, AttemptRunner, Outcome, Subscription, Verdict
 from ..repositories import Carried, Reason, Settlement, Status
 from . import DeliveryStatistics, Report, Unrouted
 
@@ -63,6 +63,7 @@ class LocalTransport:
         self._report: Report | None = None
         self._rows: dict[uuid.UUID, _Row] = {}  # rows not yet reported, in the order they came
         self._held: set[str] = set()
+        self._revoked: dict[int, float] = {}  # partition -> when the relay lost it
 
     def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
         self._runner = runner
@@ -85,6 +86,13 @@ class LocalTransport:
         return [
             Carried(actor.name, actor.subscription.topics, actor.subscription.ordered) for actor in self.actors.values()
         ]
+
+    def revoke(self, partitions: Collection[int]) -> None:
+        """The relay lost these key partitions: deliveries of their rows that came before now and have not
+        started are not run; their shares go back to pending (for the partition's new owner)."""
+        now = anyio.current_time()
+        for partition in partitions:
+            self._revoked[partition] = now
 
     def hold(self, names: Collection[str]) -> None:
         """Deliver no new rows to these (paused) subscribers: their shares of a row become pending rows targeted
@@ -176,6 +184,11 @@ class LocalTransport:
 
     async def _attempt(self, sub: Subscription, delivery: Delivery) -> Outcome:
         envelope = delivery.envelope
+        if self._revoked:
+            partition = partition_of(envelope.key)
+            lost_at = self._revoked.get(partition) if partition is not None else None
+            if lost_at is not None and lost_at >= delivery.owner.dispatched_at:
+                return REVOKED
         if envelope.attempts > sub.max_attempts:
             return Outcome(
                 Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type="AttemptsExhausted",
@@ -275,6 +288,12 @@ class LocalTransport:
                 counters["delivered"] += 1
             elif verdict is Verdict.DUPLICATE:
                 counters["duplicates_skipped"] += 1
+            elif verdict is Verdict.REVOKED:
+                counters["revoked"] += 1
+                if row.target is not None:
+                    s.mark(row, Status.PENDING)
+                    return
+                continuations.append(s.continuation(row, name, leased=False))
             elif verdict is Verdict.RETRY:
                 counters["failed"] += 1
                 counters["retried"] += 1
