@@ -7,6 +7,7 @@ transaction that first enters the inbox, for a transactional subscriber) and tur
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import random
@@ -25,7 +26,7 @@ import anyio.to_thread
 import msgspec
 
 from ._typing import Connection
-from .errors import ConfigurationError, DeserializationError, RegistrationError
+from .errors import ConfigurationError, DeserializationError, NotInTransaction, RegistrationError, UnknownTopic
 from .events import Envelope, Registry, aliases_of, topic_of
 from .observability import handle_span
 from .repositories import InboxRepository, NewEvent, OfferResult, Reason, cap_error
@@ -254,6 +255,18 @@ DUPLICATE = Outcome(Verdict.DUPLICATE)
 REVOKED = Outcome(Verdict.REVOKED)
 
 
+#: Errors eventbus raises when a handler uses it wrongly (``ctx.connection`` outside a transactional subscriber):
+#: dead-lettered at once, since every attempt would fail alike.
+_USAGE_ERRORS = (ConfigurationError, RegistrationError, NotInTransaction)
+
+
+def _cancelling() -> bool:
+    """Whether cancellation of the current task was requested (a stop, or a scope around it), as opposed to a
+    cancellation error the task merely met (a future another task cancelled)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def payload_hash(payload: bytes) -> bytes:
     return hashlib.blake2b(payload, digest_size=16).digest()
 
@@ -269,13 +282,16 @@ class AttemptRunner:
     redact: Callable[[str], str] | None = None
 
     async def run(self, sub: Subscription, envelope: Envelope, attempt: int) -> Outcome:
-        """One attempt of ``sub`` on ``envelope``: its outcome, never an exception (except cancellation)."""
+        """One attempt of ``sub`` on ``envelope``: its outcome, never an exception, except the cancellation of
+        the task running it (a stop). A cancellation the handler met elsewhere (a future cancelled by other code)
+        is a failed attempt like any other exception."""
         try:
             event = self.registry.decode(envelope.topic, envelope.payload)
-        except DeserializationError as exc:
+        except (DeserializationError, UnknownTopic) as exc:
+            unknown = isinstance(exc, UnknownTopic)
             return Outcome(
-                Verdict.DEAD, reason=Reason.DESERIALIZATION_FAILED, error_type="DeserializationError",
-                error=cap_error(str(exc), self.redact), attempts=attempt,
+                Verdict.DEAD, reason=Reason.HANDLER_MISSING if unknown else Reason.DESERIALIZATION_FAILED,
+                error_type=type(exc).__name__, error=cap_error(str(exc), self.redact), attempts=attempt,
             )  # fmt: skip
         try:
             with handle_span(sub.name, envelope.topic, envelope.headers, attempt):
@@ -286,6 +302,18 @@ class AttemptRunner:
                 return DONE
         except Exception as exc:
             return self._failure(sub, exc, attempt)
+        except anyio.get_cancelled_exc_class() as exc:
+            if _cancelling():
+                raise  # this task is being cancelled: the relay stops
+            return self._failure(sub, exc, attempt)
+
+    async def handled_before(self, sub: Subscription, envelope: Envelope) -> bool:
+        """Whether a transactional subscriber's inbox records this event: its effect committed, though the
+        attempt that made it was never settled (its relay died, or its lease ran out)."""
+        if not sub.transactional:
+            return False
+        async with self.transaction() as conn:
+            return await self.inbox.seen(conn, sub.name, envelope.event_id)
 
     async def _transactional(self, sub: Subscription, envelope: Envelope, event: Any, attempt: int) -> Outcome:
         digest = payload_hash(envelope.payload)
@@ -314,9 +342,15 @@ class AttemptRunner:
         if scope.cancelled_caught:
             raise TimeoutError
 
-    def _failure(self, sub: Subscription, exc: Exception, attempt: int) -> Outcome:
+    def _failure(self, sub: Subscription, exc: BaseException, attempt: int) -> Outcome:
         timed_out = isinstance(exc, TimeoutError)
         text = f"handler exceeded its timeout of {sub.timeout:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, _USAGE_ERRORS):
+            # eventbus refused what the handler asked of it: another attempt would be refused alike.
+            return Outcome(
+                Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type=type(exc).__name__,
+                error=cap_error(f"{text} (a usage error: not retried)", self.redact), attempts=attempt,
+            )  # fmt: skip
         if attempt < sub.max_attempts:
             return Outcome(
                 Verdict.RETRY, delay=sub.backoff.delay(attempt), error=cap_error(text, self.redact),

@@ -230,10 +230,10 @@ class Relay:
                     await self._register()
                 except Exception as exc:
                     failures += 1
-                    delay = min(config.poll_interval * failures, 5.0)
+                    delay = self._backoff(failures)
                     log.warning("relay %s: registering its subscribers failed (%s); retrying in %.1f s",
                                 self.worker, exc, delay)  # fmt: skip
-                    await anyio.sleep(delay)
+                    await self._wakeup.wait(delay)
                     continue
             room = min(config.batch_size, capacity - len(self._load))
             # A claim waits for room for half a batch, or for nothing to be in hand: many small claims would cost
@@ -258,9 +258,9 @@ class Relay:
                     self._track(rows)
             except Exception as exc:
                 failures += 1
-                delay = min(config.poll_interval * failures, 5.0)
+                delay = self._backoff(failures)
                 log.warning("relay %s: claim failed (%s); retrying in %.1f s", self.worker, exc, delay)
-                await anyio.sleep(delay)
+                await self._wakeup.wait(delay)  # a notification (or the session coming back) cuts it short
                 continue
             failures = 0
             if rows:
@@ -277,6 +277,12 @@ class Relay:
                 await self._wakeup.wait(
                     max(config.poll_interval / 10, poll_started + config.poll_interval - anyio.current_time())
                 )
+
+    def _backoff(self, failures: int) -> float:
+        """How long to wait after ``failures`` failed claims in a row: doubling from 50 ms, at most one poll
+        interval, so delivery resumes within one poll interval of the database coming back (or at once, when the
+        session reconnects and wakes the claim loop)."""
+        return min(self.config.poll_interval, 0.05 * 2.0 ** min(failures, 16))
 
     async def _register(self) -> None:
         """Register the subscribers this relay carries (before its first claim: from then on, no event settled
@@ -351,7 +357,7 @@ class Relay:
             except Exception as exc:
                 log.warning("relay %s: session connection failed (%s); polling meanwhile", self.worker, exc)
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)
                 continue
             delay = 0.2
             try:

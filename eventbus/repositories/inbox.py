@@ -27,3 +27,7 @@ class InboxRepository:
         if row is None:
             return False, None
         return bool(row["inserted"]), row["existing_hash"]
+
+    async def seen(self, connection: Connection, subscriber: str, event_id: uuid.UUID) -> bool:
+        """Whether ``subscriber`` recorded ``event_id`` as processed (its effect committed)."""
+        return bool(await connection.fetchval(self.queries.inbox_seen, subscriber, event_id))

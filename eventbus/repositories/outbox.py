@@ -248,7 +248,23 @@ class OutboxRepository:
             self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
             list(skip) if skip else None, list(skip_topics) if skip_topics else None, names, topics,
         )  # fmt: skip
-        claimed = [envelope_from_row(row) for row in rows]
+        claimed: list[Envelope] = []
+        unreadable = Settlement()
+        for row in rows:
+            try:
+                claimed.append(envelope_from_row(row))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                # A row no relay can read (its headers are not a JSON object of strings): dead-lettered now,
+                # on its own, so that it neither fails every claim that meets it nor holds its batch-mates up.
+                bare = Envelope(id=row["id"], event_id=row["event_id"], topic=row["topic"], payload=b"",
+                                attempts=row["attempts"])  # fmt: skip
+                why = f"the row's headers do not decode into a JSON object of strings: {exc}"
+                unreadable.mark(bare, Status.DEAD, error=why)
+                unreadable.dead_letter(
+                    bare, Reason.DESERIALIZATION_FAILED, row["target"], error_type="DeserializationError", error=why
+                )
+        if unreadable:
+            await self.settle(worker, unreadable, lease=lease)
         claimed.sort(key=lambda e: (e.event_id, e.id))
         return claimed
 

@@ -16,7 +16,9 @@ from ..errors import ConfigurationError
 __all__ = ["Migration", "Queries", "Query", "migrations", "quote_schema"]
 
 _PLACEHOLDER = "__schema__"
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+#: At most 54 characters: the wake-up channel ``eventbus_<schema>`` must fit PostgreSQL's 63-byte identifiers (a
+#: longer one is cut by the server, and NOTIFY on the full name fails after the transaction committed).
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,53}")
 _NAME_HEADER = re.compile(r"^-- name: (\w+)\s*$")
 _PARAM_LINE = re.compile(r"^-- \$(\d+) ")
 
@@ -25,8 +27,9 @@ def quote_schema(name: str) -> str:
     """Validate a schema name and return it quoted for SQL. The one place identifiers enter SQL text."""
     if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
         raise ConfigurationError(
-            f"schema name {name!r} is not allowed: use 1-63 lowercase letters, digits or underscores, "
-            "starting with a letter or underscore (for example 'eventbus')"
+            f"schema name {name!r} is not allowed: use 1-54 lowercase letters, digits or underscores, "
+            "starting with a letter or underscore (for example 'eventbus'); 54, so that the wake-up channel "
+            "'eventbus_<schema>' fits PostgreSQL's 63-byte names"
         )
     return f'"{name}"'
 

@@ -101,14 +101,15 @@ WITH picked AS (
       AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
       AND ($5::text[] IS NULL OR target IS NULL OR NOT target = ANY($5::text[]))
       AND ($6::text[] IS NULL OR target IS NOT NULL OR NOT topic = ANY($6::text[]))
-      -- A row targeted at a paused subscriber waits; one targeted at an active subscriber waits for a relay that
-      -- carries it with the row's topic. Rows of retired or unknown subscribers are taken (HandlerMissing, unless
-      -- this relay carries them after all).
+      -- A row targeted at a paused subscriber waits; one targeted at an active subscriber, of a topic it is
+      -- registered with, waits for a relay that carries it with that topic. Other targeted rows are taken
+      -- (retired or unknown subscribers, topics they do not take: HandlerMissing, unless carried here after all).
       AND ($7::text[] IS NULL OR target IS NULL OR NOT EXISTS (
           SELECT 1 FROM __schema__.eventbus_subscriptions AS s
-          WHERE s.name = r.target AND (s.state = 'paused' OR (s.state = 'active' AND NOT EXISTS (
-              SELECT 1 FROM unnest($7::text[], $8::text[]) AS c(name, topic)
-              WHERE c.name = r.target AND c.topic = r.topic)))))
+          WHERE s.name = r.target AND (s.state = 'paused' OR (
+              s.state = 'active' AND r.topic = ANY(s.topics) AND NOT EXISTS (
+                  SELECT 1 FROM unnest($7::text[], $8::text[]) AS c(name, topic)
+                  WHERE c.name = r.target AND c.topic = r.topic)))))
       -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them). The shared
       -- lock keeps a takeover from committing before this claim does.
       AND (partition IS NULL OR partition = ANY(ARRAY(
@@ -363,6 +364,12 @@ SELECT true AS inserted, NULL::bytea AS existing_hash FROM entered
 UNION ALL
 SELECT false, i.payload_hash FROM __schema__.eventbus_inbox AS i
 WHERE i.subscriber = $1 AND i.event_id = $2 AND NOT EXISTS (SELECT 1 FROM entered);
+
+-- name: inbox_seen
+-- Whether subscriber $1 recorded event $2 as processed.
+-- $1 subscriber text
+-- $2 event_id uuid
+SELECT EXISTS (SELECT 1 FROM __schema__.eventbus_inbox WHERE subscriber = $1 AND event_id = $2) AS seen;
 
 -- name: relay_heartbeat
 -- Register or refresh relay $1 with the partitions it owns and the subscribers it carries; return those of its

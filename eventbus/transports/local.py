@@ -23,7 +23,7 @@ from anyio.abc import TaskStatus
 from ..actors import Actor, Delivery
 from ..errors import ConfigurationError
 from ..events import Envelope, partition_of
-from ..handlers import DONE, REVOKED, AttemptRunner, Outcome, Subscription, Verdict
+from ..handlers import DONE, DUPLICATE, REVOKED, AttemptRunner, Outcome, Subscription, Verdict
 from ..repositories import Carried, Reason, Settlement, Status
 from . import DeliveryStatistics, Report, Unrouted
 
@@ -189,14 +189,19 @@ class LocalTransport:
             lost_at = self._revoked.get(partition) if partition is not None else None
             if lost_at is not None and lost_at >= delivery.owner.dispatched_at:
                 return REVOKED
+        assert self._runner is not None, "attach() comes first"
         if envelope.attempts > sub.max_attempts:
+            try:
+                if await self._runner.handled_before(sub, envelope):
+                    return DUPLICATE  # handled, and its effect committed: settled as handled, not dead-lettered
+            except Exception:
+                pass  # cannot tell: the inbox still keeps the effect once if the letter is replayed
             return Outcome(
                 Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type="AttemptsExhausted",
                 error=f"claimed {envelope.attempts} times, more than max_attempts={sub.max_attempts}: earlier "
                 "attempts never finished (the process died or its lease ran out while handling)",
                 attempts=envelope.attempts,
             )  # fmt: skip
-        assert self._runner is not None, "attach() comes first"
         return await self._runner.run(sub, envelope, delivery.attempt)
 
     def _retrying(self, delivery: Delivery, outcome: Outcome) -> None:
