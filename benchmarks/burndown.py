@@ -125,7 +125,7 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
             n = len(rows)
             done = await conn.fetchrow(
                 settle, worker, [r["id"] for r in rows], [r["attempts"] for r in rows], [int(Status.RELAYED)] * n,
-                [0.0] * n, [None] * n, [], [], [], [], [], [], [], [], [], [], [], [], [], [], LEASE, None, None,
+                [0.0] * n, [None] * n, [], [], [], [], [], [], [], [], [], [], [], [], [], [], LEASE, None, None, None,
             )  # fmt: skip
             assert done is not None
             settled += done["settled"]

@@ -3,7 +3,9 @@ together; it holds no SQL."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -45,6 +47,12 @@ from .transports.local import LocalTransport
 
 __all__ = ["BusStatistics", "EventBus", "Transaction"]
 
+log = logging.getLogger("eventbus.bus")
+
+#: Connections of the relay's own pool: its claims, up to three settling statements, lease renewals and
+#: heartbeats, and retention.
+_RELAY_CONNECTIONS = 6
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -62,6 +70,8 @@ class BusStatistics:
     #: Relay wake-ups carried by COMMIT messages, and sent by the bus's waker when no COMMIT came to carry one.
     wake_ups_carried: int = 0
     wake_ups_sent: int = 0
+    #: Threads of plain ``def`` handlers left running past their timeout (each finishes on its own).
+    abandoned_threads: int = 0
 
 
 def _seconds(delay: float | timedelta | None) -> float:
@@ -175,6 +185,11 @@ class EventBus:
         self._relay: Relay | None = None
         self._delivering = False
         self._task_group: TaskGroup | None = None
+        self._serving: asyncio.Task[None] | None = None  # the background work, between start() and stop()
+        self._runner: AttemptRunner | None = None
+        self._relay_pool: asyncpg.Pool | None = None
+        self._stopping = anyio.Event()
+        self._stop_timeout = stop_timeout
 
     @property
     def schema(self) -> str:
@@ -219,11 +234,13 @@ class EventBus:
         dead-lettered. ``transactional`` runs the handler in a transaction with its inbox row (exactly one
         effect per event); ``ordered`` handles each key's events one at a time in ``event_id`` order;
         ``concurrency`` is the number of events handled at once; ``backoff`` (a :class:`Backoff`, or the
-        first delay in seconds) spaces retries. Plain ``def`` handlers run in a worker thread.
+        first delay in seconds) spaces retries. Plain ``def`` handlers run on daemon threads, at most twice
+        ``concurrency`` per subscriber; one that outlives its timeout is abandoned (it finishes on its own, and
+        :meth:`statistics` counts it). An ordered handler must be ``async def``.
         """
 
         def register(fn: F) -> F:
-            if self._task_group is not None:
+            if self._serving is not None:
                 raise RegistrationError("subscribe handlers before the bus starts")
             sub = subscription_for(fn, **options)
             if sub.name in self.subscriptions:
@@ -271,60 +288,103 @@ class EventBus:
 
     async def start(self) -> None:
         """Connect, then start the relay and the subscriber actors (when this bus has subscribers or
-        ``relay=True``) and the sender of relay wake-ups (when ``notify``). Must be paired with :meth:`stop` in
-        the same task; ``async with bus:`` does both."""
+        ``relay=True``) and the sender of relay wake-ups (when ``notify``). They run in a task of their own until
+        :meth:`stop`, which may be called from another task (a web framework's shutdown hook) and under any
+        cancel scope; ``async with bus:`` does both."""
         await self.connect()
         wants_relay = self.run_relay if self.run_relay is not None else bool(self.subscriptions)
-        if not (wants_relay or self.notify) or self._task_group is not None:
+        if not (wants_relay or self.notify) or self._serving is not None:
             return
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
+        ready = anyio.Event()
+        self._stopping = anyio.Event()
+        self._serving = asyncio.get_running_loop().create_task(self._serve(wants_relay, ready))
         try:
-            if self.notify:
-                await task_group.start(self.outbox.waker.run, await self.resolve_dsn())
-            if wants_relay:
-                runner = AttemptRunner(
-                    registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
-                    inbox=InboxRepository(self.schema), redact=self.redact,
-                )  # fmt: skip
-                self.transport.attach(list(self.subscriptions.values()), runner, unrouted=self.unrouted)
-                self._delivering = True
-                self._relay = Relay(
-                    self.outbox, self.relays, self.transport, await self.resolve_dsn(), self.relay_config,
-                    dead_letters=self.dead_letters, subscriptions=self.subscribers,
-                )  # fmt: skip
-                await task_group.start(self._relay.run)
+            await ready.wait()
         except BaseException:
-            await self._stop_tasks(0)
+            await self._stop_tasks(0)  # start() was cancelled: take down what it started
             raise
+        if self._serving.done():  # it failed while starting
+            await self._stop_tasks(0)
+
+    async def _serve(self, wants_relay: bool, ready: anyio.Event) -> None:
+        """The bus's background work, in a task of its own: the wake-up sender and the relay, until stopped."""
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                if self.notify:
+                    await task_group.start(self.outbox.waker.run, await self.resolve_dsn())
+                if wants_relay:
+                    runner = AttemptRunner(
+                        registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
+                        inbox=InboxRepository(self.schema), redact=self.redact,
+                    )  # fmt: skip
+                    self.transport.attach(list(self.subscriptions.values()), runner, unrouted=self.unrouted)
+                    self._runner = runner
+                    self._delivering = True
+                    # The relay's statements (claim, settle, renew, heartbeat) run on connections of its own: the
+                    # producers and transactional handlers that share the bus's pool cannot starve its leases.
+                    relay_pool = await create_pool(await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS)
+                    self._relay_pool = relay_pool
+                    outbox = OutboxRepository(relay_pool, self.schema, notify=False)
+                    self._relay = Relay(
+                        outbox, RelayRepository(relay_pool, self.schema), self.transport, await self.resolve_dsn(),
+                        self.relay_config, dead_letters=DeadLetterRepository(outbox),
+                        subscriptions=SubscriptionRepository(relay_pool, self.schema),
+                    )  # fmt: skip
+                    await task_group.start(self._relay.run)
+                ready.set()
+                await self._stopping.wait()
+                relay, waker = self._relay, self.outbox.waker if self.notify else None
+                if relay is not None:
+                    relay.stop()
+                    with anyio.move_on_after(self._stop_timeout):
+                        await relay.wait_stopped()
+                if waker is not None:
+                    waker.stop()
+                    with anyio.move_on_after(self._stop_timeout):
+                        await waker.wait_stopped()
+                if self._runner is not None:
+                    self._runner.threads.close()
+                task_group.cancel_scope.cancel()
+        except Exception:
+            log.exception("the bus's background work (relay, wake-ups) failed; stop() raises the error")
+            raise
+        finally:
+            self._task_group = None
+            ready.set()
+            if self._relay_pool is not None:
+                relay_pool, self._relay_pool = self._relay_pool, None
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(5.0) as closing:
+                        await relay_pool.close()
+                    if closing.cancelled_caught:
+                        relay_pool.terminate()
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, let handlers finish within ``timeout`` seconds (default ``stop_timeout``), then cancel
-        what is left (its rows go back to pending), send the last relay wake-up and close the pool."""
+        what is left (its rows go back to pending), send the last relay wake-up and close the pool. Raises what
+        the background work failed with, if it failed."""
         try:
             await self._stop_tasks(self.stop_timeout if timeout is None else timeout)
         finally:
             await self.close()
 
     async def _stop_tasks(self, timeout: float) -> None:
-        task_group, self._task_group = self._task_group, None
-        if task_group is None:
+        serving, self._serving = self._serving, None
+        if serving is None:
             return
-        relay, waker = self._relay, self.outbox.waker if self.notify else None
-        try:
-            if relay is not None:
-                relay.stop()
-                with anyio.move_on_after(timeout):
-                    await relay.wait_stopped()
-            if waker is not None:
-                waker.stop()
-                with anyio.move_on_after(timeout):
-                    await waker.wait_stopped()
-        finally:
-            # Also when the caller is being cancelled: the task group must be exited in this task.
-            task_group.cancel_scope.cancel()
-            await task_group.__aexit__(None, None, None)
+        self._stop_timeout = timeout
+        self._stopping.set()
+        # Shielded: a caller being cancelled still gets a bus that stopped (within the timeout, then at once).
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(timeout + 5.0):
+                await asyncio.wait((serving,))
+            if not serving.done():
+                serving.cancel()
+                await asyncio.wait((serving,))
+        error = None if serving.cancelled() else serving.exception()
+        if error is not None:
+            raise error
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -379,6 +439,7 @@ class EventBus:
             relay=self._relay.statistics() if self._relay is not None else None,
             wake_ups_carried=self._outbox.waker.carried if self._outbox is not None else 0,
             wake_ups_sent=self._outbox.waker.sent if self._outbox is not None else 0,
+            abandoned_threads=self._runner.threads.abandoned if self._runner is not None else 0,
         )
 
     @property

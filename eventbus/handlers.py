@@ -22,9 +22,9 @@ from enum import Enum
 from typing import Any, Protocol, TypedDict, Unpack
 
 import anyio
-import anyio.to_thread
 import msgspec
 
+from ._threads import ThreadPools
 from ._typing import Connection
 from .errors import ConfigurationError, DeserializationError, NotInTransaction, RegistrationError, UnknownTopic
 from .events import Envelope, Registry, aliases_of, topic_of
@@ -207,6 +207,11 @@ def subscription_for(
     is_async = inspect.iscoroutinefunction(handler)
     if transactional and not is_async:
         raise RegistrationError(f"{where}: a transactional handler must be `async def` (it awaits ctx.connection)")
+    if ordered and not is_async:
+        raise RegistrationError(
+            f"{where}: an ordered handler must be `async def`: a plain `def` handler that outlives its timeout "
+            "keeps running in its thread beside the key's next event, so its order could not be kept"
+        )
     if timeout <= 0 or max_attempts < 1 or concurrency < 1:
         raise RegistrationError(f"{where}: timeout must be > 0, max_attempts >= 1 and concurrency >= 1")
     if backoff is None:
@@ -280,6 +285,8 @@ class AttemptRunner:
     transaction: Callable[[], AbstractAsyncContextManager[Any]]  # a pooled connection in a transaction
     inbox: InboxRepository
     redact: Callable[[str], str] | None = None
+    #: Where plain ``def`` handlers run (daemon threads, a bounded pool per subscriber).
+    threads: ThreadPools = field(default_factory=ThreadPools)
 
     async def run(self, sub: Subscription, envelope: Envelope, attempt: int) -> Outcome:
         """One attempt of ``sub`` on ``envelope``: its outcome, never an exception, except the cancellation of
@@ -338,7 +345,7 @@ class AttemptRunner:
                 await sub.handler(*args)
             else:
                 # A thread cannot be interrupted: on timeout it is abandoned and finishes on its own.
-                await anyio.to_thread.run_sync(sub.handler, *args, abandon_on_cancel=True)
+                await self.threads.run(sub.name, sub.concurrency, sub.handler, *args)
         if scope.cancelled_caught:
             raise TimeoutError
 

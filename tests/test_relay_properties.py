@@ -25,6 +25,7 @@ success, and was dead-lettered after exactly max_attempts failures.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections import defaultdict
@@ -230,11 +231,11 @@ async def crash(bus: EventBus) -> None:
     relay = bus.relay
     assert relay is not None
     relay._release_unsettled = _abandon  # type: ignore[method-assign]
-    group = bus._task_group
-    assert group is not None
-    bus._task_group = None
-    group.cancel_scope.cancel()
-    await group.__aexit__(None, None, None)
+    serving = bus._serving
+    assert serving is not None
+    bus._serving = None
+    serving.cancel()
+    await asyncio.wait((serving,))
     pool, bus._pool = bus._pool, None
     assert pool is not None
     # Its transactions roll back on the server as they would when the process dies. (Closing, then

@@ -185,3 +185,34 @@ async def test_a_relay_backing_off_after_failed_claims_wakes_on_a_notification(
         # Before, the relay slept min(poll interval, 5 s) after a failed claim, deaf to notifications.
         with anyio.fail_after(3):
             await handled.wait()
+
+
+async def test_leases_are_renewed_while_handlers_hold_every_pooled_connection(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """The relay renews its leases on connections of its own: transactional handlers that hold the bus's whole
+    pool (of one connection) for longer than a lease do not let their rows expire, to be run again by another
+    relay (0.2.0 before: the renewal waited for the pool, and the other relay ran both events again)."""
+    config = RelayConfig(poll_interval=0.05, heartbeat_interval=0.2, reclaim_interval=0.2, lease=1.0)
+    attempts: list[tuple[str, int, int]] = []
+
+    def relay(name: str) -> EventBus:
+        bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=config, relay=True, pool_size=1)
+
+        @bus.subscribe(name="slow", transactional=True, timeout=10)
+        async def handle(event: Ping, ctx: Context) -> None:
+            attempts.append((name, event.n, ctx.attempt))
+            await ctx.connection.execute("SELECT pg_sleep(2)")  # two leases
+
+        return bus
+
+    first, second = relay("first"), relay("second")
+    async with first:
+        async with first.transaction() as tx:
+            await tx.publish_many([Ping(1), Ping(2)])
+        with anyio.fail_after(GIVE_UP):
+            while not attempts:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        async with second:  # a relay with connections to spare, reclaiming what expires
+            await first.drain(GIVE_UP)
+    assert sorted(attempts) == [("first", 1, 1), ("first", 2, 1)], "each ran once: no lease ran out under it"

@@ -116,8 +116,11 @@ class Actor:
         return True
 
     def close(self) -> None:
-        """Accept no more deliveries; workers finish what is queued, then :meth:`run` returns."""
+        """Accept no more deliveries; workers take what is queued (keys backing off at once: the transport no
+        longer runs attempts, see ``LocalTransport``), then :meth:`run` returns."""
         self._closed = True
+        while self._parked:
+            self._ready.append(heapq.heappop(self._parked)[2])
         self._notify()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -85,10 +85,17 @@ class Settlement:
     retries: list[_Retry] = field(default_factory=list)
     #: (claimed row id, letter id, reason, subscriber, attempts, error type, error) per dead letter.
     dead_letters: list[_DeadLetter] = field(default_factory=list)
+    #: Rows sent back to pending that get the claim's attempt back (they never ran).
+    refunds: set[uuid.UUID] = field(default_factory=set)
 
-    def mark(self, row: Envelope, status: Status, *, delay: float = 0.0, error: str | None = None) -> None:
-        """Give a claimed row its final status (or, with PENDING, send it back after ``delay`` seconds)."""
+    def mark(
+        self, row: Envelope, status: Status, *, delay: float = 0.0, error: str | None = None, refund: bool = False
+    ) -> None:
+        """Give a claimed row its final status (or, with PENDING, send it back after ``delay`` seconds; with
+        ``refund``, giving back the attempt its claim counted, for a row that never ran)."""
         self.marks.append((row.id, row.attempts, int(status), delay, cap_error(error)))
+        if refund:
+            self.refunds.add(row.id)
 
     def retry(self, row: Envelope, subscriber: str, *, delay: float, error: str | None) -> uuid.UUID:
         """Cut a row targeted at ``subscriber`` alone from a claimed row, due after ``delay`` seconds; return
@@ -133,6 +140,7 @@ class Settlement:
         self.marks.extend(other.marks)
         self.retries.extend(other.retries)
         self.dead_letters.extend(other.dead_letters)
+        self.refunds |= other.refunds
 
     def leased(self) -> set[uuid.UUID]:
         """The ids of the rows this settlement inserts as claimed (continuations being handled)."""
@@ -280,8 +288,9 @@ class OutboxRepository:
             return 0
         names, topics = pairs(carried) if carried is not None else (None, None)
         with anyio.CancelScope(shield=True):
+            refunds = [mark[0] in settlement.refunds for mark in settlement.marks] if settlement.refunds else None
             row = await pooled.fetchrow(
-                self.pool, self.queries.settle, worker, *settlement.columns(), lease, names, topics
+                self.pool, self.queries.settle, worker, *settlement.columns(), lease, names, topics, refunds
             )
         assert row is not None
         return int(row["settled"])

@@ -154,6 +154,8 @@ RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text 
 -- $21 lease_seconds float8
 -- $22 carried_names text[] (with $23: the subscriber and topic pairs $1 delivers; NULL: write no catch-up rows)
 -- $23 carried_topics text[]
+-- $24 refunds bool[] (per row of $2: true gives the claim's attempt back, for a row released before it ran;
+--     NULL: none)
 WITH absent AS (
     -- Registered subscribers that are not retired and that $1 does not deliver, by topic: each gets a targeted
     -- row of every untargeted row settled here (a rolling deploy, or a subscriber running elsewhere).
@@ -173,14 +175,15 @@ WITH absent AS (
         claimed_until = NULL,
         published_at = CASE WHEN u.status = 2 THEN now() END,
         available_at = CASE WHEN u.status = 0 THEN now() + make_interval(secs => u.delay) ELSE o.available_at END,
+        attempts = CASE WHEN u.refund THEN o.attempts - 1 ELSE o.attempts END,
         last_error = coalesce(u.error, o.last_error)
     -- The worker travels as a column of u so that every condition on o is a join condition: a plain filter
     -- (claimed_by = $1, status = 1) made the planner expect one matching row, drive the join from a scan of
     -- the outbox and rescan unnest() once per row, a cost that grows with the square of the batch.
     -- claimed_by is set only while a row is claimed, so it also stands for "status = 1".
     FROM unnest($2::uuid[], $3::int[], $4::smallint[], $5::float8[], $6::text[],
-                array_fill($1::text, ARRAY[cardinality($2::uuid[])]))
-        AS u(id, attempts, status, delay, error, worker)
+                array_fill($1::text, ARRAY[cardinality($2::uuid[])]), $24::bool[])
+        AS u(id, attempts, status, delay, error, worker, refund)
     WHERE o.id = u.id AND o.attempts = u.attempts AND o.claimed_by = u.worker
       -- A keyed row settles only while its worker still owns the partition at the epoch it claimed it under.
       AND (o.partition IS NULL OR EXISTS (

@@ -184,11 +184,13 @@ class LocalTransport:
 
     async def _attempt(self, sub: Subscription, delivery: Delivery) -> Outcome:
         envelope = delivery.envelope
+        if self._closing.is_set():
+            return self._not_run(delivery)  # the relay stops: what has not started waits for the next relay
         if self._revoked:
             partition = partition_of(envelope.key)
             lost_at = self._revoked.get(partition) if partition is not None else None
             if lost_at is not None and lost_at >= delivery.owner.dispatched_at:
-                return REVOKED
+                return self._not_run(delivery)
         assert self._runner is not None, "attach() comes first"
         if envelope.attempts > sub.max_attempts:
             try:
@@ -203,6 +205,13 @@ class LocalTransport:
                 attempts=envelope.attempts,
             )  # fmt: skip
         return await self._runner.run(sub, envelope, delivery.attempt)
+
+    @staticmethod
+    def _not_run(delivery: Delivery) -> Outcome:
+        """The outcome of a delivery the relay will not run now; ``attempts`` 0 when no attempt of it ran under
+        this claim (an ordered retry in place already ran one)."""
+        ran = delivery.attempt > delivery.envelope.attempts
+        return Outcome(Verdict.REVOKED, attempts=delivery.attempt) if ran else REVOKED
 
     def _retrying(self, delivery: Delivery, outcome: Outcome) -> None:
         self.counters["failed"] += 1
@@ -230,6 +239,13 @@ class LocalTransport:
             self._reported_row(state.envelope, None, ())  # the common case: relayed, nothing else to write
             return
         settlement = Settlement()
+        if not state.held and all(outcome.verdict is Verdict.REVOKED for _, outcome in outcomes):
+            # Not run by any subscriber: the row goes back as it is, with its attempt if none of it ran.
+            self.counters["revoked"] += len(outcomes)
+            unrun = all(outcome.attempts == 0 for _, outcome in outcomes)
+            settlement.mark(state.envelope, Status.PENDING, refund=unrun)
+            self._reported_row(state.envelope, settlement, ())
+            return
         held = [settlement.continuation(state.envelope, name, leased=False) for name in state.held]
         self._settle(state.envelope, state.outcomes, held, settlement)
         self._reported_row(state.envelope, settlement, ())
@@ -296,7 +312,7 @@ class LocalTransport:
             elif verdict is Verdict.REVOKED:
                 counters["revoked"] += 1
                 if row.target is not None:
-                    s.mark(row, Status.PENDING)
+                    s.mark(row, Status.PENDING, refund=outcome.attempts == 0)
                     return
                 continuations.append(s.continuation(row, name, leased=False))
             elif verdict is Verdict.RETRY:
