@@ -6,11 +6,11 @@ The clock runs from relay start until every subscriber has succeeded on every ev
 or claimed. ``poll_interval`` is 50 ms here: retry rows are delayed, so no commit notification wakes the
 relay for them, and the default 1 s poll would dominate the tail.
 
-Statements are counted exactly, client side: before the relay starts, every connection of the bus's pool
-(``pool_size`` of them) is opened and given an asyncpg query logger (``Connection.add_query_logger``), which
-sees every statement the pool sends, including BEGIN/COMMIT and the reset asyncpg runs when a connection goes
-back to the pool. Not counted: the relay's own session connection (LISTEN, partition locks, a ping every
-heartbeat), which is per relay and per time, not per event. The JSON file also has the database-wide
+Statements are counted exactly, client side: every connection of the bus's pools (the application pool and the
+relay's own) gets an asyncpg query logger (``Connection.add_query_logger``) when it opens
+(``EventBus(init_connection=...)``), which sees every statement the pools send, including BEGIN/COMMIT and the
+reset asyncpg runs when a connection goes back to its pool. Not counted: the relay's session connection (LISTEN,
+a ping every heartbeat), which is per relay and per time, not per event. The JSON file also has the database-wide
 ``xact_commit + xact_rollback`` delta of ``pg_stat_database`` as a rough cross-check (it includes every other
 client of the database, and PostgreSQL flushes those counters lazily).
 
@@ -64,29 +64,6 @@ class StatementCounter:
         self.counts[name] += 1
 
 
-async def _instrument(pool: asyncpg.Pool, counter: StatementCounter, size: int) -> int:
-    """Open ``size`` connections of ``pool`` at once and add ``counter`` to each; return how many got it."""
-    instrumented = 0
-    ready = anyio.Event()
-    holding = 0
-
-    async def hold() -> None:
-        nonlocal instrumented, holding
-        async with pool.acquire() as conn:
-            conn.add_query_logger(counter)
-            instrumented += 1
-            holding += 1
-            if holding == size:
-                ready.set()
-            await ready.wait()
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            for _ in range(size):
-                tg.start_soon(hold)
-    return instrumented
-
-
 async def _transactions(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(
         "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
@@ -102,7 +79,17 @@ async def _run(dsn: str, count: int, subscribers: int, failure_rate: float) -> d
         complete = 0
         attempts = failures = 0
         config = RelayConfig(batch_size=500, poll_interval=0.05)
-        bus = EventBus(dsn, schema=schema, migrate=False, pool_size=POOL_SIZE, relay_config=config)
+        counter = StatementCounter(schema)
+        instrumented = 0
+
+        async def instrument(conn: asyncpg.Connection) -> None:
+            nonlocal instrumented
+            conn.add_query_logger(counter)
+            instrumented += 1
+
+        bus = EventBus(
+            dsn, schema=schema, migrate=False, pool_size=POOL_SIZE, relay_config=config, init_connection=instrument
+        )
 
         def make(index: int) -> Any:
             async def handler(event: Item) -> None:
@@ -125,11 +112,9 @@ async def _run(dsn: str, count: int, subscribers: int, failure_rate: float) -> d
         for index in range(subscribers):
             bus.subscribe(make(index), name=f"fanout_{index}", timeout=5, max_attempts=10, backoff=backoff)
 
-        counter = StatementCounter(schema)
         watcher = await asyncpg.connect(dsn)
         try:
             await bus.connect()
-            instrumented = await _instrument(bus.pool, counter, POOL_SIZE)
             xact_before = await _transactions(watcher)
             counter.enabled = True
             started = perf_counter()
@@ -182,8 +167,9 @@ async def run(settings: Settings) -> Outcome:
     print(f"  fanout {count} events: baseline, 1 subscriber, no failures ...", flush=True)
     base = await _run(settings.dsn, count, subscribers=1, failure_rate=0.0)
     outcome = Outcome(details={
-        "method": "exact client-side count: asyncpg query loggers on every pool connection (relay session "
-                  "connection excluded); pg_stat_database delta is database-wide and approximate",
+        "method": "exact client-side count: asyncpg query loggers on every connection of the bus's pools, the "
+                  "relay's included (relay session connection excluded); pg_stat_database delta is database-wide "
+                  "and approximate",
         "fanout": ours, "baseline": base,
     })  # fmt: skip
     label = "1 sub, 0% fail"

@@ -100,7 +100,10 @@ def translate(exc: BaseException) -> EventBusError | None:
     error: EventBusError
     # InternalClientError: what asyncpg raises for a statement sent as the server's termination notice arrives.
     lost = ConnectionError | socket.gaierror | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
-    if isinstance(exc, lost | asyncpg.InternalClientError):
+    # SQLSTATE classes 08 (connection exception) and 57 (operator intervention: shutting down, starting up,
+    # terminated by an administrator) say the server went away, not that it refused the statement.
+    server_gone = isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in ("08", "57")
+    if isinstance(exc, lost | asyncpg.InternalClientError) or server_gone:
         error = DatabaseUnavailable(
             f"lost the connection to PostgreSQL ({redact_dsn(str(exc))}); check the server and retry"
         )

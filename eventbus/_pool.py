@@ -19,7 +19,7 @@ runs as asyncpg would run it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -132,9 +132,11 @@ async def _reset(connection: asyncpg.Connection) -> None:
         await connection.execute(query)
 
 
-async def create_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, max_size: int, init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max_size, connection_class=BusConnection, reset=_reset
+        dsn, min_size=1, max_size=max_size, connection_class=BusConnection, reset=_reset, init=cast(Any, init)
     )
     return pool
 

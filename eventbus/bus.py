@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -128,7 +128,8 @@ class EventBus:
     transaction after the COMMIT, at most one per ``wake_spacing`` seconds in a started bus (see
     :mod:`eventbus._waker`); for :meth:`publish` on your connection, a NOTIFY inside your transaction (a
     notifying commit, which PostgreSQL serialises across the database). BENCHMARKS.md gives what each costs.
-    ``wake_spacing=0`` wakes relays after every transaction.
+    ``wake_spacing=0`` wakes relays after every transaction. ``init_connection`` is awaited with every new
+    connection of the bus's pools, the relay's own included (register type codecs, add query loggers).
     """
 
     def __init__(
@@ -149,6 +150,7 @@ class EventBus:
         stop_timeout: float = 10.0,
         notify: bool = True,
         wake_spacing: float = 0.002,
+        init_connection: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
     ) -> None:
         if unrouted not in ("dead_letter", "drop"):
             raise ConfigurationError(f"unrouted must be 'dead_letter' or 'drop', not {unrouted!r}")
@@ -163,6 +165,7 @@ class EventBus:
         self.data_dir = data_dir
         self.migrate = migrate
         self.pool_size = pool_size
+        self.init_connection = init_connection
         self.registry = registry or Registry()
         self._pool: asyncpg.Pool | None = None
         self._outbox: OutboxRepository | None = None
@@ -270,7 +273,7 @@ class EventBus:
             return
         dsn = await self.resolve_dsn()
         with connecting(dsn):
-            pool = await create_pool(dsn, max_size=self.pool_size)
+            pool = await create_pool(dsn, max_size=self.pool_size, init=self.init_connection)
         try:
             async with pool.acquire() as conn:
                 if self.migrate:
@@ -323,7 +326,9 @@ class EventBus:
                     self._delivering = True
                     # The relay's statements (claim, settle, renew, heartbeat) run on connections of its own: the
                     # producers and transactional handlers that share the bus's pool cannot starve its leases.
-                    relay_pool = await create_pool(await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS)
+                    relay_pool = await create_pool(
+                        await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS, init=self.init_connection
+                    )
                     self._relay_pool = relay_pool
                     outbox = OutboxRepository(relay_pool, self.schema, notify=False)
                     self._relay = Relay(
@@ -512,10 +517,20 @@ class EventBus:
     async def transaction(self) -> AsyncIterator[Transaction]:
         """A transaction on a pooled connection: commits on normal exit, rolls back on an exception.
 
-        The COMMIT, the pool's connection reset and the relay wake-up travel in one round trip.
+        The COMMIT, the pool's connection reset and the relay wake-up travel in one round trip. A connection that
+        is lost (before or at the COMMIT) raises :class:`DatabaseUnavailable`, with the driver's error as its cause:
+        the transaction did not commit, unless the loss came at the COMMIT itself (then it may have; publish with
+        an ``idempotency_key`` to retry safely). Your own exceptions, and statements the server refused, pass
+        through as they are.
         """
-        async with self._connection_in_transaction() as conn:
-            yield Transaction(self, conn)
+        try:
+            async with self._connection_in_transaction() as conn:
+                yield Transaction(self, conn)
+        except Exception as exc:
+            error = translate(exc)
+            if isinstance(error, DatabaseUnavailable):
+                raise error from exc
+            raise
 
     @asynccontextmanager
     async def _connection_in_transaction(self) -> AsyncIterator[Connection]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import anyio
 import anyio.lowlevel
+import asyncpg
 import msgspec
 import pytest
 from asyncpg.connection import LoggedQuery
@@ -39,40 +39,28 @@ async def test_fan_out_costs_one_offer_and_a_claim_and_a_settle_per_batch(
     queries = Queries(eventbus_schema)
     # No NOTIFY: the relay claims at start, on its poll and when drain() wakes it.
     config = RelayConfig(batch_size=BATCH, use_notify=False, poll_interval=0.05)
-    bus = EventBus(eventbus_dsn, schema=eventbus_schema, migrate=False, pool_size=POOL_SIZE, relay_config=config)
-    seen: Counter[str] = Counter()
-    for i in range(SUBSCRIBERS):
-        _subscribe(bus, f"sub{i}", seen)
-
     phase = "setup"
     logged: list[tuple[str, str]] = []
+    reset_queries: set[str] = set()
 
     def log(record: LoggedQuery) -> None:
         logged.append((phase, record.query))
 
+    async def instrument(conn: asyncpg.Connection) -> None:
+        # Every connection of the bus's pools, the relay's own included, logs its statements. The relay's session
+        # connection (LISTEN, pings) is outside the pools: not counted.
+        conn.add_query_logger(log)
+        reset_queries.add(conn.get_reset_query())
+
+    bus = EventBus(
+        eventbus_dsn, schema=eventbus_schema, migrate=False, pool_size=POOL_SIZE, relay_config=config,
+        init_connection=instrument,
+    )  # fmt: skip
+    seen: Counter[str] = Counter()
+    for i in range(SUBSCRIBERS):
+        _subscribe(bus, f"sub{i}", seen)
+
     await bus.connect()
-    # Open every connection the pool may hold and log each one's statements; loggers outlive a release.
-    # The relay's session connection (LISTEN, partition locks, pings) is its own, outside the pool: not counted.
-    async with anyio.create_task_group() as tg:
-        ready = anyio.Event()
-        held = 0
-        reset_queries: set[str] = set()
-
-        async def hold() -> None:
-            nonlocal held
-            async with bus.pool.acquire() as conn:
-                conn.add_query_logger(log)
-                reset_queries.add(conn.get_reset_query())
-                held += 1
-                if held == POOL_SIZE:
-                    ready.set()
-                await ready.wait()
-
-        for _ in range(POOL_SIZE):
-            tg.start_soon(hold)
-    assert held == POOL_SIZE
-    await anyio.lowlevel.checkpoint()
-
     # Everything is committed before the relay starts, so its first claim takes the whole batch.
     phase = "publish"
     async with bus.transaction() as tx:

@@ -32,20 +32,23 @@ class Stuck(msgspec.Struct, frozen=True):  # the topic of tests/apps/hung_def.py
     n: int
 
 
+def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "eventbus.cli", "relay", "--app", "tests.apps.hung_def:bus"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+
+
 @pytest.mark.subprocess
 async def test_a_relay_with_a_hung_def_handler_exits_on_sigterm(
     eventbus_dsn: str, eventbus_schema: str, tmp_path: Path
 ) -> None:
-    async with EventBus(eventbus_dsn, schema=eventbus_schema, relay=False) as bus:
-        async with bus.transaction() as tx:
-            await tx.publish_many([Stuck(n) for n in range(3)])
+    async with EventBus(eventbus_dsn, schema=eventbus_schema, relay=False) as bus, bus.transaction() as tx:
+        await tx.publish_many([Stuck(n) for n in range(3)])
     env = {**os.environ, "HUNG_DSN": eventbus_dsn, "HUNG_SCHEMA": eventbus_schema, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "relay.log"
-    with log.open("wb") as out:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "eventbus.cli", "relay", "--app", "tests.apps.hung_def:bus"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
+    child = _spawn(env, log)
     try:
         with anyio.fail_after(60):
             while b"handling" not in log.read_bytes():  # noqa: ASYNC110
