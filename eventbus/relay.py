@@ -38,6 +38,7 @@ from .events import PARTITIONS, Envelope, partition_of
 from .repositories import (
     Carried,
     DeadLetterRepository,
+    InboxRepository,
     OutboxRepository,
     RelayRepository,
     Settlement,
@@ -64,8 +65,12 @@ class RelayConfig:
     max_batches_in_flight: int = 3
     reclaim_interval: float = 5.0
     heartbeat_interval: float = 2.0
-    #: Delete relayed rows and replayed dead letters older than this (None: keep everything).
+    #: Delete relayed and dead outbox rows, replayed dead letters and inbox rows older than this (None: keep
+    #: everything). Inbox rows of events with a dead letter not yet replayed stay.
     retention: timedelta | None = None
+    #: The inbox's own window, when it should differ from ``retention`` (a redelivery older than it is not
+    #: recognised as one: keep it longer than any row or replay can come back).
+    inbox_retention: timedelta | None = None
     retention_interval: float = 60.0
     retention_batch: int = 1000
     retention_pause: float = 0.05
@@ -129,6 +134,7 @@ class Relay:
     ) -> None:
         self.outbox, self.relays, self.dead_letters = outbox, relays, dead_letters
         self.subscriptions = subscriptions
+        self.inbox = InboxRepository(outbox.queries.schema)
         self.transport = transport
         self.dsn = dsn
         self.config = config or RelayConfig()
@@ -472,6 +478,10 @@ class Relay:
                     )
                     if self.dead_letters is not None:
                         await self.dead_letters.purge(config.retention, batch=config.retention_batch)
+                    self._purged += await self.inbox.purge(
+                        self.outbox.pool, config.inbox_retention or config.retention, batch=config.retention_batch,
+                        pause=config.retention_pause,
+                    )  # fmt: skip
             except Exception as exc:
                 log.warning("relay %s: retention purge failed (%s); will retry", self.worker, exc)
             await anyio.sleep(config.retention_interval)

@@ -223,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.debug:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    out = Output(as_json=args.json)
+    dsn = args.dsn or os.environ.get("EVENTBUS_DSN") or ""
+    out = Output(as_json=args.json, dsn=dsn)
     command: Command = args.command
     try:
         return anyio.run(command, args, out)
@@ -235,7 +236,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         code, message, kind = _explain(exc)
-        dsn = args.dsn or os.environ.get("EVENTBUS_DSN") or ""
         if args.debug:
             print(redact_secrets(traceback.format_exc(), dsn), end="", file=sys.stderr)
         error(out, redact_secrets(message, dsn), code=code, kind=kind)

@@ -107,26 +107,28 @@ async def cmd_dlq_replay(args: argparse.Namespace, out: Output) -> int:
     where = dead_letter_filter(args)
     async with connected(args, schema) as bus:
         if args.dry_run:
-            letters = await bus.dead_letters.replay(where, ids=args.id or None, dry_run=True)
+            done = await bus.dead_letters.replay(where, ids=args.id or None, dry_run=True)
         else:
             expected = None if filters_given(args) else sum((await bus.dead_letters.count()).values())
             with Progress(out, "replaying", expected or None) as progress:
-                letters = await bus.dead_letters.replay(
-                    where, ids=args.id or None, rate=args.rate, on_page=progress.advance
+                done = await bus.dead_letters.replay(
+                    where, ids=args.id or None, rate=args.rate, on_page=lambda letters: progress.advance(len(letters))
                 )
     verb = "would replay" if args.dry_run else "replayed"
+    targets = sorted(
+        ((reason, subscriber or "(every subscriber)"), n) for (reason, subscriber), n in done.by_target.items()
+    )
     if args.json:
-        out.json({"dry_run": args.dry_run, "count": len(letters), "dead_letters": [str(d.id) for d in letters]})
+        out.json({
+            "dry_run": args.dry_run, "count": done.count,
+            "by_target": [{"reason": r, "subscriber": s, "count": n} for (r, s), n in targets],
+        })  # fmt: skip
         return EXIT_OK
-    if not letters:
+    if not done.count:
         out.line("nothing to replay: no unreplayed dead letters match")
         return EXIT_OK
-    by_target: dict[tuple[str, str], int] = {}
-    for d in letters:
-        slot = (d.reason, d.subscriber or "(every subscriber)")
-        by_target[slot] = by_target.get(slot, 0) + 1
-    out.table(["reason", "subscriber", "letters"], [[r, s, n] for (r, s), n in sorted(by_target.items())])
-    out.line(f"{verb} {count(len(letters), 'dead letter')}")
+    out.table(["reason", "subscriber", "letters"], [[r, s, n] for (r, s), n in targets])
+    out.line(f"{verb} {count(done.count, 'dead letter')}")
     if args.dry_run:
         out.line("nothing was written; run again without --dry-run to replay")
     else:

@@ -10,26 +10,30 @@ from typing import Any
 
 import msgspec
 
+from .._driver import redact_secrets
+
 __all__ = ["Output", "Progress", "age", "count", "error", "first_line", "since"]
 
 
 class Output:
     """Prints lines, tables (with rich when installed) and JSON documents."""
 
-    def __init__(self, *, as_json: bool) -> None:
+    def __init__(self, *, as_json: bool, dsn: str = "") -> None:
         self.as_json = as_json
+        self.dsn = dsn  # its password (and any DSN password) never reaches the output
         self._console: Any = None
         self._rich_checked = False
 
     def line(self, text: str = "") -> None:
-        print(text, flush=True)
+        print(redact_secrets(text, self.dsn), flush=True)
 
     def json(self, document: Any, *, compact: bool = False) -> None:
         encoded = msgspec.json.encode(document)
-        print((encoded if compact else msgspec.json.format(encoded, indent=2)).decode(), flush=True)
+        text = (encoded if compact else msgspec.json.format(encoded, indent=2)).decode()
+        print(redact_secrets(text, self.dsn), flush=True)
 
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[object]], *, title: str | None = None) -> None:
-        cells = [["" if value is None else str(value) for value in row] for row in rows]
+        cells = [["" if value is None else redact_secrets(str(value), self.dsn) for value in row] for row in rows]
         widths = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(columns)]
         console = self._rich()
         # rich only when the table fits: cells stay whole (people copy ids) and only the last column wraps.

@@ -8,7 +8,7 @@
 """
 
 from ._rows import MAX_ERROR_CHARS, Reason, cap_error
-from .dead_letters import DeadLetter, DeadLetterFilter, DeadLetterRepository
+from .dead_letters import DeadLetter, DeadLetterFilter, DeadLetterRepository, Replayed
 from .inbox import InboxRepository
 from .outbox import NewEvent, OfferResult, OutboxRepository, Settlement, Status, envelope_from_row
 from .relays import RelayRepository
@@ -26,6 +26,7 @@ __all__ = [
     "OutboxRepository",
     "Reason",
     "RelayRepository",
+    "Replayed",
     "Settlement",
     "Status",
     "SubscriberState",

@@ -8,6 +8,8 @@ from enum import StrEnum
 
 import msgspec
 
+from .._driver import redact_dsn
+
 __all__ = ["MAX_ERROR_CHARS", "Reason", "cap_error", "headers_decoder", "json_encoder"]
 
 
@@ -29,9 +31,10 @@ headers_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 def cap_error(text: str | None, redact: Callable[[str], str] | None = None) -> str | None:
-    """Redact (when a hook is set) and cut error text to :data:`MAX_ERROR_CHARS`."""
+    """Remove DSN passwords, redact (when a hook is set) and cut error text to :data:`MAX_ERROR_CHARS`."""
     if text is None:
         return None
+    text = redact_dsn(text)
     if redact is not None:
         text = redact(text)
     if len(text) > MAX_ERROR_CHARS:

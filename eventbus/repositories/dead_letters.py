@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import builtins
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,7 +22,20 @@ from ..ids import max_id_for, min_id_for
 from ._rows import Reason, headers_decoder
 from .outbox import NewEvent, OutboxRepository
 
-__all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterRepository", "Reason"]
+__all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterRepository", "Reason", "Replayed"]
+
+
+@dataclass(slots=True)
+class Replayed:
+    """What a replay did (or would do): how many letters, by reason and subscriber. The letters themselves are
+    not kept (a replay streams them page by page); ``on_page`` sees each page."""
+
+    count: int = 0
+    #: Letters by (reason, subscriber); the subscriber is None for a letter of every subscriber of its topic.
+    by_target: Counter[tuple[str, str | None]] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,15 +134,16 @@ class DeadLetterRepository:
         dry_run: bool = False,
         rate: float | None = None,
         page: int = 500,
-        on_page: Callable[[int], None] | None = None,
-    ) -> builtins.list[DeadLetter]:
+        on_page: Callable[[builtins.list[DeadLetter]], None] | None = None,
+    ) -> Replayed:
         """Re-offer unreplayed dead letters (by ``ids`` or by filter) as rows targeted at their subscriber.
 
         Only letters that failed before the replay began are taken, so letters that fail again while it runs
         wait for the next replay. Each page is one transaction: lock letters with ``SKIP LOCKED``, offer the
         rows, mark the letters replayed. So a letter is replayed once however many replays run at once, and
-        replaying it again does nothing. ``rate`` caps letters per second; ``dry_run`` returns what would be
-        replayed and writes nothing. Returns the letters replayed (or that would be).
+        replaying it again does nothing. ``rate`` caps letters per second; ``dry_run`` says what would be
+        replayed and writes nothing. Returns how many letters were replayed (or would be), by reason and
+        subscriber; ``on_page`` is called with each page of letters, so memory stays bounded by a page.
         """
         if where is not None and where.include_replayed:
             raise ValueError("replay takes only unreplayed dead letters; drop include_replayed from the filter")
@@ -138,7 +153,7 @@ class DeadLetterRepository:
             if rate <= 0:
                 raise ValueError(f"rate must be positive (letters per second), not {rate}")
             page = max(1, min(page, int(rate)))
-        done: builtins.list[DeadLetter] = []
+        done = Replayed()
         cursor: uuid.UUID | None = None
         started_at: datetime | None = None  # letters failing after the replay began are not part of it
         started = anyio.current_time()
@@ -163,14 +178,15 @@ class DeadLetterRepository:
                     await tx.rollback()
                 else:
                     await tx.commit()
-            done.extend(letters)
+            done.count += len(letters)
+            done.by_target.update((letter.reason, letter.subscriber) for letter in letters)
             if letters and on_page is not None:
-                on_page(len(letters))
+                on_page(letters)
             if len(letters) < page:
                 return done
             cursor = letters[-1].id
             if rate is not None:
-                await anyio.sleep(max(0.0, len(done) / rate - (anyio.current_time() - started)))
+                await anyio.sleep(max(0.0, done.count / rate - (anyio.current_time() - started)))
 
     async def purge(
         self, older_than: timedelta, *, include_unreplayed: bool = False, batch: int = 5000

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
+import anyio
+import asyncpg
+
+from .. import _pool as pooled
 from .._typing import Connection
 from ..sql import Queries
 
@@ -27,6 +32,19 @@ class InboxRepository:
         if row is None:
             return False, None
         return bool(row["inserted"]), row["existing_hash"]
+
+    async def purge(self, pool: asyncpg.Pool, older_than: timedelta, *, batch: int = 5000, pause: float = 0.0) -> int:
+        """Delete inbox rows processed longer than ``older_than`` ago, in batches, except those of events with a
+        dead letter not yet replayed; return how many."""
+        total = 0
+        while True:
+            status = await pooled.execute(pool, self.queries.inbox_purge, older_than.total_seconds(), batch)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total
+            if pause:
+                await anyio.sleep(pause)
 
     async def seen(self, connection: Connection, subscriber: str, event_id: uuid.UUID) -> bool:
         """Whether ``subscriber`` recorded ``event_id`` as processed (its effect committed)."""

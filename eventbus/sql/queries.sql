@@ -268,12 +268,13 @@ WHERE o.id = expired.id
 RETURNING o.id;
 
 -- name: outbox_purge
--- Delete up to $2 relayed rows older than id $1 (a UUIDv7 time bound), oldest first.
+-- Delete up to $2 relayed and dead rows older than id $1 (a UUIDv7 time bound), oldest first. (A dead row's dead
+-- letters were written with it, payload included.)
 -- $1 before_id uuid
 -- $2 limit int
 WITH doomed AS (
     SELECT id FROM __schema__.eventbus_outbox
-    WHERE id < $1 AND status = 2
+    WHERE id < $1 AND status IN (2, 3)
     ORDER BY id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -367,6 +368,22 @@ SELECT true AS inserted, NULL::bytea AS existing_hash FROM entered
 UNION ALL
 SELECT false, i.payload_hash FROM __schema__.eventbus_inbox AS i
 WHERE i.subscriber = $1 AND i.event_id = $2 AND NOT EXISTS (SELECT 1 FROM entered);
+
+-- name: inbox_purge
+-- Delete up to $2 inbox rows processed more than $1 seconds ago, except those of events with an unreplayed
+-- dead letter (its replay must still find the effect recorded).
+-- $1 older_than_seconds float8
+-- $2 limit int
+WITH doomed AS (
+    SELECT i.subscriber, i.event_id FROM __schema__.eventbus_inbox AS i
+    WHERE i.processed_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (SELECT 1 FROM __schema__.eventbus_dead_letters AS d
+                      WHERE d.event_id = i.event_id AND d.replayed_at IS NULL)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM __schema__.eventbus_inbox AS i USING doomed
+WHERE i.subscriber = doomed.subscriber AND i.event_id = doomed.event_id;
 
 -- name: inbox_seen
 -- Whether subscriber $1 recorded event $2 as processed.

@@ -1,4 +1,4 @@
--- eventbus schema, version 3: subscriptions known to the database.
+-- eventbus schema, version 3: subscriptions known to the database; retention of the inbox.
 -- Every relay registers the subscribers it carries (at start) and refreshes them (at each heartbeat). Settling
 -- an event's row writes a targeted row for each registered, non-retired subscriber of its topic that the settling
 -- relay does not carry, so a rolling deploy or a subscriber that runs elsewhere never loses an event; claims leave
@@ -22,3 +22,9 @@ ALTER TABLE __schema__.eventbus_relays ADD COLUMN subscribers text[] NOT NULL DE
 -- Pending rows by target: the backlog of one subscriber (eventbus subscribers, and lag).
 CREATE INDEX eventbus_outbox_pending_targets ON __schema__.eventbus_outbox (target, event_id)
     WHERE status = 0 AND target IS NOT NULL;
+
+-- Retention deletes inbox rows by age, except those of events with a dead letter not yet replayed (a replay must
+-- still find the effect recorded).
+CREATE INDEX eventbus_inbox_processed_brin ON __schema__.eventbus_inbox USING brin (processed_at);
+CREATE INDEX eventbus_dead_letters_unreplayed_events ON __schema__.eventbus_dead_letters (event_id)
+    WHERE replayed_at IS NULL;
