@@ -40,7 +40,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
-from eventbus import Backoff, Context, EventBus, LocalTransport, Reason, RelayConfig, migrate
+from eventbus import Backoff, Context, EventBus, LocalTransport, NewEvent, Reason, RelayConfig, migrate
 from eventbus.sql import quote_schema
 
 pytestmark = pytest.mark.slow  # about a minute with the default 30 examples
@@ -57,7 +57,7 @@ DRAIN = 120.0
 SUBSCRIBERS = ("plain", "tx", "ordered")
 KEYS = ("a", "b", "c", None)
 
-Fault = Literal["raise", "timeout"]
+Fault = Literal["raise", "timeout", "cancel"]
 #: What a transactional attempt fails with when its connection is killed under it.
 DRIVER_ERRORS = {"InterfaceError", "ConnectionDoesNotExistError", "InternalClientError", "ConnectionResetError"}
 Plan = dict[str, dict[int, Fault]]  # subscriber -> attempt -> fault
@@ -75,7 +75,9 @@ class Boom(Exception):
 
 # -- histories ----------------------------------------------------------------------------------------------
 
-fault = st.sampled_from(["raise", "timeout"])
+#: raise: an exception; timeout: hang past the handler's timeout; cancel: await a future that other code cancels
+#: (a CancelledError that is no stop of the bus's: a failed attempt like any other)
+fault = st.sampled_from(["raise", "timeout", "cancel"])
 faults = st.one_of(
     st.dictionaries(st.integers(1, MAX_ATTEMPTS), fault, max_size=MAX_ATTEMPTS),
     # every attempt fails: a dead letter, whose reason is that of the last attempt
@@ -93,7 +95,10 @@ steps = st.one_of(
     commit,  # listed twice (as is crash): one_of picks its branches about equally often
     st.tuples(st.just("rollback"), st.lists(st.sampled_from(KEYS), min_size=1, max_size=4)),
     st.tuples(st.just("start"), st.booleans()),  # True: an old relay, without the ordered subscriber
-    st.tuples(st.just("stop"), st.integers(0, MAX_RELAYS - 1)),
+    # True: a stop whose timeout (0.1 s) is shorter than the handlers still running (they are cancelled)
+    st.tuples(st.just("stop"), st.integers(0, MAX_RELAYS - 1), st.booleans()),
+    # A row no relay can handle: of a topic nobody knows (targeted at plain), or with unreadable headers
+    st.tuples(st.just("poison"), st.sampled_from(["topic", "headers"])),
     crash_step,
     crash_step,
     st.tuples(st.just("pause"), st.sampled_from([0.0, 0.05, 0.3])),
@@ -121,6 +126,8 @@ class World:
     crashed: int = 0
     most_relays: int = 0
     old_relays: int = 0
+    #: Rows no relay can handle (their event id: the row id) -> the dead letter's reason and subscriber.
+    poison: dict[uuid.UUID, tuple[Reason, str | None]] = field(default_factory=dict)
     next_n: int = 0
     effects_table: str = ""
 
@@ -164,6 +171,11 @@ async def _behave(world: World, sub: str, event: Item, ctx: Context) -> None:
     if fault == "raise":
         run[1] = "raise"
         raise Boom(f"planned failure of {sub} on attempt {ctx.attempt}")
+    if fault == "cancel":
+        run[1] = "raise"
+        cancelled = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(cancelled.cancel)
+        await cancelled  # raises CancelledError, though nobody cancelled this task
     if fault == "timeout":
         await anyio.sleep(60)
     run[1] = "ok"
@@ -212,6 +224,7 @@ class RelayHandle:
         self.bus = bus
         self.name = ""
         self.old = False
+        self.stop_timeout: float | None = None
         self.mode: Literal["stop", "crash"] = "stop"
         self.requested = anyio.Event()
         self.done = anyio.Event()
@@ -257,7 +270,7 @@ async def run_relay(handle: RelayHandle, *, task_status: TaskStatus[None] = anyi
         if handle.mode == "crash" or not handle.requested.is_set():
             await crash(handle.bus)
         else:
-            await handle.bus.stop()
+            await handle.bus.stop(handle.stop_timeout)
         handle.done.set()
 
 
@@ -344,7 +357,24 @@ async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: Ta
                     world.old_relays += old
             elif kind == "stop":
                 if live:
-                    await live.pop(step[1] % len(live)).end("stop")
+                    handle = live.pop(step[1] % len(live))
+                    if len(step) > 2 and step[2]:
+                        handle.stop_timeout = 0.1
+                        world.crashed += 1  # handlers cut short: attempts may repeat, the relaxed checks apply
+                    await handle.end("stop")
+            elif kind == "poison":
+                async with publisher.transaction() as tx:
+                    if step[1] == "topic":
+                        (row_id,) = (await tx.offer([NewEvent(topic="renamed.away", payload=b'{"n": -1, "key": null}',
+                                                              target="plain")])).ids  # fmt: skip
+                        world.poison[row_id] = (Reason.HANDLER_MISSING, "plain")
+                    else:
+                        row_id = await tx.publish(Item(-1, None))
+                        await tx.connection.execute(
+                            f"UPDATE {quote_schema(schema)}.eventbus_outbox SET headers = '{{\"x\": 1}}' WHERE id = $1",
+                            row_id,
+                        )
+                        world.poison[row_id] = (Reason.DESERIALIZATION_FAILED, None)
             elif kind == "crash":
                 if live:
                     handle = live.pop(step[1] % len(live))
@@ -402,8 +432,17 @@ def check_invariants(world: World, out: Outcome) -> None:
     assert not any(n in world.rolled_back for _, n in world.runs)
     assert set(world.committed) <= out.stored_ns
 
+    # Poison rows: one dead letter each, of the right reason, and no handler ran them.
+    poisoned = [letter for letter in out.letters if letter["event_id"] in world.poison]
+    assert sorted(letter["event_id"] for letter in poisoned) == sorted(world.poison), poisoned
+    for letter in poisoned:
+        assert (letter["reason"], letter["subscriber"]) == world.poison[letter["event_id"]], letter
+    assert not any(n == -1 for _, n in world.runs), "a handler ran a poison row"
+
     letters: dict[tuple[int, str], asyncpg.Record] = {}
     for letter in out.letters:
+        if letter["event_id"] in world.poison:
+            continue
         n, sub = letter["n"], letter["subscriber"]
         assert n in world.committed and letter["event_id"] == world.committed[n], letter
         assert sub in SUBSCRIBERS, letter
@@ -444,7 +483,7 @@ def check_exactly(
     for attempt, outcome in runs:
         planned = plan.get(attempt)
         # A healthy attempt may time out on a badly stalled machine ("hang"); a planned fault never succeeds.
-        allowed = {"raise": {"raise"}, "timeout": {"hang"}, None: {"ok", "hang"}}[planned]
+        allowed = {"raise": {"raise"}, "cancel": {"raise"}, "timeout": {"hang"}, None: {"ok", "hang"}}[planned]
         assert outcome in allowed, where
     outcomes = [o for _, o in runs]
     if "ok" in outcomes:
@@ -473,7 +512,7 @@ def check_with_crashes(
         if plan.get(attempt) == "timeout":
             assert outcome == "hang", where
         if outcome == "raise":
-            assert plan.get(attempt) == "raise", where
+            assert plan.get(attempt) in ("raise", "cancel"), where
         if outcome == "error":
             assert sub == "tx", where  # only the transactional subscriber's attempts use a connection
     # 1. At least once, or a dead letter.
@@ -519,6 +558,13 @@ HEALTHY = [("a", {}), ("b", {}), ("c", {}), (None, {}), ("a", {})]
 # the batch was settled (its rows come back after the lease); an ordered subscriber failing and retrying while
 # later events of its key wait, with the partitions handed over between relays; every attempt failing.
 @example(history=(1, [("commit", HEALTHY), ("crash", 0, True, 0.02), ("start",)]))
+# Handlers that meet a cancelled future, poison rows, and a stop that cuts a hung handler short.
+@example(history=(1, [
+    ("commit", [("a", {"ordered": {1: "cancel"}, "plain": {1: "cancel", 2: "cancel", 3: "cancel"}}), ("a", {})]),
+    ("poison", "topic"), ("poison", "headers"), ("start", False),
+    ("commit", [("b", {"tx": {1: "timeout"}}), (None, {"plain": {1: "timeout"}})]), ("stop", 0, True),
+    ("commit", HEALTHY),
+]))  # fmt: skip
 # A rolling deploy: an old relay without the ordered subscriber takes over every partition and handles events
 # the ordered subscriber must still get, in order, once the old relay is gone.
 @example(history=(1, [
