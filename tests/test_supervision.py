@@ -13,10 +13,20 @@ from __future__ import annotations
 import asyncio
 
 import anyio
+import asyncpg
 import msgspec
 import pytest
 
-from eventbus import ConfigurationError, Context, EventBus, NewEvent, RelayConfig, Settlement, Status
+from eventbus import (
+    ConfigurationError,
+    Context,
+    DatabaseUnavailable,
+    EventBus,
+    NewEvent,
+    RelayConfig,
+    Settlement,
+    Status,
+)
 from eventbus.sql import quote_schema
 
 pytestmark = pytest.mark.anyio
@@ -216,3 +226,16 @@ async def test_leases_are_renewed_while_handlers_hold_every_pooled_connection(
         async with second:  # a relay with connections to spare, reclaiming what expires
             await first.drain(GIVE_UP)
     assert sorted(attempts) == [("first", 1, 1), ("first", 2, 1)], "each ran once: no lease ran out under it"
+
+
+async def test_a_transaction_whose_connection_dies_raises_database_unavailable(bus: EventBus) -> None:
+    """The caller's retry logic sees eventbus's connection error, the driver's error as its cause (0.2.0 before:
+    the asyncpg error itself, or an AttributeError from the pool's bookkeeping)."""
+    with pytest.raises(DatabaseUnavailable) as caught:
+        async with bus.transaction() as tx:
+            await tx.publish(Ping(1))
+            async with bus.pool.acquire() as other:
+                await other.execute("SELECT pg_terminate_backend($1)", tx.connection.get_server_pid())
+            await tx.publish(Ping(2))
+    assert isinstance(caught.value.__cause__, asyncpg.PostgresError | asyncpg.InterfaceError | ConnectionError)
+    assert await bus.outbox.unsettled() == 0, "nothing of it committed"
