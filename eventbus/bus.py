@@ -19,7 +19,6 @@ from typing import Any, Literal, Self, TypeVar, Unpack, overload
 import anyio
 import asyncpg
 import msgspec
-from anyio.abc import TaskGroup
 
 from ._connections import transactional_connection
 from ._driver import connecting, translate
@@ -187,7 +186,6 @@ class EventBus:
         self.transport: Transport = transport
         self._relay: Relay | None = None
         self._delivering = False
-        self._task_group: TaskGroup | None = None
         self._serving: asyncio.Task[None] | None = None  # the background work, between start() and stop()
         self._runner: AttemptRunner | None = None
         self._relay_pool: asyncpg.Pool | None = None
@@ -313,7 +311,6 @@ class EventBus:
         """The bus's background work, in a task of its own: the wake-up sender and the relay, until stopped."""
         try:
             async with anyio.create_task_group() as task_group:
-                self._task_group = task_group
                 if self.notify:
                     await task_group.start(self.outbox.waker.run, await self.resolve_dsn())
                 if wants_relay:
@@ -355,7 +352,6 @@ class EventBus:
             log.exception("the bus's background work (relay, wake-ups) failed; stop() raises the error")
             raise
         finally:
-            self._task_group = None
             ready.set()
             if self._relay_pool is not None:
                 relay_pool, self._relay_pool = self._relay_pool, None
