@@ -101,8 +101,10 @@ def translate(exc: BaseException) -> EventBusError | None:
     # InternalClientError: what asyncpg raises for a statement sent as the server's termination notice arrives.
     lost = ConnectionError | socket.gaierror | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
     # SQLSTATE classes 08 (connection exception) and 57 (operator intervention: shutting down, starting up,
-    # terminated by an administrator) say the server went away, not that it refused the statement.
-    server_gone = isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in ("08", "57")
+    # terminated by an administrator) say the server went away, not that it refused the statement; but 57014 is
+    # a statement cancelled (a statement_timeout).
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    server_gone = isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in ("08", "57") and sqlstate != "57014"
     if isinstance(exc, lost | asyncpg.InternalClientError) or server_gone:
         error = DatabaseUnavailable(
             f"lost the connection to PostgreSQL ({redact_dsn(str(exc))}); check the server and retry"

@@ -73,6 +73,21 @@ class BusStatistics:
     abandoned_threads: int = 0
 
 
+def _closed(conn: Connection) -> bool:
+    """Whether a pooled connection is closed (a connection that died is detached from its pool proxy: closed)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
+def _raise_if_unavailable(exc: Exception) -> None:
+    """Raise :class:`DatabaseUnavailable` from ``exc`` when ``exc`` says the database cannot be reached."""
+    error = translate(exc)
+    if isinstance(error, DatabaseUnavailable):
+        raise error from exc
+
+
 def _seconds(delay: float | timedelta | None) -> float:
     if delay is None:
         return 0.0
@@ -519,19 +534,21 @@ class EventBus:
         an ``idempotency_key`` to retry safely). Your own exceptions, and statements the server refused, pass
         through as they are.
         """
-        try:
-            async with self._connection_in_transaction() as conn:
-                yield Transaction(self, conn)
-        except Exception as exc:
-            error = translate(exc)
-            if isinstance(error, DatabaseUnavailable):
-                raise error from exc
-            raise
+        async with self._connection_in_transaction() as conn:
+            yield Transaction(self, conn)
 
     @asynccontextmanager
     async def _connection_in_transaction(self) -> AsyncIterator[Connection]:
-        """A pooled connection in a transaction (what :meth:`transaction` wraps)."""
-        async with self.pool.acquire() as conn:
+        """A pooled connection in a transaction (what :meth:`transaction` wraps). A connection that is lost, or
+        cannot be had, raises :class:`DatabaseUnavailable` with the driver's error as its cause; an error of the
+        caller's own code, or a statement the server refused, passes through as it is."""
+        try:
+            acquiring = self.pool.acquire()
+            conn = await acquiring.__aenter__()
+        except Exception as exc:
+            _raise_if_unavailable(exc)
+            raise
+        try:
             folded = bus_connection(conn)
             assert folded is not None, "the bus's pool makes BusConnections"
             folded.open_fold()
@@ -539,11 +556,17 @@ class EventBus:
                 async with conn.transaction():
                     yield conn
                     folded.ready_to_commit()
+            except Exception as exc:
+                if _closed(conn):
+                    _raise_if_unavailable(exc)
+                raise
             finally:
                 # A connection that died is detached from its pool proxy already: the error that ended the
                 # transaction is what the caller sees, not this.
                 with contextlib.suppress(AttributeError):
                     folded.close_fold()
+        finally:
+            await acquiring.__aexit__(None, None, None)
 
     async def publish(
         self, event: msgspec.Struct, *, connection: Any, **options: Unpack[PublishOptions]

@@ -190,7 +190,7 @@ class Relay:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._session_loop)
                 background.start_soon(self._maintenance_loop)
-                if self.config.retention is not None:
+                if self.config.retention is not None or self.config.inbox_retention is not None:
                     background.start_soon(self._retention_loop)
                 async with anyio.create_task_group() as settling:
                     await settling.start(self._settler.run)
@@ -271,6 +271,9 @@ class Relay:
             failures = 0
             if rows:
                 self._load.update(row.id for row in rows if row.target is None)
+                if self._carried is not None:
+                    # As the claim saw them: a pause holds back the very rows claimed after it, in order.
+                    self.transport.hold(rows.paused)
                 await self.transport.deliver(rows, self._report)
             if len(rows) == room:
                 follow_up = False
@@ -465,23 +468,23 @@ class Relay:
         """On the one relay holding the retention lock, purge old relayed rows and replayed dead letters
         in small batches with pauses, so claims never wait behind a long delete."""
         config = self.config
-        assert config.retention is not None
         while True:
             try:
                 session = self._session
                 if session is not None and not self._retention_leader:
                     async with self._session_lock:
                         self._retention_leader = await self.relays.lead_retention(session)
-                if self._retention_leader:
+                if self._retention_leader and config.retention is not None:
                     self._purged += await self.outbox.purge(
                         config.retention, batch=config.retention_batch, pause=config.retention_pause
                     )
                     if self.dead_letters is not None:
                         await self.dead_letters.purge(config.retention, batch=config.retention_batch)
+                inbox_window = config.inbox_retention or config.retention
+                if self._retention_leader and inbox_window is not None:
                     self._purged += await self.inbox.purge(
-                        self.outbox.pool, config.inbox_retention or config.retention, batch=config.retention_batch,
-                        pause=config.retention_pause,
-                    )  # fmt: skip
+                        self.outbox.pool, inbox_window, batch=config.retention_batch, pause=config.retention_pause
+                    )
             except Exception as exc:
                 log.warning("relay %s: retention purge failed (%s); will retry", self.worker, exc)
             await anyio.sleep(config.retention_interval)

@@ -80,7 +80,7 @@ async def test_a_targeted_row_of_an_unknown_topic_is_dead_lettered_once(
         await bus.drain(GIVE_UP)
         assert await bus.dead_letters.count() == {("HandlerMissing", "audit"): 1}
         (letter,) = await bus.dead_letters.list()
-        assert letter.error_type == "UnknownTopic" and "renamed.away" in (letter.error or "")
+        assert letter.error_type == "HandlerMissing" and "renamed.away" in (letter.error or "")
     assert seen == [1]
 
 

@@ -7,6 +7,7 @@ so a relay whose lease ran out cannot overwrite a newer claim.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from ._rows import Reason, cap_error, headers_decoder, json_encoder
 from .subscriptions import Carried, pairs
 
 __all__ = ["NewEvent", "OfferResult", "OutboxRepository", "Settlement", "Status", "envelope_from_row"]
+
+log = logging.getLogger("eventbus.outbox")
 
 
 class Status(IntEnum):
@@ -154,6 +157,13 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
+class Claimed(list[Envelope]):
+    """Claimed rows, in event id order, and which of the claiming relay's subscribers were paused as the claim saw
+    them (their shares of these rows are to wait: see ``Transport.hold``)."""
+
+    paused: frozenset[str] = frozenset()
+
+
 def envelope_from_row(row: asyncpg.Record) -> Envelope:
     return Envelope(
         id=row["id"],
@@ -242,7 +252,7 @@ class OutboxRepository:
         skip: Sequence[str] = (),
         skip_topics: Sequence[str] = (),
         carried: Sequence[Carried] | None = None,
-    ) -> list[Envelope]:
+    ) -> Claimed:
         """Lease up to ``limit`` due rows to ``worker`` for ``lease`` seconds, oldest event id first, skipping
         rows others hold; the attempt is counted now. Keyed rows come only from partitions ``worker`` owns.
 
@@ -256,7 +266,9 @@ class OutboxRepository:
             self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
             list(skip) if skip else None, list(skip_topics) if skip_topics else None, names, topics,
         )  # fmt: skip
-        claimed: list[Envelope] = []
+        claimed = Claimed()
+        if rows:
+            claimed.paused = frozenset(rows[0]["paused"] or ())
         unreadable = Settlement()
         for row in rows:
             try:
@@ -272,7 +284,13 @@ class OutboxRepository:
                     bare, Reason.DESERIALIZATION_FAILED, row["target"], error_type="DeserializationError", error=why
                 )
         if unreadable:
-            await self.settle(worker, unreadable, lease=lease)
+            try:
+                await self.settle(worker, unreadable, lease=lease)
+            except Exception:
+                # The readable rows are claimed already and must reach the relay; the unreadable ones come back
+                # when their lease ends, to be dead-lettered by the next claim that meets them.
+                log.warning("could not dead-letter %d unreadable outbox rows; they come back after their lease",
+                            len(unreadable), exc_info=True)  # fmt: skip
         claimed.sort(key=lambda e: (e.event_id, e.id))
         return claimed
 

@@ -125,7 +125,10 @@ SET status = 1, claimed_by = $2, claimed_until = now() + make_interval(secs => $
 -- An id array, not a join with picked: the primary key serves it whatever the plan guesses of the batch size.
 WHERE o.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text AS payload, o.headers::text AS headers,
-          o.attempts, o.created_at;
+          o.attempts, o.created_at,
+          -- Which of $2's subscribers are paused, as this claim saw them: their shares of these rows wait.
+          ARRAY(SELECT s.name FROM __schema__.eventbus_subscriptions AS s
+                WHERE s.state = 'paused' AND s.name = ANY($7::text[])) AS paused;
 
 -- name: settle
 -- Settle claimed rows in one statement: set their status, insert targeted retry rows and dead letters.
@@ -173,7 +176,8 @@ WITH absent AS (
                       THEN 2 ELSE u.status END,
         claimed_by = NULL,
         claimed_until = NULL,
-        published_at = CASE WHEN u.status = 2 THEN now() END,
+        published_at = CASE WHEN u.status = 2 OR (u.status = 3 AND o.target IS NULL AND EXISTS (
+                                SELECT 1 FROM absent AS a WHERE a.topic = o.topic)) THEN now() END,
         available_at = CASE WHEN u.status = 0 THEN now() + make_interval(secs => u.delay) ELSE o.available_at END,
         attempts = CASE WHEN u.refund THEN o.attempts - 1 ELSE o.attempts END,
         last_error = coalesce(u.error, o.last_error)

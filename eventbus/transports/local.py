@@ -145,7 +145,8 @@ class LocalTransport:
                 continue
             if row.target is not None:
                 actor = self.actors.get(row.target)
-                actors = [actor] if actor is not None else []
+                # A subscriber gets only rows of its own topics (a row of a topic it dropped is nobody's here).
+                actors = [actor] if actor is not None and row.topic in actor.subscription.topics else []
             else:
                 actors = self.routes.get(row.topic, [])
             paused: list[str] = []
@@ -167,7 +168,7 @@ class LocalTransport:
 
     def _unrouted(self, row: Envelope, report: Report) -> None:
         why = (
-            f"no subscriber named {row.target!r} in this process" if row.target is not None
+            f"no subscriber named {row.target!r} takes topic {row.topic!r} in this process" if row.target is not None
             else f"no subscriber for topic {row.topic!r} in this process"
         )  # fmt: skip
         settlement = Settlement()
