@@ -463,6 +463,16 @@ class EventBus:
         return self._relay
 
     @property
+    def failure(self) -> BaseException | None:
+        """What the bus's background work (relay, wake-ups) failed with, if it failed while running (it is also
+        logged at once, and :meth:`stop` raises it); None while it runs or after a clean stop. A health check
+        reads this."""
+        serving = self._serving
+        if serving is None or not serving.done() or serving.cancelled():
+            return None
+        return serving.exception()
+
+    @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
             raise ConfigurationError("the bus is not started: use `async with bus:` or `await bus.connect()`")

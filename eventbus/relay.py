@@ -155,6 +155,7 @@ class Relay:
         self._ready: set[int] = set()  # owned partitions no other relay still holds rows of
         self._draining: set[int] = set()  # owned partitions to give up once their rows are settled
         self._trusted_until = 0.0  # until when (anyio clock) the partition leases surely run
+        self._distrusted = False  # the leases ran past trust and the partitions' deliveries were held back
         self._listening = False
         self._retention_leader = False
         # What this relay delivers, once registered (None: not yet; without a subscription repository, never).
@@ -207,14 +208,21 @@ class Relay:
                 background.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._settler.flush()
-                await self._release_unsettled()
-                await self._release_partitions()
+                # Bounded: against a database that does not answer, what is not handed back in time comes back
+                # when its lease ends.
+                with anyio.move_on_after(self.config.lease) as handing_back:
+                    await self._settler.flush()
+                    await self._release_unsettled()
+                    await self._release_partitions()
+                if handing_back.cancelled_caught:
+                    log.warning("relay %s: could not hand its rows and partitions back in time; they come back when "
+                                "their leases end", self.worker)  # fmt: skip
                 await self._close_session()
-                try:
-                    await self.relays.forget(self.worker, stale_after=self.config.heartbeat_interval * 10)
-                except Exception:
-                    log.debug("could not remove relay heartbeat row", exc_info=True)
+                with anyio.move_on_after(2.0):
+                    try:
+                        await self.relays.forget(self.worker, stale_after=self.config.heartbeat_interval * 10)
+                    except Exception:
+                        log.debug("could not remove relay heartbeat row", exc_info=True)
             self._stopped.set()
 
     # -- claiming --------------------------------------------------------------------------------------------
@@ -298,7 +306,9 @@ class Relay:
         anywhere is lost to them); hold back the paused ones."""
         assert self.subscriptions is not None
         carried = list(self.transport.carried())
-        states = await self.subscriptions.register(self.worker, carried)
+        states = await self.subscriptions.register(
+            self.worker, carried, live_within=self.config.heartbeat_interval * 3
+        )
         for name, (_, was_retired) in states.items():
             if was_retired:
                 log.warning("relay %s: subscriber %r had been retired; registered again, since this relay carries it",
@@ -403,6 +413,7 @@ class Relay:
         started = anyio.current_time()
         renewed = await self.relays.renew(self.worker, sorted(self._owned), config.lease) if self._owned else {}
         self._trusted_until = started + config.lease * 0.8
+        self._distrusted = False
         async with self._claim_lock:
             lost = self._owned - renewed.keys()
             if lost:
@@ -411,10 +422,10 @@ class Relay:
                 self._owned -= lost
                 self._ready -= lost
                 self._draining -= lost
-        carried = self._carried or ()
         states = await self.relays.heartbeat(
-            self.worker, socket.gethostname(), os.getpid(), sorted(self._owned), [sub.name for sub in carried]
-        )
+            self.worker, socket.gethostname(), os.getpid(), sorted(self._owned), self._carried or (),
+            live_within=config.heartbeat_interval * 3,
+        )  # fmt: skip
         if self._carried is not None:
             if "unregistered" in states.values():
                 await self._register()  # its registration was removed: make it again
@@ -450,6 +461,18 @@ class Relay:
             if newly_ready:
                 self._ready |= newly_ready
                 self._wakeup.set()
+
+    def _distrust(self) -> None:
+        """The partition leases could not be renewed for most of a lease: another relay may own the partitions
+        soon. Start none of their deliveries waiting here, and claim from them again only once this relay's rows
+        of them have come back (as for a partition taken anew)."""
+        if not self._owned or anyio.current_time() < self._trusted_until or self._distrusted:
+            return
+        self._distrusted = True
+        log.warning("relay %s: could not renew its partition leases; holding back the deliveries of its %d "
+                    "partitions", self.worker, len(self._owned))  # fmt: skip
+        self.transport.revoke(self._owned)
+        self._ready -= self._owned
 
     async def _release_partitions(self) -> None:
         """At a stop, after the rows were handed back: the partitions go at once, no lease need run out."""
@@ -518,6 +541,7 @@ class Relay:
                     await self._rebalance()
                 except Exception as exc:
                     log.warning("relay %s: renewing partitions failed (%s); will retry", self.worker, exc)
+            self._distrust()
             try:
                 if self._unsettled and now - last_renew >= config.lease / 3:
                     last_renew = now

@@ -185,6 +185,41 @@ async def test_a_retired_subscribers_waiting_rows_end_as_handler_missing(
         assert await here.dead_letters.count() == {("HandlerMissing", "legacy"): 4}, "nothing kept for it any more"
 
 
+async def test_a_subscribers_topics_are_those_every_live_relay_declares(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """A rollout adds a topic to a subscriber: an old relay that starts while a new one runs does not take the new
+    topic away (which would lose its events settled by old relays); once the last relay declaring it is gone, it
+    is dropped."""
+    old, new = relay_bus(eventbus_dsn, eventbus_schema), relay_bus(eventbus_dsn, eventbus_schema)
+
+    @old.subscribe(name="books")
+    async def books_old(event: OrderPlaced) -> None:
+        pass
+
+    @new.subscribe(name="books")
+    async def books_new(event: OrderPlaced | InvoiceSent) -> None:
+        pass
+
+    async def topics(bus: EventBus) -> tuple[str, ...]:
+        (info,) = await bus.subscribers.list(live_within=10.0, name="books")
+        return info.topics
+
+    async with new:
+        assert await topics(new) == ("invoices.sent", "orders.placed")
+        with anyio.fail_after(GIVE_UP):  # the new relay's heartbeat records what it carries
+            while not (await new.subscribers.list(live_within=10.0))[0].relays:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        async with old:
+            assert await topics(old) == ("invoices.sent", "orders.placed"), "the old relay kept the new topic"
+            await anyio.sleep(FAST.heartbeat_interval * 3)
+            assert await topics(old) == ("invoices.sent", "orders.placed")
+            await new.stop()
+            with anyio.fail_after(GIVE_UP):
+                while await topics(old) != ("orders.placed",):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+
+
 @topic("orders.created", aliases=["orders.placed"])
 class OrderCreated(msgspec.Struct, frozen=True):
     n: int

@@ -16,6 +16,7 @@ import asyncpg
 from .. import _pool as pooled
 from .._typing import Connection
 from ..sql import Queries
+from .subscriptions import Carried, carried_document
 
 __all__ = ["RelayRepository"]
 
@@ -29,13 +30,16 @@ class RelayRepository:
         self.lock_space = f"eventbus_{schema}"
 
     async def heartbeat(
-        self, worker: str, hostname: str, pid: int, partitions: Sequence[int], subscribers: Sequence[str] = ()
+        self, worker: str, hostname: str, pid: int, partitions: Sequence[int], carried: Sequence[Carried] = (),
+        *, live_within: float = 6.0,
     ) -> dict[str, str]:
-        """Register ``worker`` or refresh its heartbeat, with the partitions it owns and the subscribers it carries;
-        return those of its subscribers that are ``paused`` or ``unregistered``, with that state."""
+        """Register ``worker`` or refresh its heartbeat, with the partitions it owns and the subscribers it carries
+        (whose registered topics become those of every relay live within ``live_within`` seconds that carries
+        them); return those of its subscribers that are ``paused`` or ``unregistered``, with that state."""
         rows = await pooled.fetch(
-            self.pool, self.queries.relay_heartbeat, worker, hostname, pid, list(partitions), list(subscribers)
-        )
+            self.pool, self.queries.relay_heartbeat, worker, hostname, pid, list(partitions),
+            carried_document(carried), live_within,
+        )  # fmt: skip
         return {row["name"]: row["state"] for row in rows}
 
     async def forget(self, worker: str, stale_after: float) -> None:

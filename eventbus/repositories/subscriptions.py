@@ -64,6 +64,11 @@ class SubscriptionInfo:
 _encoder = msgspec.json.Encoder()
 
 
+def carried_document(carried: Sequence[Carried]) -> str:
+    """What a relay carries as its heartbeat row records it: ``{"name": ["topic", ...], ...}``."""
+    return _encoder.encode({sub.name: sub.topics for sub in carried}).decode()
+
+
 def pairs(carried: Sequence[Carried]) -> tuple[list[str], list[str]]:
     """The (subscriber, topic) pairs of what a relay carries, as two arrays (the claim and settle parameters)."""
     names = [sub.name for sub in carried for _ in sub.topics]
@@ -86,10 +91,13 @@ class SubscriptionRepository:
         self.pool = pool
         self.queries = Queries(schema)
 
-    async def register(self, worker: str, carried: Sequence[Carried]) -> dict[str, tuple[SubscriberState, bool]]:
-        """Register what ``worker`` carries; return each subscriber's state and whether it had been retired."""
+    async def register(
+        self, worker: str, carried: Sequence[Carried], *, live_within: float
+    ) -> dict[str, tuple[SubscriberState, bool]]:
+        """Register what ``worker`` carries, each subscriber with its topics and those other relays live within
+        ``live_within`` seconds carry it with; return each subscriber's state and whether it had been retired."""
         document = _encoder.encode(carried).decode()
-        rows = await pooled.fetch(self.pool, self.queries.subscription_register, worker, document)
+        rows = await pooled.fetch(self.pool, self.queries.subscription_register, worker, document, live_within)
         return {row["name"]: (SubscriberState(row["state"]), row["was_retired"]) for row in rows}
 
     async def list(self, *, live_within: float, name: str | None = None) -> list[SubscriptionInfo]:

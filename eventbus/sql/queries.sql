@@ -396,45 +396,73 @@ WHERE i.subscriber = doomed.subscriber AND i.event_id = doomed.event_id;
 SELECT EXISTS (SELECT 1 FROM __schema__.eventbus_inbox WHERE subscriber = $1 AND event_id = $2) AS seen;
 
 -- name: relay_heartbeat
--- Register or refresh relay $1 with the partitions it owns and the subscribers it carries; return those of its
+-- Register or refresh relay $1 with the partitions it owns and the subscribers it carries (with their topics);
+-- bring each of those subscribers' topics up to what the live relays carrying it declare; return those of its
 -- subscribers that are paused, and those no longer registered.
 -- $1 worker text
 -- $2 hostname text
 -- $3 pid int
 -- $4 partitions smallint[]
--- $5 subscribers text[]
+-- $5 carried jsonb ({"name": ["topic", ...], ...})
+-- $6 live_seconds float8 (a relay is live when its heartbeat is this recent)
 WITH beat AS (
-    INSERT INTO __schema__.eventbus_relays (worker, hostname, pid, partitions, subscribers)
+    INSERT INTO __schema__.eventbus_relays (worker, hostname, pid, partitions, carried)
     VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (worker) DO UPDATE SET heartbeat_at = now(), partitions = EXCLUDED.partitions,
-                                       subscribers = EXCLUDED.subscribers
+                                       carried = EXCLUDED.carried
+), declared AS (
+    -- What this relay carries, and what the other live relays carry of the same subscribers.
+    SELECT c.key AS name, t.topic
+    FROM jsonb_each($5::jsonb) AS c CROSS JOIN jsonb_array_elements_text(c.value) AS t(topic)
+    UNION
+    SELECT c.key, t.topic
+    FROM __schema__.eventbus_relays AS r CROSS JOIN jsonb_each(r.carried) AS c
+    CROSS JOIN jsonb_array_elements_text(c.value) AS t(topic)
+    WHERE r.worker <> $1 AND r.heartbeat_at >= now() - make_interval(secs => $6) AND $5::jsonb ? c.key
+), topics AS (
+    SELECT name, array_agg(topic ORDER BY topic) AS topics FROM declared GROUP BY name
 ), seen AS (
-    UPDATE __schema__.eventbus_subscriptions SET last_seen = now() WHERE name = ANY($5::text[])
-    RETURNING name, state
+    UPDATE __schema__.eventbus_subscriptions AS s SET last_seen = now(), topics = t.topics
+    FROM topics AS t WHERE s.name = t.name
+    RETURNING s.name, s.state
 )
 SELECT n.name, coalesce(seen.state, 'unregistered') AS state
-FROM unnest($5::text[]) AS n(name) LEFT JOIN seen ON seen.name = n.name
+FROM jsonb_object_keys($5::jsonb) AS n(name) LEFT JOIN seen ON seen.name = n.name
 WHERE seen.state IS DISTINCT FROM 'active' AND seen.state IS DISTINCT FROM 'retired';
 
 -- name: subscription_register
--- Register the subscribers relay $1 carries, as given in $2; one that was retired is registered again (a relay
--- carries it), one that is paused stays paused. Returns each with its state and whether it had been retired.
+-- Register the subscribers relay $1 carries, as given in $2, with the topics the live relays carrying them declare
+-- besides; one that was retired is registered again (a relay carries it), one that is paused stays paused.
+-- Returns each with its state and whether it had been retired.
 -- $1 worker text
 -- $2 subscribers jsonb (an array of {"name": text, "topics": [text], "ordered": bool})
+-- $3 live_seconds float8 (a relay is live when its heartbeat is this recent)
 WITH given AS (
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS g(name text, topics text[], ordered boolean)
+), declared AS (
+    SELECT g.name, t.topic FROM given AS g CROSS JOIN unnest(g.topics) AS t(topic)
+    UNION
+    SELECT c.key, t.topic
+    FROM __schema__.eventbus_relays AS r CROSS JOIN jsonb_each(r.carried) AS c
+    CROSS JOIN jsonb_array_elements_text(c.value) AS t(topic)
+    WHERE r.worker <> $1 AND r.heartbeat_at >= now() - make_interval(secs => $3)
+      AND c.key IN (SELECT name FROM given)
+), topics AS (
+    SELECT name, array_agg(topic ORDER BY topic) AS topics FROM declared GROUP BY name
 ), before AS (
     SELECT s.name, s.state FROM __schema__.eventbus_subscriptions AS s JOIN given USING (name)
 ), registered AS (
     INSERT INTO __schema__.eventbus_subscriptions AS s (name, topics, ordered)
-    SELECT name, topics, ordered FROM given
+    SELECT g.name, t.topics, g.ordered FROM given AS g JOIN topics AS t USING (name)
     ON CONFLICT (name) DO UPDATE
     SET topics = EXCLUDED.topics, ordered = EXCLUDED.ordered, last_seen = now(),
         state = CASE WHEN s.state = 'retired' THEN 'active' ELSE s.state END,
         state_changed = CASE WHEN s.state = 'retired' THEN now() ELSE s.state_changed END
     RETURNING s.name, s.state
 ), relay AS (
-    UPDATE __schema__.eventbus_relays SET subscribers = ARRAY(SELECT name FROM given ORDER BY name) WHERE worker = $1
+    UPDATE __schema__.eventbus_relays
+    SET carried = (SELECT jsonb_object_agg(name, to_jsonb(topics)) FROM given)
+    WHERE worker = $1
 )
 SELECT r.name, r.state, coalesce(b.state = 'retired', false) AS was_retired
 FROM registered AS r LEFT JOIN before AS b USING (name) ORDER BY r.name;
@@ -445,7 +473,7 @@ FROM registered AS r LEFT JOIN before AS b USING (name) ORDER BY r.name;
 -- $2 name text (NULL: every subscriber)
 SELECT s.name, s.topics, s.ordered, s.state, s.registered_at, s.last_seen, s.state_changed,
        ARRAY(SELECT r.worker FROM __schema__.eventbus_relays AS r
-             WHERE s.name = ANY(r.subscribers) AND r.heartbeat_at >= now() - make_interval(secs => $1)
+             WHERE r.carried ? s.name AND r.heartbeat_at >= now() - make_interval(secs => $1)
              ORDER BY r.worker) AS relays,
        (SELECT count(*) FROM __schema__.eventbus_outbox AS o
         WHERE o.status = 0 AND o.target = s.name) AS backlog,

@@ -6,7 +6,8 @@
 
 CREATE TABLE __schema__.eventbus_subscriptions (
     name          text        PRIMARY KEY,
-    -- The topics (aliases included) the most recently started relay carrying it declared.
+    -- The topics (aliases included) the live relays carrying it declare, all of them; kept as they were while
+    -- no relay carrying it runs.
     topics        text[]      NOT NULL,
     ordered       boolean     NOT NULL DEFAULT false,
     -- active: delivered; paused: its rows wait; retired: removed on purpose, its rows are nobody's.
@@ -16,8 +17,8 @@ CREATE TABLE __schema__.eventbus_subscriptions (
     state_changed timestamptz
 );
 
--- The subscribers each relay carries.
-ALTER TABLE __schema__.eventbus_relays ADD COLUMN subscribers text[] NOT NULL DEFAULT '{}';
+-- The subscribers each relay carries, with their topics: {"name": ["topic", ...], ...}.
+ALTER TABLE __schema__.eventbus_relays ADD COLUMN carried jsonb NOT NULL DEFAULT '{}';
 
 -- Pending rows by target: the backlog of one subscriber (eventbus subscribers, and lag).
 CREATE INDEX eventbus_outbox_pending_targets ON __schema__.eventbus_outbox (target, event_id)
