@@ -1,7 +1,8 @@
 """Property tests of the delivery guarantees (docs/architecture.md) over random histories, against a real PostgreSQL.
 
 A history is a list of steps: commit or roll back a few events (each with random keys and a per-subscriber
-fault plan: raise or hang past the timeout on given attempts), start or gracefully stop an extra relay (up to
+fault plan: raise, hang past the timeout, or meet a cancelled future on given attempts; one subscriber is a
+plain ``def`` handler whose hung threads are abandoned), start or gracefully stop an extra relay (up to
 three EventBus instances on the same schema; an "old" one, as in a rolling deploy, lacks the ordered subscriber,
 which the relays started first carry), crash a relay (its task group is
 cancelled with no graceful hand-back and its pool terminated, so its claimed rows stay leased until the short
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -54,7 +56,9 @@ MAX_ATTEMPTS = 3
 TIMEOUT = 0.4  # the healthy handlers do next to nothing; a hang sleeps far past this
 MAX_RELAYS = 3
 DRAIN = 120.0
-SUBSCRIBERS = ("plain", "tx", "ordered")
+SUBSCRIBERS = ("plain", "tx", "ordered", "threaded")
+#: How long a plain ``def`` handler planned to time out blocks its thread (past TIMEOUT: the thread is abandoned).
+THREAD_HANG = 0.6
 KEYS = ("a", "b", "c", None)
 
 Fault = Literal["raise", "timeout", "cancel"]
@@ -181,6 +185,19 @@ async def _behave(world: World, sub: str, event: Item, ctx: Context) -> None:
     run[1] = "ok"
 
 
+def behave_in_thread(world: World, event: Item, ctx: Context) -> None:
+    run: list[Any] = [ctx.attempt, "hang"]
+    world.runs[("threaded", event.n)].append(run)
+    fault = world.plans.get(event.n, {}).get("threaded", {}).get(ctx.attempt)
+    if fault in ("raise", "cancel"):  # a thread meets no cancelled future: it raises
+        run[1] = "raise"
+        raise Boom(f"planned failure of threaded on attempt {ctx.attempt}")
+    if fault == "timeout":
+        time.sleep(THREAD_HANG)  # abandoned after TIMEOUT; it ends later on its own, its outcome ignored
+        return
+    run[1] = "ok"
+
+
 def _errored(world: World, sub: str, event: Item, ctx: Context) -> None:
     """An attempt failed by no plan of the test's (its connection was killed): the relaxed checks allow it."""
     runs = world.runs.get((sub, event.n))
@@ -197,6 +214,12 @@ def build_bus(dsn: str, schema: str, world: World, *, old: bool = False, **kwarg
         transport=LocalTransport(mailbox_size=4, detach_after=0.2), **kwargs,
     )  # fmt: skip
     common: dict[str, Any] = {"timeout": TIMEOUT, "max_attempts": MAX_ATTEMPTS, "backoff": QUICK}
+
+    # A plain def handler, on the subscriber's daemon threads (2 x concurrency of them: more than the threads a
+    # history can hang at once, so no attempt waits for a thread).
+    @bus.subscribe(name="threaded", concurrency=8, **common)
+    def threaded(event: Item, ctx: Context) -> None:
+        behave_in_thread(world, event, ctx)
 
     @bus.subscribe(name="plain", concurrency=3, **common)
     async def plain(event: Item, ctx: Context) -> None:
@@ -558,11 +581,13 @@ HEALTHY = [("a", {}), ("b", {}), ("c", {}), (None, {}), ("a", {})]
 # the batch was settled (its rows come back after the lease); an ordered subscriber failing and retrying while
 # later events of its key wait, with the partitions handed over between relays; every attempt failing.
 @example(history=(1, [("commit", HEALTHY), ("crash", 0, True, 0.02), ("start",)]))
-# Handlers that meet a cancelled future, poison rows, and a stop that cuts a hung handler short.
+# Handlers that meet a cancelled future, poison rows, a stop that cuts a hung handler short, and a plain def
+# handler that hangs on every attempt (its threads are abandoned).
 @example(history=(1, [
     ("commit", [("a", {"ordered": {1: "cancel"}, "plain": {1: "cancel", 2: "cancel", 3: "cancel"}}), ("a", {})]),
     ("poison", "topic"), ("poison", "headers"), ("start", False),
     ("commit", [("b", {"tx": {1: "timeout"}}), (None, {"plain": {1: "timeout"}})]), ("stop", 0, True),
+    ("commit", [("c", {"threaded": {1: "timeout", 2: "timeout", 3: "timeout"}}), (None, {"threaded": {1: "raise"}})]),
     ("commit", HEALTHY),
 ]))  # fmt: skip
 # A rolling deploy: an old relay without the ordered subscriber takes over every partition and handles events
