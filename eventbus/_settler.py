@@ -28,6 +28,7 @@ __all__ = ["Settler"]
 log = logging.getLogger("eventbus.relay")
 
 _RELAYED = int(Status.RELAYED)
+_PENDING = int(Status.PENDING)
 
 
 @dataclass(slots=True, eq=False)
@@ -45,7 +46,7 @@ class Settler:
         outbox: OutboxRepository,
         worker: str,
         lease: float,
-        written: Callable[[list[uuid.UUID], int], None],
+        written: Callable[[list[uuid.UUID], int, list[float]], None],
         *,
         most: int = 500,
         every: float = 0.005,
@@ -168,4 +169,7 @@ class Settler:
             if self._inserting.get(row_id) is batch:
                 del self._inserting[row_id]
         self.statements += 1
-        self.written(ids, settled)
+        # Rows it sent back to pending, or cut off as targeted rows, and when (in seconds) they come due.
+        delays = [mark[3] for mark in settlement.marks if mark[2] == _PENDING]
+        delays += [retry[4] for retry in settlement.retries if not retry[6]]
+        self.written(ids, settled, delays)

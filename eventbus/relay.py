@@ -16,6 +16,7 @@ its rows back and releases its partitions at once.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -144,6 +145,7 @@ class Relay:
         self._stopped = anyio.Event()
         self._unsettled: dict[uuid.UUID, Envelope] = {}
         self._load: set[uuid.UUID] = set()  # the claimed rows that count against max_batches_in_flight
+        self._due: list[float] = []  # when rows this relay made pending come due (a heap)
         self._room = anyio.Event()
         self._settler = Settler(self.outbox, self.worker, self.config.lease, self._written)
         self._partition_load: Counter[int] = Counter()
@@ -291,9 +293,13 @@ class Relay:
             # of the previous claim on the cadence (but a slow claim still leaves a tenth of an interval of rest).
             follow_up = bool(rows) and not follow_up
             if not follow_up:
-                await self._wakeup.wait(
-                    max(config.poll_interval / 10, poll_started + config.poll_interval - anyio.current_time())
-                )
+                now = anyio.current_time()
+                while self._due and self._due[0] <= now:
+                    heapq.heappop(self._due)
+                wait = max(config.poll_interval / 10, poll_started + config.poll_interval - now)
+                if self._due:
+                    wait = min(wait, self._due[0] - now)  # a retry comes due before the next poll
+                await self._wakeup.wait(wait)
 
     def _backoff(self, failures: int) -> float:
         """How long to wait after ``failures`` failed claims in a row: doubling from 50 ms, at most one poll
@@ -340,9 +346,17 @@ class Relay:
         self._track(leased, claimed=False)
         self._settler.add(settlement)
 
-    def _written(self, ids: list[uuid.UUID], settled: int) -> None:
-        """A statement wrote the outcomes of these rows: they no longer take room."""
+    def _written(self, ids: list[uuid.UUID], settled: int, delays: list[float]) -> None:
+        """A statement wrote the outcomes of these rows: they no longer take room. Rows it made pending come due
+        after ``delays``: the claim loop wakes for them then (no notification announces a delayed row)."""
         self._settled += settled
+        if delays and settled:
+            now = anyio.current_time()
+            earliest = self._due[0] if self._due else math.inf
+            for delay in set(delays):
+                heapq.heappush(self._due, now + delay)
+            if self._due[0] < earliest:
+                self._wakeup.set()  # the claim loop may be waiting past it: it claims, then waits anew
         for row_id in ids:
             row = self._unsettled.pop(row_id, None)
             if row is not None:

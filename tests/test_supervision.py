@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from eventbus import (
+    Backoff,
     ConfigurationError,
     Context,
     DatabaseUnavailable,
@@ -239,3 +240,25 @@ async def test_a_transaction_whose_connection_dies_raises_database_unavailable(b
             await tx.publish(Ping(2))
     assert isinstance(caught.value.__cause__, asyncpg.PostgresError | asyncpg.InterfaceError | ConnectionError)
     assert await bus.outbox.unsettled() == 0, "nothing of it committed"
+
+
+async def test_a_retry_comes_due_without_waiting_for_the_poll(eventbus_dsn: str, eventbus_schema: str) -> None:
+    """A retry row is delayed, so no notification announces it: the relay wakes when it comes due (before: at
+    the next poll, here a minute away)."""
+    bus = relay_bus(eventbus_dsn, eventbus_schema, RelayConfig(poll_interval=60.0))
+    attempts: list[int] = []
+    retried = anyio.Event()
+
+    @bus.subscribe(name="flaky", backoff=Backoff(initial=0.2, jitter=0))
+    async def handle(event: Ping, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("fails once")
+        retried.set()
+
+    async with bus:
+        async with bus.transaction() as tx:
+            await tx.publish(Ping(1))
+        with anyio.fail_after(20):  # a third of the poll interval
+            await retried.wait()
+    assert attempts == [1, 2]
