@@ -39,6 +39,14 @@ def relay_bus(dsn: str, schema: str) -> EventBus:
     return EventBus(dsn, schema=schema, relay_config=FAST, relay=True)
 
 
+def carry_audit(bus: EventBus) -> None:
+    """Give ``bus`` a subscriber ``audit`` of ``orders.placed`` that does nothing."""
+
+    @bus.subscribe(name="audit")
+    async def audit(event: OrderPlaced) -> None:
+        pass
+
+
 async def publish(bus: EventBus, events: list[msgspec.Struct], *, keyed: bool = True) -> None:
     async with bus.transaction() as tx:
         await tx.offer([bus.encode(e, key=f"k{i % 5}" if keyed else None) for i, e in enumerate(events)])
@@ -99,9 +107,7 @@ async def test_an_event_only_another_process_handles_is_not_a_dead_letter(
     billing: list[int] = []
     here, elsewhere = relay_bus(eventbus_dsn, eventbus_schema), relay_bus(eventbus_dsn, eventbus_schema)
 
-    @here.subscribe(name="audit")
-    async def audit(event: OrderPlaced) -> None:
-        pass
+    carry_audit(here)
 
     @elsewhere.subscribe(name="billing")
     async def bill(event: InvoiceSent) -> None:
@@ -123,9 +129,7 @@ async def test_a_topic_no_registered_subscriber_takes_is_still_a_dead_letter(
 ) -> None:
     bus = relay_bus(eventbus_dsn, eventbus_schema)
 
-    @bus.subscribe(name="audit")
-    async def audit(event: OrderPlaced) -> None:
-        pass
+    carry_audit(bus)
 
     async with bus:
         await publish(bus, [InvoiceSent(1)])
@@ -164,9 +168,7 @@ async def test_a_retired_subscribers_waiting_rows_end_as_handler_missing(
     """Retired on purpose: its events are no longer kept, and what already waited for it is dead-lettered."""
     here, gone = relay_bus(eventbus_dsn, eventbus_schema), relay_bus(eventbus_dsn, eventbus_schema)
 
-    @here.subscribe(name="audit")
-    async def audit(event: OrderPlaced) -> None:
-        pass
+    carry_audit(here)
 
     @gone.subscribe(name="legacy")
     async def legacy(event: OrderPlaced) -> None:
