@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 import asyncpg
 
-from . import burndown, fanout, isolation, latency, offer, peer, purge
+from . import burndown, fanout, isolation, latency, offer, peer, purge, telemetry
 from ._common import Outcome, Row, Settings, format_table, machine_info, redact_dsn, row_dicts
 
 Benchmark = Callable[[Settings], Awaitable[Outcome]]
@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, float, float]] = {
     purge.NAME: (purge.run, 60, 300),
     peer.NAME: (peer.run, 90, 900),
     isolation.NAME: (isolation.run, 45, 120),
+    telemetry.NAME: (telemetry.run, 240, 600),
 }
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"

@@ -60,11 +60,14 @@ async def fill(dsn: str, schema: str, count: int) -> float:
     return perf_counter() - started
 
 
-async def relay_drain(dsn: str, schema: str, count: int, batch_size: int) -> dict[str, Any]:
-    """Drain ``count`` pending events in ``schema`` with an EventBus relay and one no-op subscriber."""
+async def relay_drain(dsn: str, schema: str, count: int, batch_size: int, **bus_options: Any) -> dict[str, Any]:
+    """Drain ``count`` pending events in ``schema`` with an EventBus relay and one no-op subscriber (``bus_options``
+    go to the EventBus)."""
     handled = 0
     all_handled = anyio.Event()
-    bus = EventBus(dsn, schema=schema, migrate=False, relay_config=RelayConfig(batch_size=batch_size, lease=LEASE))
+    bus = EventBus(
+        dsn, schema=schema, migrate=False, relay_config=RelayConfig(batch_size=batch_size, lease=LEASE), **bus_options
+    )
 
     @bus.subscribe(name="burndown_noop", timeout=30, max_attempts=3)
     async def noop(event: Item) -> None:
@@ -126,6 +129,7 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
             done = await conn.fetchrow(
                 settle, worker, [r["id"] for r in rows], [r["attempts"] for r in rows], [int(Status.RELAYED)] * n,
                 [0.0] * n, [None] * n, [], [], [], [], [], [], [], [], [], [], [], [], [], [], LEASE, None, None, None,
+                [], [],
             )  # fmt: skip
             assert done is not None
             settled += done["settled"]

@@ -91,8 +91,8 @@ async def _timed_loop(workers: int, duration: float, one: One) -> dict[str, Any]
 
 
 @asynccontextmanager
-async def _ours(dsn: str, schema: str, connections: int, *, notify: bool = True) -> AsyncIterator[One]:
-    bus = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=connections, notify=notify)
+async def _ours(dsn: str, schema: str, connections: int, *, notify: bool = True, **options: Any) -> AsyncIterator[One]:
+    bus = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=connections, notify=notify, **options)
     insert = f"INSERT INTO {quote_schema(schema)}.bench_orders (order_id, total_cents) VALUES ($1, $2)"
     await bus.start()
     try:

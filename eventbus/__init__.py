@@ -4,7 +4,7 @@ Publish typed events inside your own PostgreSQL transaction (a transactional out
 hands them to your subscribers, with timeouts, retries and one shared dead-letter table.
 """
 
-from .bus import BusStatistics, EventBus, Transaction
+from .bus import BusStatistics, EventBus, Health, Transaction
 from .errors import (
     ConfigurationError,
     DatabaseError,
@@ -59,6 +59,7 @@ __all__ = [
     "Envelope",
     "EventBus",
     "EventBusError",
+    "Health",
     "LocalTransport",
     "MigrationsMissing",
     "NewEvent",

@@ -19,7 +19,8 @@ runs as asyncpg would run it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -47,11 +48,25 @@ class BusConnection(asyncpg.Connection):
     _fold_ready: bool = False
     _waker: Waker | None = None
     _is_reset: bool = False
+    _sent: tuple[Counter[Any], list[Any]] | None = None
 
     def open_fold(self) -> None:
         """A bus transaction starts: a later COMMIT may carry the reset (see :meth:`ready_to_commit`)."""
         self._fold_open, self._fold_ready, self._is_reset = True, False, False
         self._waker = None
+        self._sent = None
+
+    def count_at_commit(self, counter: Counter[Any], keys: Iterable[Any]) -> None:
+        """Add ``keys`` to ``counter`` once the open bus transaction has committed (see :meth:`committed`)."""
+        if self._sent is None:
+            self._sent = (counter, [])
+        self._sent[1].extend(keys)
+
+    def committed(self) -> None:
+        """The bus transaction committed: count what it offered."""
+        sent, self._sent = self._sent, None
+        if sent is not None:
+            sent[0].update(sent[1])
 
     @property
     def in_bus_transaction(self) -> bool:

@@ -29,7 +29,9 @@ from .errors import ConfigurationError, DatabaseUnavailable, RegistrationError
 from .events import EventFields, Registry
 from .handlers import AttemptRunner, PublishOptions, SubscribeOptions, Subscription, subscription_for
 from .migrations import check_migrations, migrate
-from .observability import inject_headers
+from .observability.http import serve_http
+from .observability.metrics import Metrics
+from .observability.tracing import Tracing
 from .relay import Relay, RelayConfig, RelayStatistics
 from .repositories import (
     DeadLetterRepository,
@@ -44,7 +46,7 @@ from .sql import quote_schema
 from .transports import DeliveryStatistics, Transport, Unrouted
 from .transports.local import LocalTransport
 
-__all__ = ["BusStatistics", "EventBus", "Transaction"]
+__all__ = ["BusStatistics", "EventBus", "Health", "Transaction"]
 
 log = logging.getLogger("eventbus.bus")
 
@@ -53,6 +55,35 @@ log = logging.getLogger("eventbus.bus")
 _RELAY_CONNECTIONS = 6
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What :meth:`EventBus.health` found: ``alive`` (``/healthz``), ``ready`` (``/readyz``) and each check."""
+
+    alive: bool
+    ready: bool
+    checks: dict[str, str]
+
+
+def _prometheus_metrics(provider: Any) -> tuple[Metrics, Any]:
+    """The metrics of a bus serving ``/metrics``: on a meter provider of its own with a Prometheus reader on a
+    registry of its own, unless the application gave or installed an SDK provider (then ``/metrics`` serves
+    prometheus_client's default registry, where a Prometheus reader of that provider writes)."""
+    if provider is not None or Metrics.of().enabled:
+        return Metrics.of(provider), None
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from prometheus_client import CollectorRegistry
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"metrics_port needs the OpenTelemetry SDK and its Prometheus exporter ({exc.name} is missing): "
+            "pip install 'eventbus[otel]'"
+        ) from exc
+    registry = CollectorRegistry()
+    own = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    return Metrics.of(own), registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +138,7 @@ class Transaction:
     async def publish(self, event: msgspec.Struct, **options: Unpack[PublishOptions]) -> uuid.UUID | None:
         """Offer ``event`` in this transaction (options: :class:`PublishOptions`); return its id, or None when
         its ``idempotency_key`` was used before."""
-        return (await self.bus.outbox.offer(self.connection, [self.bus.encode(event, **options)])).ids[0]
+        return await self.bus._publish_one(event, self.connection, options)
 
     async def publish_many(
         self, events: Sequence[msgspec.Struct], **options: Unpack[PublishOptions]
@@ -144,6 +175,11 @@ class EventBus:
     notifying commit, which PostgreSQL serialises across the database). BENCHMARKS.md gives what each costs.
     ``wake_spacing=0`` wakes relays after every transaction. ``init_connection`` is awaited with every new
     connection of the bus's pools, the relay's own included (register type codecs, add query loggers).
+
+    Observability (see docs/observability.md): spans and metrics go to ``tracer_provider`` and
+    ``meter_provider`` (default: OpenTelemetry's global ones; without an SDK they are no-ops). ``metrics_port``
+    serves ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz`` on ``metrics_host``; without a meter provider
+    of the SDK it makes one of its own for ``/metrics`` (the ``otel`` extra).
     """
 
     def __init__(
@@ -165,6 +201,10 @@ class EventBus:
         notify: bool = True,
         wake_spacing: float = 0.002,
         init_connection: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
+        meter_provider: Any = None,
+        tracer_provider: Any = None,
     ) -> None:
         if unrouted not in ("dead_letter", "drop"):
             raise ConfigurationError(f"unrouted must be 'dead_letter' or 'drop', not {unrouted!r}")
@@ -173,6 +213,19 @@ class EventBus:
                 f"wake_spacing must be 0 or more seconds, not {wake_spacing!r} (0 wakes relays after every transaction)"
             )
         quote_schema(schema)  # fail at construction, not at start
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise ConfigurationError(
+                f"metrics_port must be a TCP port (0 to 65535; 0 picks a free one), not {metrics_port!r}"
+            )
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self._meter_provider = meter_provider
+        self.tracing = Tracing(tracer_provider)
+        self.metrics = Metrics.of(meter_provider)
+        self._prometheus: Any = None  # the Prometheus registry /metrics serves
+        #: The address /metrics, /healthz and /readyz are served on, once started (with ``metrics_port=0``: the
+        #: port picked).
+        self.metrics_address: tuple[str, int] | None = None
         self._dsn = dsn
         self._schema = schema
         self.tenant = tenant
@@ -297,7 +350,11 @@ class EventBus:
             await pool.close()
             raise
         self._pool = pool
-        self._outbox = OutboxRepository(pool, self.schema, notify=self.notify, wake_spacing=self.wake_spacing)
+        if self.metrics_port is not None and self._prometheus is None:
+            self.metrics, self._prometheus = _prometheus_metrics(self._meter_provider)
+        self._outbox = OutboxRepository(
+            pool, self.schema, notify=self.notify, wake_spacing=self.wake_spacing, metrics=self.metrics
+        )
         self._dead_letters = DeadLetterRepository(self._outbox)
         self._relays = RelayRepository(pool, self.schema)
         self._subscribers = SubscriptionRepository(pool, self.schema)
@@ -309,7 +366,7 @@ class EventBus:
         cancel scope; ``async with bus:`` does both."""
         await self.connect()
         wants_relay = self.run_relay if self.run_relay is not None else bool(self.subscriptions)
-        if not (wants_relay or self.notify) or self._serving is not None:
+        if not (wants_relay or self.notify or self.metrics_port is not None) or self._serving is not None:
             return
         ready = anyio.Event()
         self._stopping = anyio.Event()
@@ -331,7 +388,8 @@ class EventBus:
                 if wants_relay:
                     runner = AttemptRunner(
                         registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
-                        inbox=InboxRepository(self.schema), redact=self.redact,
+                        inbox=InboxRepository(self.schema), redact=self.redact, tracing=self.tracing,
+                        metrics=self.metrics,
                     )  # fmt: skip
                     self.transport.attach(list(self.subscriptions.values()), runner, unrouted=self.unrouted)
                     self._runner = runner
@@ -342,13 +400,17 @@ class EventBus:
                         await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS, init=self.init_connection
                     )
                     self._relay_pool = relay_pool
-                    outbox = OutboxRepository(relay_pool, self.schema, notify=False)
+                    outbox = OutboxRepository(relay_pool, self.schema, notify=False, metrics=self.metrics)
                     self._relay = Relay(
                         outbox, RelayRepository(relay_pool, self.schema), self.transport, await self.resolve_dsn(),
                         self.relay_config, dead_letters=DeadLetterRepository(outbox),
-                        subscriptions=SubscriptionRepository(relay_pool, self.schema),
+                        subscriptions=SubscriptionRepository(relay_pool, self.schema), metrics=self.metrics,
                     )  # fmt: skip
                     await task_group.start(self._relay.run)
+                if self.metrics_port is not None:
+                    self.metrics_address = await task_group.start(
+                        serve_http, self.metrics_host, self.metrics_port, self._metrics_text, self.health
+                    )
                 ready.set()
                 await self._stopping.wait()
                 relay, waker = self._relay, self.outbox.waker if self.notify else None
@@ -462,6 +524,34 @@ class EventBus:
     def relay(self) -> Relay | None:
         return self._relay
 
+    async def health(self) -> Health:
+        """What ``/healthz`` and ``/readyz`` answer: alive unless the background work failed; ready when the
+        database answers within 2 s and, with a relay, it claims and renews its partition leases on time."""
+        checks: dict[str, str] = {}
+        ready = True
+        try:
+            with anyio.fail_after(2.0):
+                await self.outbox.ping()
+            checks["database"] = "ok"
+        except Exception as exc:
+            ready = False
+            checks["database"] = f"unreachable ({type(exc).__name__})"
+        if self._relay is not None:
+            for name, (ok, detail) in self._relay.health().items():
+                ready = ready and ok
+                checks[name] = detail
+        failure = self.failure
+        if failure is not None:
+            checks["background"] = f"failed ({type(failure).__name__})"
+        return Health(alive=failure is None, ready=ready and failure is None, checks=checks)
+
+    def _metrics_text(self) -> bytes:
+        """The Prometheus exposition of the bus's meter provider (or of prometheus_client's default registry,
+        where a reader of the application's own provider writes)."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return bytes(generate_latest(self._prometheus if self._prometheus is not None else REGISTRY))
+
     @property
     def failure(self) -> BaseException | None:
         """What the bus's background work (relay, wake-ups) failed with, if it failed while running (it is also
@@ -518,21 +608,54 @@ class EventBus:
         target: str | None = None,
     ) -> NewEvent:
         """Turn an event into the row an offer inserts (topic, payload, trace context); see
-        :meth:`Transaction.offer`."""
+        :meth:`Transaction.offer`. With tracing on, a PRODUCER span of the event's own carries the context."""
+        carried = dict(headers) if headers else {}
+        topic = self._topic(event)
+        with self.tracing.publish(topic, carried):
+            return self._encode(event, topic, key, delay, idempotency_key, carried, tenant, target)
+
+    def _topic(self, event: msgspec.Struct) -> str:
         if isinstance(event, EventFields):
             raise ConfigurationError(
                 f"{type(event).__name__} is encoded already: offer it with tx.offer([...]), not publish or encode"
             )
+        return self.registry.topic_for(event)
+
+    def _encode(
+        self,
+        event: msgspec.Struct,
+        topic: str,
+        key: str | None,
+        delay: float | timedelta | None,
+        idempotency_key: str | None,
+        headers: dict[str, str],
+        tenant: str | None,
+        target: str | None,
+    ) -> NewEvent:
+        """The row for ``event``, its ``headers`` (the trace context in them already) as given."""
         return NewEvent(
-            topic=self.registry.topic_for(event),
+            topic=topic,
             payload=self.registry.encode(event),
             key=key,
             target=target,
             tenant=self.tenant if tenant is None else tenant,
-            headers=inject_headers(dict(headers) if headers else {}),
+            headers=headers,
             delay=_seconds(delay),
             idempotency_key=idempotency_key,
         )
+
+    async def _publish_one(
+        self, event: msgspec.Struct, connection: Connection, options: PublishOptions
+    ) -> uuid.UUID | None:
+        """Encode and offer one event on ``connection`` inside its PRODUCER span (the span covers the insert)."""
+        carried = dict(options.get("headers") or {})
+        topic = self._topic(event)
+        with self.tracing.publish(topic, carried):
+            new = self._encode(
+                event, topic, options.get("key"), options.get("delay"), options.get("idempotency_key"), carried,
+                options.get("tenant"), options.get("target"),
+            )  # fmt: skip
+            return (await self.outbox.offer(connection, [new])).ids[0]
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -566,6 +689,7 @@ class EventBus:
                 async with conn.transaction():
                     yield conn
                     folded.ready_to_commit()
+                folded.committed()
             except Exception as exc:
                 if _closed(conn):
                     _raise_if_unavailable(exc)
@@ -587,7 +711,7 @@ class EventBus:
         Returns the row id, or None when ``idempotency_key`` was already used (nothing was inserted).
         Raises :class:`NotInTransaction` when the connection has no open transaction.
         """
-        return (await self.offer([self.encode(event, **options)], connection=connection)).ids[0]
+        return await self._publish_one(event, await transactional_connection(connection), options)
 
     async def offer(self, events: Sequence[NewEvent], *, connection: Any) -> OfferResult:
         """Offer already-encoded events (see :meth:`encode`) in the caller's open transaction on ``connection``,

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import inspect
 import random
+import time
 import types
 import typing
 import uuid
@@ -23,12 +24,15 @@ from typing import Any, Protocol, TypedDict, Unpack
 
 import anyio
 import msgspec
+from opentelemetry import trace
 
 from ._threads import ThreadPools
 from ._typing import Connection
 from .errors import ConfigurationError, DeserializationError, NotInTransaction, RegistrationError, UnknownTopic
 from .events import Envelope, Registry, aliases_of, topic_of
-from .observability import handle_span
+from .observability import logs
+from .observability.metrics import Metrics
+from .observability.tracing import Tracing, current_trace_id, failed, trace_id_of
 from .repositories import InboxRepository, NewEvent, OfferResult, Reason, cap_error
 
 __all__ = [
@@ -253,6 +257,9 @@ class Outcome:
     attempts: int = 0
     #: When the attempt failed (``anyio.current_time()``): a retry's backoff runs from here.
     failed_at: float = 0.0
+    #: A dead letter's formatted traceback (capped, redacted) and the trace its attempt ran in.
+    traceback: str | None = None
+    trace_id: str | None = None
 
 
 DONE = Outcome(Verdict.DONE)
@@ -287,6 +294,9 @@ class AttemptRunner:
     redact: Callable[[str], str] | None = None
     #: Where plain ``def`` handlers run (daemon threads, a bounded pool per subscriber).
     threads: ThreadPools = field(default_factory=ThreadPools)
+    #: The consumer spans, and the counters and durations of attempts.
+    tracing: Tracing = field(default_factory=Tracing)
+    metrics: Metrics = field(default_factory=Metrics.of)
 
     async def run(self, sub: Subscription, envelope: Envelope, attempt: int) -> Outcome:
         """One attempt of ``sub`` on ``envelope``: its outcome, never an exception, except the cancellation of
@@ -296,23 +306,39 @@ class AttemptRunner:
             event = self.registry.decode(envelope.topic, envelope.payload)
         except (DeserializationError, UnknownTopic) as exc:
             unknown = isinstance(exc, UnknownTopic)
-            return Outcome(
+            outcome = Outcome(
                 Verdict.DEAD, reason=Reason.HANDLER_MISSING if unknown else Reason.DESERIALIZATION_FAILED,
                 error_type=type(exc).__name__, error=cap_error(str(exc), self.redact), attempts=attempt,
+                trace_id=trace_id_of(envelope.headers),
             )  # fmt: skip
-        try:
-            with handle_span(sub.name, envelope.topic, envelope.headers, attempt):
+            self._dead(sub, envelope, outcome)
+            return outcome
+        started = time.perf_counter() if self.metrics.enabled else None
+        with self.tracing.process(sub.name, envelope.topic, envelope.event_id, envelope.headers, attempt) as span:
+            try:
                 if sub.transactional:
-                    return await self._transactional(sub, envelope, event, attempt)
-                ctx = Context(envelope, sub.name, attempt, self.publisher)
-                await self._call(sub, event, ctx)
-                return DONE
-        except Exception as exc:
-            return self._failure(sub, exc, attempt)
-        except anyio.get_cancelled_exc_class() as exc:
-            if _cancelling():
-                raise  # this task is being cancelled: the relay stops
-            return self._failure(sub, exc, attempt)
+                    outcome = await self._transactional(sub, envelope, event, attempt)
+                else:
+                    await self._call(sub, event, Context(envelope, sub.name, attempt, self.publisher))
+                    outcome = DONE
+            except Exception as exc:
+                outcome = self._failure(sub, envelope, exc, attempt, span)
+            except anyio.get_cancelled_exc_class() as exc:
+                if _cancelling():
+                    raise  # this task is being cancelled: the relay stops
+                outcome = self._failure(sub, envelope, exc, attempt, span)
+        self.metrics.processed(
+            sub.name, envelope.topic, envelope.tenant, _outcome_label(outcome),
+            None if started is None else time.perf_counter() - started, outcome.error_type,
+        )  # fmt: skip
+        return outcome
+
+    def _dead(self, sub: Subscription, envelope: Envelope, outcome: Outcome) -> None:
+        assert outcome.reason is not None
+        logs.dead_lettered(
+            envelope, sub.name, outcome.reason, outcome.error_type, outcome.error, outcome.attempts,
+            traceback=outcome.traceback, trace_id=outcome.trace_id,
+        )  # fmt: skip
 
     async def handled_before(self, sub: Subscription, envelope: Envelope) -> bool:
         """Whether a transactional subscriber's inbox records this event: its effect committed, though the
@@ -329,11 +355,14 @@ class AttemptRunner:
             if not first:
                 if seen is None or seen == digest:
                     return DUPLICATE
-                return Outcome(
+                trace_id = current_trace_id(trace.get_current_span()) or trace_id_of(envelope.headers)
+                outcome = Outcome(
                     Verdict.DEAD, reason=Reason.DUPLICATE_EVENT, error_type="DuplicateEvent",
                     error=f"event {envelope.event_id} was already processed by {sub.name} with a different payload",
-                    attempts=attempt,
+                    attempts=attempt, trace_id=trace_id,
                 )  # fmt: skip
+                self._dead(sub, envelope, outcome)
+                return outcome
             await self._call(sub, event, Context(envelope, sub.name, attempt, self.publisher, conn))
         return DONE
 
@@ -349,24 +378,44 @@ class AttemptRunner:
         if scope.cancelled_caught:
             raise TimeoutError
 
-    def _failure(self, sub: Subscription, exc: BaseException, attempt: int) -> Outcome:
+    def _failure(
+        self, sub: Subscription, envelope: Envelope, exc: BaseException, attempt: int, span: Any
+    ) -> Outcome:
+        """The outcome of an attempt that raised ``exc``, logged (a WARNING when it is retried, an ERROR with the
+        traceback when it is dead-lettered) and marked on its span."""
         timed_out = isinstance(exc, TimeoutError)
         text = f"handler exceeded its timeout of {sub.timeout:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, _USAGE_ERRORS):
+        error_type = type(exc).__name__
+        trace_id = current_trace_id(span) or trace_id_of(envelope.headers)
+        usage = isinstance(exc, _USAGE_ERRORS)
+        if usage:
             # eventbus refused what the handler asked of it: another attempt would be refused alike.
-            return Outcome(
-                Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type=type(exc).__name__,
-                error=cap_error(f"{text} (a usage error: not retried)", self.redact), attempts=attempt,
-            )  # fmt: skip
-        if attempt < sub.max_attempts:
-            return Outcome(
-                Verdict.RETRY, delay=sub.backoff.delay(attempt), error=cap_error(text, self.redact),
-                failed_at=anyio.current_time(),
-            )  # fmt: skip
-        return Outcome(
+            text = f"{text} (a usage error: not retried)"
+        error = cap_error(text, self.redact)
+        failed(span, error_type, error)
+        if attempt < sub.max_attempts and not usage:
+            delay = sub.backoff.delay(attempt)
+            logs.attempt_failed(envelope, sub.name, attempt, sub.max_attempts, error_type, error, delay,
+                                trace_id=trace_id)  # fmt: skip
+            return Outcome(Verdict.RETRY, delay=delay, error=error, error_type=error_type,
+                           failed_at=anyio.current_time())  # fmt: skip
+        outcome = Outcome(
             Verdict.DEAD,
-            reason=Reason.HANDLER_TIMEOUT if timed_out else Reason.DELIVERY_FAILED,
-            error_type=type(exc).__name__,
-            error=cap_error(text, self.redact),
+            reason=Reason.HANDLER_TIMEOUT if timed_out and not usage else Reason.DELIVERY_FAILED,
+            error_type=error_type,
+            error=error,
             attempts=attempt,
+            traceback=logs.format_traceback(exc, self.redact),
+            trace_id=trace_id,
         )
+        self._dead(sub, envelope, outcome)
+        return outcome
+
+
+def _outcome_label(outcome: Outcome) -> str:
+    """What ``eventbus.handler.attempts`` and ``messaging.process.duration`` call an attempt's outcome."""
+    if outcome is DONE or outcome.verdict is Verdict.DONE:
+        return "ok"
+    if outcome.verdict is Verdict.DUPLICATE:
+        return "duplicate"
+    return "timeout" if outcome.error_type == "TimeoutError" else "failed"

@@ -36,6 +36,7 @@ from anyio.abc import TaskStatus
 from ._driver import connect
 from ._settler import Settler
 from .events import PARTITIONS, Envelope, partition_of
+from .observability.metrics import Metrics
 from .repositories import (
     Carried,
     DeadLetterRepository,
@@ -78,7 +79,9 @@ class RelayConfig:
     #: ANALYZE the outbox whenever it has doubled since its last statistics (see
     #: :meth:`OutboxRepository.refresh_statistics`); needs the right to ANALYZE it (its owner has it).
     refresh_statistics: bool = True
-
+    #: How often the relay elected to read the schema's gauges (pending, lag, dead letters) reads them, when an
+    #: OpenTelemetry SDK meter provider is in use.
+    metrics_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +135,10 @@ class Relay:
         worker: str | None = None,
         dead_letters: DeadLetterRepository | None = None,
         subscriptions: SubscriptionRepository | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.outbox, self.relays, self.dead_letters = outbox, relays, dead_letters
+        self.metrics = metrics if metrics is not None else Metrics.of()
         self.subscriptions = subscriptions
         self.inbox = InboxRepository(outbox.queries.schema)
         self.transport = transport
@@ -160,6 +165,10 @@ class Relay:
         self._distrusted = False  # the leases ran past trust and the partitions' deliveries were held back
         self._listening = False
         self._retention_leader = False
+        self._metrics_leader = False
+        # When (anyio clock) the claim loop last made progress (a claim, or a wait for room), and the partition
+        # leases were last renewed: what readiness reports.
+        self._progress_at = self._renewed_at = -math.inf
         # What this relay delivers, once registered (None: not yet; without a subscription repository, never).
         self._carried: list[Carried] | None = None
         self._purged = self._batches = self._claimed = self._settled = 0  # counters for statistics()
@@ -180,6 +189,22 @@ class Relay:
         """Return once :meth:`run` has finished: outcomes written, rows and partitions handed back."""
         await self._stopped.wait()
 
+    def health(self) -> dict[str, tuple[bool, str]]:
+        """The relay's readiness checks, by name: whether each holds, and what it found. ``claiming``: the claim
+        loop claimed (or waited for room) lately; ``leases``: the partition leases were renewed on time."""
+        config = self.config
+        now = anyio.current_time()
+        claimed = now - self._progress_at
+        renewed = now - self._renewed_at
+        claim_bound = max(5.0, 3 * config.poll_interval)
+        renew_bound = max(5.0, 3 * min(config.heartbeat_interval, config.lease / 3))
+        return {
+            "claiming": (claimed <= claim_bound, f"last claimed {claimed:.1f} s ago" if claimed < math.inf
+                         else "not claimed yet"),
+            "leases": (renewed <= renew_bound, f"renewed {renewed:.1f} s ago" if renewed < math.inf
+                       else "not renewed yet"),
+        }  # fmt: skip
+
     def statistics(self) -> RelayStatistics:
         return RelayStatistics(
             worker=self.worker, batches=self._batches, claimed=self._claimed, settled=self._settled,
@@ -189,10 +214,13 @@ class Relay:
         )  # fmt: skip
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        schema = self.outbox.schema
+        self.metrics.relays[self.worker] = (schema, lambda: len(self._owned))
         try:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._session_loop)
                 background.start_soon(self._maintenance_loop)
+                background.start_soon(self._gauge_loop)
                 if self.config.retention is not None or self.config.inbox_retention is not None:
                     background.start_soon(self._retention_loop)
                 async with anyio.create_task_group() as settling:
@@ -204,6 +232,9 @@ class Relay:
                             with contextlib.suppress(Exception):
                                 await self._register()
                         task_status.started()
+                        log.info("relay %s started on schema %r carrying %s", self.worker, schema,
+                                 ", ".join(c.name for c in self.transport.carried()) or "no subscribers",
+                                 extra={"worker": self.worker, "schema": schema})  # fmt: skip
                         await self._claim_loop()
                         self.transport.close()
                     self._settler.close()
@@ -225,6 +256,11 @@ class Relay:
                         await self.relays.forget(self.worker, stale_after=self.config.heartbeat_interval * 10)
                     except Exception:
                         log.debug("could not remove relay heartbeat row", exc_info=True)
+            self.metrics.relays.pop(self.worker, None)
+            if self._metrics_leader:
+                self.metrics.gauges.pop(schema, None)
+            log.info("relay %s stopped: %d rows claimed, %d settled", self.worker, self._claimed, self._settled,
+                     extra={"worker": self.worker, "schema": schema})  # fmt: skip
             self._stopped.set()
 
     # -- claiming --------------------------------------------------------------------------------------------
@@ -255,6 +291,7 @@ class Relay:
             # A claim waits for room for half a batch, or for nothing to be in hand: many small claims would cost
             # a statement each.
             if room <= 0 or (room < config.batch_size // 2 and self._load):
+                self._progress_at = anyio.current_time()  # busy, not stuck
                 self.transport.make_room()
                 self._room = anyio.Event()
                 with anyio.move_on_after(config.poll_interval):
@@ -279,6 +316,7 @@ class Relay:
                 await self._wakeup.wait(delay)  # a notification (or the session coming back) cuts it short
                 continue
             failures = 0
+            self._progress_at = anyio.current_time()
             if rows:
                 self._load.update(row.id for row in rows if row.target is None)
                 if self._carried is not None:
@@ -384,6 +422,7 @@ class Relay:
 
     async def _session_loop(self) -> None:
         delay = 0.2
+        lost = False
         while True:
             try:
                 conn = await connect(self.dsn)
@@ -398,6 +437,9 @@ class Relay:
                     await conn.add_listener(self.outbox.channel, self._on_notify)
                     self._listening = True
                 self._session = conn
+                if lost:
+                    log.info("relay %s: session connection back", self.worker, extra={"worker": self.worker})
+                    lost = False
                 self._wakeup.set()  # notifications may have been missed while disconnected
                 while True:
                     await anyio.sleep(self.config.heartbeat_interval)
@@ -406,9 +448,13 @@ class Relay:
                             await conn.fetchval(self.outbox.queries.ping)
             except Exception as exc:
                 log.warning("relay %s: session connection lost (%s); reconnecting", self.worker, exc)
+                lost = True
             finally:
                 self._listening = False
                 self._retention_leader = False
+                if self._metrics_leader:
+                    self._metrics_leader = False  # the lock went with the session: another relay may read them now
+                    self.metrics.gauges.pop(self.outbox.schema, None)
                 self._session = None
                 conn.terminate()
 
@@ -427,6 +473,7 @@ class Relay:
         started = anyio.current_time()
         renewed = await self.relays.renew(self.worker, sorted(self._owned), config.lease) if self._owned else {}
         self._trusted_until = started + config.lease * 0.8
+        self._renewed_at = started
         self._distrusted = False
         async with self._claim_lock:
             lost = self._owned - renewed.keys()
@@ -458,6 +505,8 @@ class Relay:
                 self._owned -= done
                 self._ready -= done
                 self._draining -= done
+                log.info("relay %s: handed over partitions %s (now owns %d)", self.worker, sorted(done),
+                         len(self._owned), extra={"worker": self.worker, "partitions": sorted(done)})  # fmt: skip
         wanted = target - len(self._owned)
         if wanted > 0:
             owned = self._owned
@@ -466,6 +515,9 @@ class Relay:
             free.sort(key=lambda p: (p - start) % PARTITIONS)
             taken = await self.relays.acquire(self.worker, free[:wanted], config.lease, held=self._unsettled.keys())
             self._owned |= taken.keys()
+            if taken:
+                log.info("relay %s: took partitions %s (now owns %d)", self.worker, sorted(taken), len(self._owned),
+                         extra={"worker": self.worker, "partitions": sorted(taken)})  # fmt: skip
         waiting = self._owned - self._ready
         if waiting:
             busy = await self.relays.busy_partitions(sorted(waiting), self.worker)
@@ -525,6 +577,27 @@ class Relay:
             except Exception as exc:
                 log.warning("relay %s: retention purge failed (%s); will retry", self.worker, exc)
             await anyio.sleep(config.retention_interval)
+
+    async def _gauge_loop(self) -> None:
+        """While an SDK meter provider is in use: on the one relay of the schema holding the metrics lock, read
+        the schema's gauges every ``metrics_interval`` seconds, in one statement (see ``metrics_gauges``). The
+        instruments report what was read last; the other relays try for the lock each interval."""
+        schema = self.outbox.schema
+        while True:
+            if self.metrics.enabled:
+                try:
+                    session = self._session
+                    if session is not None and not self._metrics_leader:
+                        async with self._session_lock:
+                            self._metrics_leader = await self.relays.lead_metrics(session)
+                        if self._metrics_leader:
+                            log.info("relay %s reads the gauges of schema %r", self.worker, schema,
+                                     extra={"worker": self.worker, "schema": schema})  # fmt: skip
+                    if self._metrics_leader:
+                        self.metrics.gauges[schema] = await self.relays.gauges()
+                except Exception as exc:
+                    log.warning("relay %s: reading the gauges failed (%s); will retry", self.worker, exc)
+            await anyio.sleep(self.config.metrics_interval)
 
     async def _refresh_statistics(self) -> None:
         if not self._analyze:

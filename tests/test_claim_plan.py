@@ -118,3 +118,33 @@ async def test_an_outbox_that_outgrew_its_statistics_is_analyzed_once_per_doubli
         assert await relpages() > 2 * analyzed
     finally:
         await pool.close()
+
+
+async def test_the_gauge_query_reads_only_pending_rows_and_unreplayed_letters(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """The elected relay's one statement for the gauges must not scan the outbox's settled history."""
+    table = f"{quote_schema(eventbus_schema)}.eventbus_outbox"
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        await conn.execute(BACKLOG.replace("__table__", table))
+        await conn.execute(
+            f"INSERT INTO {quote_schema(eventbus_schema)}.eventbus_subscriptions (name, topics) "
+            "VALUES ('mailer', '{orders.placed}'), ('billing', '{orders.placed}')"
+        )
+        await conn.execute(f"ANALYZE {table}")
+        gauges = Queries(eventbus_schema).metrics_gauges
+        nodes, text = await _explain(conn, gauges, ())
+        print(f"\ngauge plan on {ROWS} rows:\n{text}")
+        scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
+        assert not any(kind == "Seq Scan" and relation == "eventbus_outbox" for kind, relation, _ in scans), scans
+        started = time.perf_counter()
+        row = await conn.fetchrow(gauges)
+        took = time.perf_counter() - started
+        print(f"gauges read in {took * 1000:.0f} ms: {dict(row)}")
+        assert row["pending"] == ROWS // PENDING_EVERY and row["in_flight"] == 0
+        assert row["lag"] > 3000  # the pending rows came due an hour ago
+        assert row["subscribers"] == ["billing", "mailer"]
+        assert row["subscriber_pending"] == [ROWS // PENDING_EVERY] * 2
+    finally:
+        await conn.close()

@@ -45,7 +45,9 @@ def test_missing_migrations_then_migrate_then_status(
     assert main(["status", *common]) == 4
     assert "eventbus migrate" in capsys.readouterr().err
     code, applied = _json(capsys, ["migrate", "--json", *common])
-    assert code == 0 and applied["applied"] == ["0001_initial", "0002_partitions", "0003_subscriptions"]  # type: ignore[index]
+    assert code == 0 and applied["applied"] == [  # type: ignore[index]
+        "0001_initial", "0002_partitions", "0003_subscriptions", "0004_observability"
+    ]
     code, status = _json(capsys, ["status", "--json", *common])
     assert code == 0
     assert status["outbox"]["pending"] == 0 and status["dead_letters"] == []  # type: ignore[index]

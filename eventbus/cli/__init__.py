@@ -35,6 +35,8 @@ from ._common import (
     dead_letter_id,
     duration,
     letter_filters,
+    log_level,
+    port,
     positive,
     rate,
 )
@@ -124,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--app", required=True, metavar="MODULE:ATTR",
                    help="the EventBus (or a zero-argument function returning one), e.g. myservice.events:bus")
+    p.add_argument("--log-level", type=log_level, default=None, metavar="LEVEL",
+                   help="debug, info (the default; debug with --debug), warning or error")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text lines (default) or one JSON object per record, fields included")
+    p.add_argument("--metrics-port", type=port, default=None, metavar="PORT",
+                   help="serve /metrics (Prometheus), /healthz and /readyz on this port (e.g. 9464; "
+                        "needs the otel extra)")
+    p.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
+                   help="the address to serve them on (default 0.0.0.0: every interface)")
 
     dlq = commands.group("dlq", "dead letters: list, show, replay, purge")
     p = dlq.command("list", cmd_dlq_list, "list dead letters, newest first")

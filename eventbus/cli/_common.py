@@ -31,8 +31,10 @@ __all__ = [
     "filters_given",
     "letter_document",
     "letter_filters",
+    "log_level",
     "moment",
     "new_bus",
+    "port",
     "positive",
     "rate",
     "reason",
@@ -179,3 +181,24 @@ def letter_document(letter: DeadLetter) -> dict[str, Any]:
     with contextlib.suppress(msgspec.DecodeError):  # else keep the stored text as it is
         document["payload"] = msgspec.json.decode(letter.payload)
     return document
+
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level(text: str) -> str:
+    """A ``--log-level`` value, as logging's level name."""
+    if text.lower() not in _LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level; use one of {', '.join(_LEVELS)}")
+    return text.upper()
+
+
+def port(text: str) -> int:
+    """A TCP port number (0 picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; give a number from 1 to 65535, e.g. 9464")
+    return value

@@ -84,6 +84,7 @@ async def cmd_dlq_show(args: argparse.Namespace, out: Output) -> int:
         ("replayed", f"{letter.replay_count} times, last {since(letter.replayed_at)}" if letter.replayed_at
          else "no"),
         ("error type", letter.error_type or "-"),
+        ("trace id", letter.trace_id or "-"),
     ]  # fmt: skip
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
@@ -98,6 +99,10 @@ async def cmd_dlq_show(args: argparse.Namespace, out: Output) -> int:
     out.line("error")
     for line in (letter.error or "-").splitlines():
         out.line(f"  {line}")
+    if letter.traceback:
+        out.line("traceback")
+        for line in letter.traceback.splitlines():
+            out.line(f"  {line}")
     return EXIT_OK
 
 

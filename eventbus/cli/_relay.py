@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -15,6 +16,7 @@ import anyio
 from .._driver import redact_dsn
 from ..bus import EventBus
 from ..errors import ConfigurationError
+from ..observability import logs
 from ._common import EXIT_OK
 from ._output import Output, count
 
@@ -63,6 +65,9 @@ def load_app(spec: str) -> EventBus:
 
 
 async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
+    logs.configure(args.log_level or ("DEBUG" if args.debug else "INFO"), args.log_format)
+    if not args.debug:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     bus = load_app(args.app)
     if bus.relay is not None:
         raise ConfigurationError(f"the bus from --app {args.app} is already running; pass one that is not started")
@@ -70,6 +75,9 @@ async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
         bus.dsn = args.dsn
     if args.schema:
         bus.schema = args.schema
+    if args.metrics_port is not None:
+        bus.metrics_port = args.metrics_port
+        bus.metrics_host = args.metrics_host
     if not bus.subscriptions:
         raise ConfigurationError(
             f"the bus from --app {args.app} has no subscribers: import the modules that define its handlers from "
@@ -83,14 +91,19 @@ async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
             relay = bus.relay
             worker = relay.worker if relay is not None else "?"
             dsn = redact_dsn(await bus.resolve_dsn())
+            served = bus.metrics_address
+            metrics_url = f"http://{served[0]}:{served[1]}/metrics" if served is not None else None
             if args.json:
                 out.json({"event": "started", "worker": worker, "schema": bus.schema, "dsn": dsn,
-                          "subscribers": subscribers, "pid": os.getpid()}, compact=True)  # fmt: skip
+                          "subscribers": subscribers, "pid": os.getpid(), "metrics": metrics_url},
+                         compact=True)  # fmt: skip
             else:
                 out.line(
                     f"relay {worker} started on schema {bus.schema!r} at {dsn} with "
                     f"{len(subscribers)} subscribers ({', '.join(subscribers)}); stop it with Ctrl+C or SIGTERM"
                 )
+                if metrics_url is not None:
+                    out.line(f"metrics at {metrics_url} (health: /healthz, /readyz)")
             async for signum in signals:
                 if not args.json:
                     out.line(

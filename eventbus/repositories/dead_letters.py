@@ -55,6 +55,10 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     error_type: str | None
     error: str | None
     failed_at: datetime
+    #: The formatted traceback of the last failed attempt (capped, redacted), when it raised.
+    traceback: str | None = None
+    #: The trace the delivery ran in (the producer's when the consumer recorded no span): find it in your tracing.
+    trace_id: str | None = None
     replayed_at: datetime | None
     replay_count: int
 

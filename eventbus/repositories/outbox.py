@@ -24,6 +24,9 @@ from .._typing import Connection
 from .._waker import Waker
 from ..events import Envelope, EventFields, partition_of
 from ..ids import min_id_for, new_id
+from ..observability import logs
+from ..observability.metrics import Metrics
+from ..observability.tracing import trace_id_of
 from ..sql import Queries
 from ._rows import Reason, cap_error, headers_decoder, json_encoder
 from .subscriptions import Carried, pairs
@@ -73,7 +76,7 @@ class OfferResult:
 
 _Mark = tuple[uuid.UUID, int, int, float, str | None]
 _Retry = tuple[uuid.UUID, uuid.UUID, str, int, float, str | None, bool]
-_DeadLetter = tuple[uuid.UUID, uuid.UUID, str, str | None, int, str | None, str | None]
+_DeadLetter = tuple[uuid.UUID, uuid.UUID, str, str | None, int, str | None, str | None, str | None, str | None]
 
 
 @dataclass(slots=True)
@@ -86,7 +89,8 @@ class Settlement:
     #: (claimed row id, new row id, subscriber, attempt, delay, error, leased) per targeted row cut from a
     #: claimed row: a retry, or a continuation that carries one subscriber's share on.
     retries: list[_Retry] = field(default_factory=list)
-    #: (claimed row id, letter id, reason, subscriber, attempts, error type, error) per dead letter.
+    #: (claimed row id, letter id, reason, subscriber, attempts, error type, error, traceback, trace id) per dead
+    #: letter.
     dead_letters: list[_DeadLetter] = field(default_factory=list)
     #: Rows sent back to pending that get the claim's attempt back (they never ran).
     refunds: set[uuid.UUID] = field(default_factory=set)
@@ -126,17 +130,23 @@ class Settlement:
         error_type: str | None = None,
         error: str | None = None,
         attempts: int | None = None,
+        traceback: str | None = None,
+        trace_id: str | None = None,
     ) -> uuid.UUID:
-        """Record a dead letter for ``subscriber``'s delivery of a claimed row; return the letter's id."""
+        """Record a dead letter for ``subscriber``'s delivery of a claimed row; return the letter's id.
+        ``traceback`` is stored as given (see :func:`eventbus.observability.logs.format_traceback`)."""
         letter_id = new_id()
         tried = row.attempts if attempts is None else attempts
-        self.dead_letters.append((row.id, letter_id, str(reason), subscriber, tried, error_type, cap_error(error)))
+        trace_id = trace_id or trace_id_of(row.headers)
+        self.dead_letters.append(
+            (row.id, letter_id, str(reason), subscriber, tried, error_type, cap_error(error), traceback, trace_id)
+        )
         return letter_id
 
     def columns(self) -> list[list[Any]]:
-        """The settle statement's 19 array parameters (after the worker): the marks', retries' and dead
-        letters' fields, one array per field."""
-        return [*_columns(self.marks, 5), *_columns(self.retries, 7), *_columns(self.dead_letters, 7)]
+        """The settle statement's array parameters: the marks', retries' and dead letters' fields, one array per
+        field (the letters' tracebacks and trace ids last: they are its parameters 25 and 26)."""
+        return [*_columns(self.marks, 5), *_columns(self.retries, 7), *_columns(self.dead_letters, 9)]
 
     def extend(self, other: Settlement) -> None:
         """Take on ``other``'s outcomes (to write several in one statement)."""
@@ -151,6 +161,9 @@ class Settlement:
 
     def __len__(self) -> int:
         return len(self.marks)
+
+
+_letters_decoder = msgspec.json.Decoder(list[tuple[str, str | None, str]])
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -183,10 +196,18 @@ class OutboxRepository:
     """Offers, claims, settles, renews, reclaims and purges outbox rows."""
 
     def __init__(
-        self, pool: asyncpg.Pool, schema: str = "eventbus", *, notify: bool = True, wake_spacing: float = 0.002
+        self,
+        pool: asyncpg.Pool,
+        schema: str = "eventbus",
+        *,
+        notify: bool = True,
+        wake_spacing: float = 0.002,
+        metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
+        self.schema = schema
         self.queries = Queries(schema)
+        self.metrics = metrics if metrics is not None else Metrics.of()
         self.channel = f"eventbus_{schema}"
         self.notify = notify
         #: Coalesces the wake-ups of bus transactions; a started bus runs it (see :mod:`eventbus._waker`).
@@ -200,14 +221,24 @@ class OutboxRepository:
         """
         if not events:
             return OfferResult(())
-        folded = pooled.bus_connection(connection) if self.notify else None
-        if folded is not None and folded.in_bus_transaction:
-            # In a bus transaction the wake-up is sent after the COMMIT, outside the user's transaction.
-            result = await self._insert(connection, events, None)
-            if any(i is not None and e.delay <= 0 for e, i in zip(events, result.ids, strict=True)):
-                folded.wake_after_commit(self.waker)
-            return result
-        return await self._insert(connection, events, self.channel if self.notify else None)
+        folded = pooled.bus_connection(connection)
+        in_bus_transaction = folded is not None and folded.in_bus_transaction
+        with self.metrics.operation("offer", self.schema):
+            if self.notify and in_bus_transaction:
+                assert folded is not None
+                # In a bus transaction the wake-up is sent after the COMMIT, outside the user's transaction.
+                result = await self._insert(connection, events, None)
+                if any(i is not None and e.delay <= 0 for e, i in zip(events, result.ids, strict=True)):
+                    folded.wake_after_commit(self.waker)
+            else:
+                result = await self._insert(connection, events, self.channel if self.notify else None)
+        sent = [(e.topic, e.tenant) for e, i in zip(events, result.ids, strict=True) if i is not None]
+        if in_bus_transaction:
+            assert folded is not None
+            folded.count_at_commit(self.metrics.sent, sent)  # counted once the bus's COMMIT succeeded
+        else:
+            self.metrics.sent.update(sent)  # the caller's transaction: counted now, it may still roll back
+        return result
 
     async def _insert(self, connection: Connection, events: Sequence[NewEvent], channel: str | None) -> OfferResult:
         if len(events) == 1:
@@ -262,10 +293,11 @@ class OutboxRepository:
         subscriber, or at an active one ``worker`` does not carry with the row's topic, are left to others.
         """
         names, topics = pairs(carried) if carried is not None else (None, None)
-        rows = await pooled.fetch(
-            self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
-            list(skip) if skip else None, list(skip_topics) if skip_topics else None, names, topics,
-        )  # fmt: skip
+        with self.metrics.operation("claim", self.schema):
+            rows = await pooled.fetch(
+                self.pool, self.queries.claim, limit, worker, lease, None if partitions is None else list(partitions),
+                list(skip) if skip else None, list(skip_topics) if skip_topics else None, names, topics,
+            )  # fmt: skip
         claimed = Claimed()
         if rows:
             claimed.paused = frozenset(rows[0]["paused"] or ())
@@ -283,6 +315,8 @@ class OutboxRepository:
                 unreadable.dead_letter(
                     bare, Reason.DESERIALIZATION_FAILED, row["target"], error_type="DeserializationError", error=why
                 )
+                logs.dead_lettered(bare, row["target"], Reason.DESERIALIZATION_FAILED, "DeserializationError",
+                                   cap_error(why), row["attempts"], tenant=row["tenant"])  # fmt: skip
         if unreadable:
             try:
                 await self.settle(worker, unreadable, lease=lease)
@@ -305,12 +339,15 @@ class OutboxRepository:
         if not settlement.marks:
             return 0
         names, topics = pairs(carried) if carried is not None else (None, None)
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), self.metrics.operation("settle", self.schema):
             refunds = [mark[0] in settlement.refunds for mark in settlement.marks] if settlement.refunds else None
+            *columns, tracebacks, trace_ids = settlement.columns()
             row = await pooled.fetchrow(
-                self.pool, self.queries.settle, worker, *settlement.columns(), lease, names, topics, refunds
+                self.pool, self.queries.settle, worker, *columns, lease, names, topics, refunds, tracebacks, trace_ids
             )
         assert row is not None
+        if row["letters"] is not None:
+            self.metrics.dead_letters.update(_letters_decoder.decode(row["letters"]))
         return int(row["settled"])
 
     async def renew(self, worker: str, ids: Sequence[uuid.UUID], lease: float) -> None:
@@ -376,3 +413,7 @@ class OutboxRepository:
     async def unsettled(self) -> int:
         """Rows still pending (due or delayed) or claimed."""
         return int(await pooled.fetchval(self.pool, self.queries.outbox_unsettled))
+
+    async def ping(self) -> None:
+        """One trivial statement: raises when the database cannot be reached."""
+        await pooled.fetchval(self.pool, self.queries.ping)

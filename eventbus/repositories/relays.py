@@ -15,6 +15,7 @@ import asyncpg
 
 from .. import _pool as pooled
 from .._typing import Connection
+from ..observability.metrics import Gauges
 from ..sql import Queries
 from .subscriptions import Carried, carried_document
 
@@ -83,3 +84,25 @@ class RelayRepository:
     async def lead_retention(self, session: Connection) -> bool:
         """Become the one relay of the schema that runs retention (an advisory lock held while ``session`` lives)."""
         return bool(await session.fetchval(self.queries.retention_lock, self.lock_space))
+
+    async def lead_metrics(self, session: Connection) -> bool:
+        """Become the one relay of the schema that reads its gauges (an advisory lock held while ``session``
+        lives)."""
+        return bool(await session.fetchval(self.queries.metrics_lock, self.lock_space))
+
+    async def gauges(self) -> Gauges:
+        """The schema's gauges (pending, in flight, lag, per subscriber, unreplayed dead letters), in one
+        statement."""
+        row = await pooled.fetchrow(self.pool, self.queries.metrics_gauges)
+        assert row is not None
+        return Gauges(
+            pending=row["pending"], in_flight=row["in_flight"], lag=row["lag"],
+            subscribers={
+                name: (pending, lag) for name, pending, lag in
+                zip(row["subscribers"], row["subscriber_pending"], row["subscriber_lag"], strict=True)
+            },
+            dead_letters={
+                (reason, subscriber): n for reason, subscriber, n in
+                zip(row["letter_reasons"], row["letter_subscribers"], row["letter_counts"], strict=True)
+            },
+        )  # fmt: skip

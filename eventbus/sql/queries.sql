@@ -159,6 +159,8 @@ RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text 
 -- $23 carried_topics text[]
 -- $24 refunds bool[] (per row of $2: true gives the claim's attempt back, for a row released before it ran;
 --     NULL: none)
+-- $25 dead_tracebacks text[] (per dead letter of $15)
+-- $26 dead_trace_ids text[]
 WITH absent AS (
     -- Registered subscribers that are not retired and that $1 does not deliver, by topic: each gets a targeted
     -- row of every untargeted row settled here (a rolling deploy, or a subscriber running elsewhere).
@@ -220,19 +222,23 @@ WITH absent AS (
     RETURNING 1
 ), dead AS (
     INSERT INTO __schema__.eventbus_dead_letters
-        (id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error)
+        (id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error,
+         traceback, trace_id)
     SELECT d.id, d.reason, s.event_id, s.id, s.tenant, s.topic, s.key, d.subscriber, s.payload, s.headers,
-           d.attempts, d.error_type, d.error
-    FROM unnest($14::uuid[], $15::uuid[], $16::text[], $17::text[], $18::int[], $19::text[], $20::text[])
-        AS d(source, id, reason, subscriber, attempts, error_type, error)
+           d.attempts, d.error_type, d.error, d.traceback, d.trace_id
+    FROM unnest($14::uuid[], $15::uuid[], $16::text[], $17::text[], $18::int[], $19::text[], $20::text[],
+                $25::text[], $26::text[])
+        AS d(source, id, reason, subscriber, attempts, error_type, error, traceback, trace_id)
     JOIN settled AS s ON s.id = d.source
     -- No subscriber here is no dead letter when a subscriber elsewhere gets the event.
     WHERE NOT (d.reason = 'HandlerMissing' AND d.subscriber IS NULL
                AND EXISTS (SELECT 1 FROM catch_up AS c WHERE c.event_id = s.event_id))
-    RETURNING 1
+    RETURNING reason, subscriber, tenant
 )
 SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM retries) AS retries,
-       (SELECT count(*) FROM dead) AS dead, (SELECT count(*) FROM catch_up) AS caught_up;
+       (SELECT count(*) FROM dead) AS dead, (SELECT count(*) FROM catch_up) AS caught_up,
+       -- The letters written, as [reason, subscriber, tenant] (for the dead-letter counter); NULL when none.
+       (SELECT jsonb_agg(jsonb_build_array(reason, subscriber, tenant))::text FROM dead) AS letters;
 
 -- name: renew
 -- Extend the lease of rows worker $1 still holds.
@@ -316,7 +322,8 @@ FROM __schema__.eventbus_outbox WHERE id = $1;
 -- $8 before_id uuid (page cursor: the last id of the previous page)
 -- $9 limit int
 SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
-       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
+       headers::text AS headers, attempts, error_type, error, traceback, trace_id, failed_at, replayed_at,
+       replay_count
 FROM __schema__.eventbus_dead_letters
 -- The filter, written alike in dead_letter_pick: a NULL parameter matches every row.
 WHERE ($1::text IS NULL OR reason = $1) AND ($2::text IS NULL OR subscriber = $2)
@@ -331,7 +338,8 @@ LIMIT $9;
 -- One dead letter by id.
 -- $1 id uuid
 SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
-       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count
+       headers::text AS headers, attempts, error_type, error, traceback, trace_id, failed_at, replayed_at,
+       replay_count
 FROM __schema__.eventbus_dead_letters WHERE id = $1;
 
 -- name: dead_letter_counts
@@ -548,6 +556,51 @@ SELECT to_regclass(quote_ident($1) || '.eventbus_migrations') IS NOT NULL AS pre
 -- $1 lock_space text
 SELECT pg_try_advisory_lock(hashtext($1), -1) AS acquired;
 
+-- name: metrics_lock
+-- Try to become the one relay that reads the schema's gauges in lock space $1 (held while the session lives).
+-- $1 lock_space text
+SELECT pg_try_advisory_lock(hashtext($1), -2) AS acquired;
+
+-- name: metrics_gauges
+-- The schema's gauges, in one statement: rows pending and in flight, how long the longest-waiting due pending
+-- row has waited since it came due, the same per registered subscriber (with the rows it has a share of), and
+-- unreplayed dead letters by reason and subscriber. It reads pending and claimed rows through their partial
+-- indexes and unreplayed letters through theirs, so settled history costs it nothing.
+WITH waiting AS (
+    -- One branch per status, each matching the predicate of that status's partial index (a plan for
+    -- "status IN (0, 1)" can use neither and scans the table).
+    SELECT 0 AS status, target, topic, count(*) AS n,
+           min(available_at) FILTER (WHERE available_at <= now()) AS due_since
+    FROM __schema__.eventbus_outbox WHERE status = 0
+    GROUP BY target, topic
+    UNION ALL
+    SELECT 1 AS status, target, topic, count(*) AS n,
+           min(available_at) FILTER (WHERE available_at <= now()) AS due_since
+    FROM __schema__.eventbus_outbox WHERE status = 1
+    GROUP BY target, topic
+), per_subscriber AS (
+    SELECT s.name, coalesce(sum(w.n) FILTER (WHERE w.status = 0), 0)::bigint AS pending,
+           coalesce(extract(epoch FROM now() - min(w.due_since)), 0)::float8 AS lag
+    FROM __schema__.eventbus_subscriptions AS s
+    LEFT JOIN waiting AS w ON w.topic = ANY(s.topics) AND (w.target IS NULL OR w.target = s.name)
+    WHERE s.state <> 'retired'
+    GROUP BY s.name
+), letters AS (
+    SELECT reason, subscriber, count(*) AS n
+    FROM __schema__.eventbus_dead_letters
+    WHERE replayed_at IS NULL
+    GROUP BY reason, subscriber
+)
+SELECT (SELECT coalesce(sum(n), 0) FROM waiting WHERE status = 0)::bigint AS pending,
+       (SELECT coalesce(sum(n), 0) FROM waiting WHERE status = 1)::bigint AS in_flight,
+       coalesce(extract(epoch FROM now() - (SELECT min(due_since) FROM waiting WHERE status = 0)), 0)::float8 AS lag,
+       ARRAY(SELECT name FROM per_subscriber ORDER BY name) AS subscribers,
+       ARRAY(SELECT pending FROM per_subscriber ORDER BY name) AS subscriber_pending,
+       ARRAY(SELECT lag FROM per_subscriber ORDER BY name) AS subscriber_lag,
+       ARRAY(SELECT reason FROM letters ORDER BY reason, subscriber) AS letter_reasons,
+       ARRAY(SELECT subscriber FROM letters ORDER BY reason, subscriber) AS letter_subscribers,
+       ARRAY(SELECT n FROM letters ORDER BY reason, subscriber) AS letter_counts;
+
 -- name: partition_acquire
 -- Take those of partitions $2 that nobody owns or whose owner's lease ran out, for worker $1 and $3 seconds;
 -- each takeover bumps the partition's epoch, which fences the former owner out.
@@ -641,7 +694,8 @@ SELECT pg_notify($1, '') WHERE pg_notification_queue_usage() < 0.5;
 -- $9 limit int
 -- $10 failed_before timestamptz (the first page's now(): letters that fail while the replay runs wait for the next)
 SELECT id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload::text AS payload,
-       headers::text AS headers, attempts, error_type, error, failed_at, replayed_at, replay_count,
+       headers::text AS headers, attempts, error_type, error, traceback, trace_id, failed_at, replayed_at,
+       replay_count,
        now() AS picked_at
 FROM __schema__.eventbus_dead_letters
 WHERE replayed_at IS NULL

@@ -24,6 +24,7 @@ from ..actors import Actor, Delivery
 from ..errors import ConfigurationError
 from ..events import Envelope, partition_of
 from ..handlers import DONE, DUPLICATE, REVOKED, AttemptRunner, Outcome, Subscription, Verdict
+from ..observability import logs
 from ..repositories import Carried, Reason, Settlement, Status
 from . import DeliveryStatistics, Report, Unrouted
 
@@ -179,6 +180,7 @@ class LocalTransport:
             self.counters["dead_lettered"] += 1
             settlement.mark(row, Status.DEAD, error=why)
             settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why)
+            logs.dead_lettered(row, row.target, Reason.HANDLER_MISSING, "HandlerMissing", why, row.attempts)
         report(row, settlement, ())
 
     # -- attempts and outcomes ---------------------------------------------------------------------------------
@@ -199,12 +201,15 @@ class LocalTransport:
                     return DUPLICATE  # handled, and its effect committed: settled as handled, not dead-lettered
             except Exception:
                 pass  # cannot tell: the inbox still keeps the effect once if the letter is replayed
-            return Outcome(
+            outcome = Outcome(
                 Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type="AttemptsExhausted",
                 error=f"claimed {envelope.attempts} times, more than max_attempts={sub.max_attempts}: earlier "
                 "attempts never finished (the process died or its lease ran out while handling)",
                 attempts=envelope.attempts,
             )  # fmt: skip
+            logs.dead_lettered(envelope, sub.name, Reason.DELIVERY_FAILED, outcome.error_type, outcome.error,
+                               outcome.attempts)  # fmt: skip
+            return outcome
         return await self._runner.run(sub, envelope, delivery.attempt)
 
     @staticmethod
@@ -333,7 +338,7 @@ class LocalTransport:
                 dead += 1
                 s.dead_letter(
                     row, outcome.reason, name, error_type=outcome.error_type, error=outcome.error,
-                    attempts=outcome.attempts or row.attempts,
+                    attempts=outcome.attempts or row.attempts, traceback=outcome.traceback, trace_id=outcome.trace_id,
                 )  # fmt: skip
         if outcomes and dead == len(outcomes) and not continuations:
             s.mark(row, Status.DEAD, error=outcomes[-1][1].error)
