@@ -10,6 +10,7 @@ on one schema play the relays of a deploy; a stopped bus is a relay not running 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 
 import anyio
@@ -100,10 +101,11 @@ async def test_an_old_relay_leaves_a_new_subscribers_share_for_a_new_relay(
 
 
 async def test_an_event_only_another_process_handles_is_not_a_dead_letter(
-    eventbus_dsn: str, eventbus_schema: str
+    eventbus_dsn: str, eventbus_schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A relay that knows neither the topic nor its subscriber hands the event on to the registered subscriber
-    (0.2.0 before: a ``HandlerMissing`` dead letter)."""
+    (0.2.0 before: a ``HandlerMissing`` dead letter), and logs no dead letter for it."""
+    caplog.set_level(logging.INFO, logger="eventbus")
     billing: list[int] = []
     here, elsewhere = relay_bus(eventbus_dsn, eventbus_schema), relay_bus(eventbus_dsn, eventbus_schema)
 
@@ -119,22 +121,26 @@ async def test_an_event_only_another_process_handles_is_not_a_dead_letter(
         await publish(here, [InvoiceSent(n) for n in range(5)])
         await only_waiting_for(here, "billing", 5)
         assert await here.dead_letters.count() == {}
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     async with elsewhere:
         await elsewhere.drain(GIVE_UP)
     assert billing == list(range(5))
 
 
 async def test_a_topic_no_registered_subscriber_takes_is_still_a_dead_letter(
-    eventbus_dsn: str, eventbus_schema: str
+    eventbus_dsn: str, eventbus_schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     bus = relay_bus(eventbus_dsn, eventbus_schema)
 
     carry_audit(bus)
 
+    caplog.set_level(logging.INFO, logger="eventbus")
     async with bus:
         await publish(bus, [InvoiceSent(1)])
         await bus.drain(GIVE_UP)
         assert await bus.dead_letters.count() == {("HandlerMissing", None): 1}
+    (logged,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged.reason == "HandlerMissing" and logged.topic == "invoices.sent"  # type: ignore[attr-defined]
 
 
 async def test_a_paused_subscriber_waits_and_resumes_in_order(eventbus_dsn: str, eventbus_schema: str) -> None:

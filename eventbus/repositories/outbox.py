@@ -94,6 +94,9 @@ class Settlement:
     dead_letters: list[_DeadLetter] = field(default_factory=list)
     #: Rows sent back to pending that get the claim's attempt back (they never ran).
     refunds: set[uuid.UUID] = field(default_factory=set)
+    #: Dead letters to log once the settle statement wrote them (by letter id): those it may leave out, a
+    #: ``HandlerMissing`` letter of an event that a subscriber elsewhere gets (see :meth:`dead_letter`).
+    announce: dict[uuid.UUID, tuple[Envelope, str | None]] = field(default_factory=dict)
 
     def mark(
         self, row: Envelope, status: Status, *, delay: float = 0.0, error: str | None = None, refund: bool = False
@@ -132,15 +135,21 @@ class Settlement:
         attempts: int | None = None,
         traceback: str | None = None,
         trace_id: str | None = None,
+        log_when_written: bool = False,
     ) -> uuid.UUID:
         """Record a dead letter for ``subscriber``'s delivery of a claimed row; return the letter's id.
-        ``traceback`` is stored as given (see :func:`eventbus.observability.logs.format_traceback`)."""
+        ``traceback`` is stored as given (see :func:`eventbus.observability.logs.format_traceback`). With
+        ``log_when_written``, :meth:`OutboxRepository.settle` logs the letter if its statement wrote it (the caller
+        logs the others when it decides them)."""
         letter_id = new_id()
         tried = row.attempts if attempts is None else attempts
         trace_id = trace_id or trace_id_of(row.headers)
+        text = cap_error(error)
         self.dead_letters.append(
-            (row.id, letter_id, str(reason), subscriber, tried, error_type, cap_error(error), traceback, trace_id)
+            (row.id, letter_id, str(reason), subscriber, tried, error_type, text, traceback, trace_id)
         )
+        if log_when_written:
+            self.announce[letter_id] = (row, error_type)
         return letter_id
 
     def columns(self) -> list[list[Any]]:
@@ -154,6 +163,7 @@ class Settlement:
         self.retries.extend(other.retries)
         self.dead_letters.extend(other.dead_letters)
         self.refunds |= other.refunds
+        self.announce |= other.announce
 
     def leased(self) -> set[uuid.UUID]:
         """The ids of the rows this settlement inserts as claimed (continuations being handled)."""
@@ -163,7 +173,7 @@ class Settlement:
         return len(self.marks)
 
 
-_letters_decoder = msgspec.json.Decoder(list[tuple[str, str | None, str]])
+_letters_decoder = msgspec.json.Decoder(list[tuple[uuid.UUID, str, str | None, str]])
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -347,8 +357,21 @@ class OutboxRepository:
             )
         assert row is not None
         if row["letters"] is not None:
-            self.metrics.dead_letters.update(_letters_decoder.decode(row["letters"]))
+            written = _letters_decoder.decode(row["letters"])
+            self.metrics.dead_letters.update((reason, subscriber, tenant) for _, reason, subscriber, tenant in written)
+            if settlement.announce:
+                self._announce(settlement, [letter_id for letter_id, *_ in written])
         return int(row["settled"])
+
+    @staticmethod
+    def _announce(settlement: Settlement, written: Sequence[uuid.UUID]) -> None:
+        letters = {letter[1]: letter for letter in settlement.dead_letters}
+        for letter_id in written:
+            announced = settlement.announce.get(letter_id)
+            if announced is not None:
+                row, error_type = announced
+                _, _, reason, subscriber, attempts, _, error, _, trace_id = letters[letter_id]
+                logs.dead_lettered(row, subscriber, reason, error_type, error, attempts, trace_id=trace_id)
 
     async def renew(self, worker: str, ids: Sequence[uuid.UUID], lease: float) -> None:
         """Extend the lease on rows ``worker`` still holds."""

@@ -233,12 +233,13 @@ WITH absent AS (
     -- No subscriber here is no dead letter when a subscriber elsewhere gets the event.
     WHERE NOT (d.reason = 'HandlerMissing' AND d.subscriber IS NULL
                AND EXISTS (SELECT 1 FROM catch_up AS c WHERE c.event_id = s.event_id))
-    RETURNING reason, subscriber, tenant
+    RETURNING id, reason, subscriber, tenant
 )
 SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM retries) AS retries,
        (SELECT count(*) FROM dead) AS dead, (SELECT count(*) FROM catch_up) AS caught_up,
-       -- The letters written, as [reason, subscriber, tenant] (for the dead-letter counter); NULL when none.
-       (SELECT jsonb_agg(jsonb_build_array(reason, subscriber, tenant))::text FROM dead) AS letters;
+       -- The letters written, as [id, reason, subscriber, tenant] (for the dead-letter counter and the log);
+       -- NULL when none.
+       (SELECT jsonb_agg(jsonb_build_array(id, reason, subscriber, tenant))::text FROM dead) AS letters;
 
 -- name: renew
 -- Extend the lease of rows worker $1 still holds.

@@ -179,8 +179,9 @@ class LocalTransport:
         else:
             self.counters["dead_lettered"] += 1
             settlement.mark(row, Status.DEAD, error=why)
-            settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why)
-            logs.dead_lettered(row, row.target, Reason.HANDLER_MISSING, "HandlerMissing", why, row.attempts)
+            # Logged once written: the settle statement leaves it out when a subscriber elsewhere gets the event.
+            settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why,
+                                   log_when_written=True)  # fmt: skip
         report(row, settlement, ())
 
     # -- attempts and outcomes ---------------------------------------------------------------------------------
