@@ -142,7 +142,7 @@ async def run(settings: Settings) -> Outcome:
     for number in range(runs):
         print(f"  run {number + 1} of {runs}: offer, {len(VARIANTS)} variants in {rounds} rounds ...", flush=True)
         offers.append(await _offer_run(settings, rounds, duration, connections))
-        burn_rounds = max(2, rounds // 4)
+        burn_rounds = max(2, rounds // 2)
         print(f"  run {number + 1} of {runs}: burn-down of {count} events, {burn_rounds} rounds ...", flush=True)
         drains.append(await _burndown_run(settings, burn_rounds, count))
     outcome.details["offer_tx_per_s_by_run"] = offers

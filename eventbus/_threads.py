@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -29,19 +30,21 @@ log = logging.getLogger("eventbus.threads")
 class _Item:
     """One call for a pool's threads, and what became of it."""
 
-    __slots__ = ("args", "dropped", "fn", "future", "loop", "started")
+    __slots__ = ("args", "context", "dropped", "fn", "future", "loop", "started")
 
     def __init__(
         self, fn: Callable[..., Any], args: tuple[Any, ...], loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
     ) -> None:  # fmt: skip
         self.fn, self.args, self.loop, self.future = fn, args, loop, future
+        # The submitting task's context variables (its current span among them), for the handler's thread.
+        self.context = contextvars.copy_context()
         self.started = False
         self.dropped = False  # its attempt ended (timed out) before a thread took it: never run it
 
     def run(self) -> None:
         try:
-            result = self.fn(*self.args)
+            result = self.context.run(self.fn, *self.args)
         except BaseException as exc:  # handed to the awaiting task, which decides what it means
             self._settle(None, exc)
         else:

@@ -8,6 +8,7 @@ transaction that first enters the inbox, for a transactional subscriber) and tur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import random
@@ -327,10 +328,11 @@ class AttemptRunner:
                 if _cancelling():
                     raise  # this task is being cancelled: the relay stops
                 outcome = self._failure(sub, envelope, exc, attempt, span)
-        self.metrics.processed(
-            sub.name, envelope.topic, envelope.tenant, _outcome_label(outcome),
-            None if started is None else time.perf_counter() - started, outcome.error_type,
-        )  # fmt: skip
+        with contextlib.suppress(Exception):  # a failing metrics SDK costs the figure, not the outcome
+            self.metrics.processed(
+                sub.name, envelope.topic, envelope.tenant, _outcome_label(outcome),
+                None if started is None else time.perf_counter() - started, outcome.error_type,
+            )  # fmt: skip
         return outcome
 
     def _dead(self, sub: Subscription, envelope: Envelope, outcome: Outcome) -> None:
@@ -384,7 +386,7 @@ class AttemptRunner:
         """The outcome of an attempt that raised ``exc``, logged (a WARNING when it is retried, an ERROR with the
         traceback when it is dead-lettered) and marked on its span."""
         timed_out = isinstance(exc, TimeoutError)
-        text = f"handler exceeded its timeout of {sub.timeout:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
+        text = f"handler exceeded its timeout of {sub.timeout:g} s" if timed_out else _describe(exc)
         error_type = type(exc).__name__
         trace_id = current_trace_id(span) or trace_id_of(envelope.headers)
         usage = isinstance(exc, _USAGE_ERRORS)
@@ -392,7 +394,8 @@ class AttemptRunner:
             # eventbus refused what the handler asked of it: another attempt would be refused alike.
             text = f"{text} (a usage error: not retried)"
         error = cap_error(text, self.redact)
-        failed(span, error_type, error)
+        with contextlib.suppress(Exception):
+            failed(span, error_type, error)
         if attempt < sub.max_attempts and not usage:
             delay = sub.backoff.delay(attempt)
             logs.attempt_failed(envelope, sub.name, attempt, sub.max_attempts, error_type, error, delay,
@@ -410,6 +413,14 @@ class AttemptRunner:
         )
         self._dead(sub, envelope, outcome)
         return outcome
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, also for an exception whose ``__str__`` itself fails."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__}: (its message could not be read)"
 
 
 def _outcome_label(outcome: Outcome) -> str:

@@ -36,6 +36,7 @@ from anyio.abc import TaskStatus
 from ._driver import connect
 from ._settler import Settler
 from .events import PARTITIONS, Envelope, partition_of
+from .observability import logs
 from .observability.metrics import Metrics
 from .repositories import (
     Carried,
@@ -232,9 +233,9 @@ class Relay:
                             with contextlib.suppress(Exception):
                                 await self._register()
                         task_status.started()
-                        log.info("relay %s started on schema %r carrying %s", self.worker, schema,
-                                 ", ".join(c.name for c in self.transport.carried()) or "no subscribers",
-                                 extra={"worker": self.worker, "schema": schema})  # fmt: skip
+                        logs.emit(log, logging.INFO, "relay %s started on schema %r carrying %s", self.worker, schema,
+                                  ", ".join(c.name for c in self.transport.carried()) or "no subscribers",
+                                  fields={"worker": self.worker, "schema": schema})  # fmt: skip
                         await self._claim_loop()
                         self.transport.close()
                     self._settler.close()
@@ -257,10 +258,9 @@ class Relay:
                     except Exception:
                         log.debug("could not remove relay heartbeat row", exc_info=True)
             self.metrics.relays.pop(self.worker, None)
-            if self._metrics_leader:
-                self.metrics.gauges.pop(schema, None)
-            log.info("relay %s stopped: %d rows claimed, %d settled", self.worker, self._claimed, self._settled,
-                     extra={"worker": self.worker, "schema": schema})  # fmt: skip
+            self._drop_gauges()
+            logs.emit(log, logging.INFO, "relay %s stopped: %d rows claimed, %d settled", self.worker, self._claimed,
+                      self._settled, fields={"worker": self.worker, "schema": schema})  # fmt: skip
             self._stopped.set()
 
     # -- claiming --------------------------------------------------------------------------------------------
@@ -438,7 +438,8 @@ class Relay:
                     self._listening = True
                 self._session = conn
                 if lost:
-                    log.info("relay %s: session connection back", self.worker, extra={"worker": self.worker})
+                    logs.emit(log, logging.INFO, "relay %s: session connection back", self.worker,
+                              fields={"worker": self.worker})  # fmt: skip
                     lost = False
                 self._wakeup.set()  # notifications may have been missed while disconnected
                 while True:
@@ -452,9 +453,8 @@ class Relay:
             finally:
                 self._listening = False
                 self._retention_leader = False
-                if self._metrics_leader:
-                    self._metrics_leader = False  # the lock went with the session: another relay may read them now
-                    self.metrics.gauges.pop(self.outbox.schema, None)
+                self._metrics_leader = False  # the lock went with the session: another relay may read them now
+                self._drop_gauges()
                 self._session = None
                 conn.terminate()
 
@@ -505,8 +505,9 @@ class Relay:
                 self._owned -= done
                 self._ready -= done
                 self._draining -= done
-                log.info("relay %s: handed over partitions %s (now owns %d)", self.worker, sorted(done),
-                         len(self._owned), extra={"worker": self.worker, "partitions": sorted(done)})  # fmt: skip
+                logs.emit(log, logging.INFO, "relay %s: handed over partitions %s (now owns %d)", self.worker,
+                          sorted(done), len(self._owned),
+                          fields={"worker": self.worker, "partitions": sorted(done)})  # fmt: skip
         wanted = target - len(self._owned)
         if wanted > 0:
             owned = self._owned
@@ -516,8 +517,8 @@ class Relay:
             taken = await self.relays.acquire(self.worker, free[:wanted], config.lease, held=self._unsettled.keys())
             self._owned |= taken.keys()
             if taken:
-                log.info("relay %s: took partitions %s (now owns %d)", self.worker, sorted(taken), len(self._owned),
-                         extra={"worker": self.worker, "partitions": sorted(taken)})  # fmt: skip
+                logs.emit(log, logging.INFO, "relay %s: took partitions %s (now owns %d)", self.worker, sorted(taken),
+                          len(self._owned), fields={"worker": self.worker, "partitions": sorted(taken)})  # fmt: skip
         waiting = self._owned - self._ready
         if waiting:
             busy = await self.relays.busy_partitions(sorted(waiting), self.worker)
@@ -588,16 +589,29 @@ class Relay:
                 try:
                     session = self._session
                     if session is not None and not self._metrics_leader:
-                        async with self._session_lock:
-                            self._metrics_leader = await self.relays.lead_metrics(session)
+                        with anyio.fail_after(5.0):
+                            async with self._session_lock:
+                                self._metrics_leader = await self.relays.lead_metrics(session)
                         if self._metrics_leader:
-                            log.info("relay %s reads the gauges of schema %r", self.worker, schema,
-                                     extra={"worker": self.worker, "schema": schema})  # fmt: skip
+                            logs.emit(log, logging.INFO, "relay %s reads the gauges of schema %r", self.worker, schema,
+                                      fields={"worker": self.worker, "schema": schema})  # fmt: skip
                     if self._metrics_leader:
-                        self.metrics.gauges[schema] = await self.relays.gauges()
+                        gauges = await self.relays.gauges()
+                        # Still the leader, on the same session: a session lost meanwhile took the lock with it.
+                        if self._metrics_leader and self._session is session:
+                            gauges.reader = self.worker
+                            self.metrics.gauges[schema] = gauges
                 except Exception as exc:
+                    self._drop_gauges()  # no figures rather than stale ones (alert on their absence)
                     log.warning("relay %s: reading the gauges failed (%s); will retry", self.worker, exc)
             await anyio.sleep(self.config.metrics_interval)
+
+    def _drop_gauges(self) -> None:
+        """Stop reporting the schema's gauges, if this relay reports them."""
+        schema = self.outbox.schema
+        gauges = self.metrics.gauges.get(schema)
+        if gauges is not None and gauges.reader == self.worker:
+            del self.metrics.gauges[schema]
 
     async def _refresh_statistics(self) -> None:
         if not self._analyze:

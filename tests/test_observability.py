@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -25,11 +26,12 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanKind, StatusCode, get_current_span
 
-from eventbus import Backoff, Context, EventBus, RelayConfig
+from eventbus import Backoff, ConfigurationError, Context, EventBus, RelayConfig
 from eventbus.cli import main
 from eventbus.observability.logs import JsonFormatter
+from eventbus.sql import quote_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -336,3 +338,127 @@ async def test_a_running_relay_serves_metrics_health_and_json_logs(
     assert len(warnings) == 5 and all(r["subscriber"] == "receipts" and r["attempt"] == 1 for r in warnings)
     errors = [r for r in records if r["level"] == "ERROR" and r["logger"] == "eventbus.handlers"]
     assert len(errors) == 5 and all("ValueError: order" in r["exception"] for r in errors)
+
+
+async def test_a_logging_setup_that_fails_costs_the_record_not_the_delivery(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """An application's record factory that sets the same fields, or a filter that raises, must not turn a
+    failed attempt into a loop of crashed workers (the row was redelivered forever, never dead-lettered)."""
+
+    class Refuses(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise RuntimeError("a broken log filter")
+
+    previous = logging.getLogRecordFactory()
+
+    def with_correlation(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record.tenant = record.trace_id = record.key = "from-the-app"
+        return record
+
+    handlers_log = logging.getLogger("eventbus.handlers")
+    refuses = Refuses()
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=RelayConfig(poll_interval=0.05))
+    calls = 0
+
+    @bus.subscribe(name="failing", max_attempts=2, backoff=Backoff(initial=0.01, jitter=0))
+    async def failing(event: Placed) -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("fails every time")
+
+    logging.setLogRecordFactory(with_correlation)
+    handlers_log.addFilter(refuses)
+    try:
+        async with bus:
+            async with bus.transaction() as tx:
+                await tx.publish(Placed("o-9"), key="o-9")
+            await bus.drain(timeout=10)
+            letters = await bus.dead_letters.list()
+    finally:
+        handlers_log.removeFilter(refuses)
+        logging.setLogRecordFactory(previous)
+    assert calls == 2 and [(d.reason, d.subscriber) for d in letters] == [("DeliveryFailed", "failing")]
+
+
+async def test_a_metrics_port_in_use_fails_the_start_before_anything_is_claimed(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    taken = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = taken.extra(anyio.abc.SocketAttribute.local_port)
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, metrics_port=port, metrics_host="127.0.0.1")
+
+    @bus.subscribe(name="never")
+    async def never(event: Placed) -> None:
+        raise AssertionError("no relay may run")
+
+    try:
+        with pytest.raises(ConfigurationError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            await bus.start()
+        assert bus.relay is None or bus.relay.statistics().batches == 0
+        async with EventBus(eventbus_dsn, schema=eventbus_schema, relay=False) as reader:
+            assert await reader.relays.alive(within=60) == []
+    finally:
+        await taken.aclose()
+    with pytest.raises(ConfigurationError):
+        EventBus(eventbus_dsn, metrics_port=70000)
+
+
+async def test_rows_of_a_paused_subscriber_are_its_lag_not_the_outboxs(eventbus_dsn: str, eventbus_schema: str) -> None:
+    async with EventBus(eventbus_dsn, schema=eventbus_schema, relay=False) as bus:
+        schema = quote_schema(eventbus_schema)
+        await bus.pool.execute(
+            f"INSERT INTO {schema}.eventbus_subscriptions (name, topics, state) "
+            "VALUES ('paused-one', '{Placed}', 'paused'), ('active-one', '{Placed}', 'active')"
+        )
+        await bus.pool.execute(
+            f"INSERT INTO {schema}.eventbus_outbox (id, event_id, topic, target, payload, available_at) "
+            "VALUES ($1, $1, 'Placed', 'paused-one', '{}', now() - interval '10 minutes')", uuid.uuid4()
+        )
+        gauges = await bus.relays.gauges()
+        assert gauges.pending == 1 and gauges.lag == 0.0
+        assert gauges.subscribers["paused-one"][0] == 1 and gauges.subscribers["paused-one"][1] > 590
+        assert gauges.subscribers["active-one"] == (0, 0.0)
+        await bus.pool.execute(
+            f"INSERT INTO {schema}.eventbus_outbox (id, event_id, topic, payload, available_at) "
+            "VALUES ($1, $1, 'Placed', '{}', now() - interval '1 minute')", uuid.uuid4()
+        )
+        gauges = await bus.relays.gauges()
+        assert gauges.pending == 2 and 59 < gauges.lag < 120
+        assert gauges.subscribers["active-one"][0] == 1
+
+
+async def test_spans_continue_in_def_handlers_and_a_failed_publish_is_redacted(
+    eventbus_dsn: str, eventbus_schema: str, telemetry: Any
+) -> None:
+    _, _, tracers, exporter = telemetry
+    bus = EventBus(
+        eventbus_dsn, schema=eventbus_schema, tracer_provider=tracers, redact=lambda s: s.replace("s3cret", "[x]"),
+        relay_config=RelayConfig(poll_interval=0.05),
+    )  # fmt: skip
+    seen: list[str] = []
+
+    @bus.subscribe(name="threaded")
+    def threaded(event: Placed) -> None:
+        seen.append(format(get_current_span().get_span_context().trace_id, "032x"))
+
+    async with bus:
+        async with bus.transaction() as tx:
+            await tx.publish(Placed("o-1"))
+        await bus.drain(timeout=10)
+        schema = quote_schema(eventbus_schema)
+        await bus.pool.execute(
+            f"CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'insert refused, token s3cret'; END $$;"
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {schema}.eventbus_outbox FOR EACH ROW EXECUTE FUNCTION "
+            f"{schema}.refuse()"
+        )
+        with pytest.raises(Exception, match="s3cret"):
+            async with bus.transaction() as tx:
+                await tx.publish(Placed("o-2"))
+    (published, refused) = [s for s in exporter.get_finished_spans() if s.name == "publish Placed"]
+    assert seen == [format(published.context.trace_id, "032x")]
+    assert refused.status.status_code is StatusCode.ERROR
+    assert "[x]" in (refused.status.description or "") and "s3cret" not in (refused.status.description or "")
+    assert not refused.events, "no exception event: it would carry the text unredacted"

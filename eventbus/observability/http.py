@@ -24,6 +24,10 @@ __all__ = ["serve_http"]
 log = logging.getLogger("eventbus.http")
 
 _MAX_HEAD = 8192
+#: Requests answered at once; more wait in the listen backlog. A request's head must arrive within
+#: :data:`_HEAD_TIMEOUT` seconds.
+_CONCURRENT = 16
+_HEAD_TIMEOUT = 2.0
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
             503: "Service Unavailable"}  # fmt: skip
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -54,33 +58,55 @@ async def serve_http(
     address: Any = listener.extra(anyio.abc.SocketAttribute.local_address)
     bound = (str(address[0]), int(address[1]))
     log.info("serving /metrics, /healthz and /readyz on http://%s:%d", *bound)
-    task_status.started(bound)
+    slots = anyio.Semaphore(_CONCURRENT)
 
     async def handle(stream: SocketStream) -> None:
-        async with stream:
-            try:
-                with anyio.fail_after(10):
-                    await _answer(stream, metrics, health)
-            except Exception as exc:  # a client that went away or sent garbage: nothing to keep
-                log.debug("metrics request failed: %s", exc)
+        try:
+            async with stream:
+                await _answer(stream, metrics, health)
+        except Exception as exc:  # a client that went away or sent garbage: nothing to keep
+            log.debug("metrics request failed: %s", exc)
+        finally:
+            slots.release()
 
-    async with listener:
-        await listener.serve(handle)
+    async def accept(one: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        # Not anyio's serve(): an accept() that fails (out of file descriptors, say) must not end the bus.
+        while True:
+            await slots.acquire()
+            try:
+                stream = await one.accept()
+            except OSError as exc:
+                slots.release()
+                log.warning("metrics server: accepting a connection failed (%s); trying again in 0.5 s", exc)
+                await anyio.sleep(0.5)
+                continue
+            tg.start_soon(handle, stream)
+
+    async with listener, anyio.create_task_group() as tg:
+        for one in listener.listeners:
+            assert isinstance(one, anyio.abc.SocketListener), "a TCP listener accepts sockets"
+            tg.start_soon(accept, one, tg)
+        task_status.started(bound)
 
 
 async def _answer(stream: SocketStream, metrics: Callable[[], bytes], health: Callable[[], Awaitable[_Health]]) -> None:
     head = b""
-    while b"\r\n\r\n" not in head and b"\n\n" not in head:
-        chunk = await stream.receive(4096)
-        head += chunk
-        if len(head) > _MAX_HEAD:
-            break
+    with anyio.fail_after(_HEAD_TIMEOUT):
+        while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) <= _MAX_HEAD:
+            head += await stream.receive(4096)
     method, _, rest = head.partition(b"\n")[0].decode("latin-1").strip().partition(" ")
     path = rest.split(" ", 1)[0].split("?", 1)[0]
     if method not in ("GET", "HEAD"):
         await _send(stream, 405, b"only GET\n", "text/plain", method == "HEAD")
     elif path == "/metrics":
-        await _send(stream, 200, metrics(), _PROMETHEUS, method == "HEAD")
+        try:
+            body = metrics()
+        except Exception as exc:
+            log.warning("metrics server: /metrics failed (%s: %s)", type(exc).__name__, exc)
+            await _send(stream, 500, b"collecting the metrics failed; see the process's log\n", "text/plain",
+                        method == "HEAD")  # fmt: skip
+            return
+        await _send(stream, 200, body, _PROMETHEUS, method == "HEAD")
     elif path in ("/healthz", "/readyz", "/livez"):
         found = await health()
         ok = found.ready if path == "/readyz" else found.alive

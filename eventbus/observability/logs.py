@@ -14,6 +14,7 @@ tracebacks went through DSN redaction and the bus's ``redact`` hook before they 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback as tb
@@ -28,7 +29,7 @@ from .tracing import trace_id_of
 if TYPE_CHECKING:
     from ..events import Envelope
 
-__all__ = ["JsonFormatter", "attempt_failed", "configure", "dead_lettered", "format_traceback"]
+__all__ = ["JsonFormatter", "attempt_failed", "configure", "dead_lettered", "emit", "format_traceback"]
 
 _handlers = logging.getLogger("eventbus.handlers")
 
@@ -46,12 +47,36 @@ def format_traceback(exc: BaseException, redact: Callable[[str], str] | None = N
     :data:`MAX_TRACEBACK_CHARS` keeping its end."""
     from .._driver import redact_dsn  # the boundary module imports nothing of this package
 
-    text = redact_dsn("".join(tb.format_exception(exc)))
+    try:
+        text = "".join(tb.format_exception(exc))
+    except Exception:  # an exception whose message cannot be read
+        text = f"{type(exc).__qualname__} (its traceback could not be formatted)"
+    text = redact_dsn(text)
     if redact is not None:
         text = redact(text)
     if len(text) > MAX_TRACEBACK_CHARS:
         text = "[… truncated] " + text[-(MAX_TRACEBACK_CHARS - 14) :]
     return text
+
+
+def emit(
+    logger: logging.Logger, level: int, msg: str, *args: Any, fields: dict[str, Any], exc_text: str | None = None
+) -> None:
+    """Log a record with ``fields`` as its attributes (what ``extra=`` does) and ``exc_text`` as its formatted
+    traceback. It never raises: a filter, handler or record factory of the application that fails (one that sets
+    a field of the same name already, say) costs the record, not the delivery that logs it."""
+    try:
+        if not logger.isEnabledFor(level):
+            return
+        record = logger.makeRecord(logger.name, level, __file__, 0, msg, args, None)
+        for name, value in fields.items():
+            setattr(record, name, value)
+        # The formatted text, never the exception itself: a formatter would print it unredacted.
+        record.exc_text = exc_text
+        logger.handle(record)
+    except Exception:
+        with contextlib.suppress(Exception):
+            logging.getLogger("eventbus").debug("a log record could not be written", exc_info=True)
 
 
 def _fields(envelope: Envelope, subscriber: str | None, trace_id: str | None, tenant: str | None) -> dict[str, Any]:
@@ -84,10 +109,10 @@ def attempt_failed(
     fields = _fields(envelope, subscriber, trace_id, None)
     fields.update(attempt=attempt, max_attempts=max_attempts, error_type=error_type, error=error,
                   retry_in=round(retry_in, 3))  # fmt: skip
-    _handlers.warning(
-        "subscriber %s: attempt %d of %d failed on %s event %s%s: %s; retrying in %.1f s",
+    emit(
+        _handlers, logging.WARNING, "subscriber %s: attempt %d of %d failed on %s event %s%s: %s; retrying in %.1f s",
         subscriber, attempt, max_attempts, envelope.topic, envelope.event_id,
-        f" (key {envelope.key!r})" if envelope.key is not None else "", error, retry_in, extra=fields,
+        f" (key {envelope.key!r})" if envelope.key is not None else "", error, retry_in, fields=fields,
     )  # fmt: skip
 
 
@@ -109,16 +134,12 @@ def dead_lettered(
         return
     fields = _fields(envelope, subscriber, trace_id, tenant)
     fields.update(reason=str(reason), attempt=attempts, error_type=error_type, error=error)
-    record = _handlers.makeRecord(
-        _handlers.name, logging.ERROR, __file__, 0,
-        "subscriber %s: %s event %s%s dead-lettered as %s after %d attempts: %s",
-        (subscriber or "(none)", envelope.topic, envelope.event_id,
-         f" (key {envelope.key!r})" if envelope.key is not None else "", reason, attempts, error),
-        None, extra=fields,
+    emit(
+        _handlers, logging.ERROR, "subscriber %s: %s event %s%s dead-lettered as %s after %d attempts: %s",
+        subscriber or "(none)", envelope.topic, envelope.event_id,
+        f" (key {envelope.key!r})" if envelope.key is not None else "", reason, attempts, error,
+        fields=fields, exc_text=traceback,
     )  # fmt: skip
-    # The formatted text, never the exception itself: a formatter would print it unredacted.
-    record.exc_text = traceback
-    _handlers.handle(record)
 
 
 class JsonFormatter(logging.Formatter):

@@ -61,12 +61,15 @@ class Gauges:
 
     pending: int = 0
     in_flight: int = 0
-    #: How long the longest-waiting due pending row has waited since it came due, in seconds (0: none waits).
+    #: How long the longest-waiting due pending row has waited since it came due, in seconds (0: none waits);
+    #: rows waiting for a paused subscriber are left out (they wait on purpose).
     lag: float = 0.0
     #: Per subscriber: (rows waiting for it, its lag in seconds).
     subscribers: dict[str, tuple[int, float]] = field(default_factory=dict)
     #: Dead letters not yet replayed, by (reason, subscriber).
     dead_letters: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    #: The relay worker that read them.
+    reader: str = ""
 
 
 def _enabled(provider: metrics.MeterProvider) -> bool:

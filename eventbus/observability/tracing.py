@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -49,8 +49,11 @@ class Tracing:
     """Spans of one bus, on the tracer ``eventbus`` of ``provider`` (default: the global tracer provider, looked
     up at each span, so an SDK installed after the bus was made is used)."""
 
-    def __init__(self, provider: trace.TracerProvider | None = None) -> None:
+    def __init__(
+        self, provider: trace.TracerProvider | None = None, *, redact: Callable[[str], str] | None = None
+    ) -> None:
         self._provider = provider
+        self._redact = redact
         self._tracer = provider.get_tracer("eventbus") if provider is not None else trace.get_tracer("eventbus")
         self._enabled = False
         self._checked = -1.0
@@ -81,6 +84,9 @@ class Tracing:
         with self._tracer.start_as_current_span(
             f"publish {topic}",
             kind=trace.SpanKind.PRODUCER,
+            # Not the SDK's own: it would record the exception's text unredacted.
+            record_exception=False,
+            set_status_on_exception=False,
             attributes={
                 "messaging.system": SYSTEM,
                 "messaging.operation.name": "publish",
@@ -89,7 +95,21 @@ class Tracing:
             },
         ) as span:
             propagate.inject(headers)
-            yield span
+            try:
+                yield span
+            except BaseException as exc:
+                failed(span, type(exc).__qualname__, self._describe(exc))
+                raise
+
+    def _describe(self, exc: BaseException) -> str:
+        """An exception's text for a span's status: DSN passwords removed and the bus's redaction applied."""
+        from .._driver import redact_dsn  # the boundary module imports nothing of this package
+
+        try:
+            text = redact_dsn(f"{type(exc).__name__}: {exc}")
+        except Exception:
+            return type(exc).__name__
+        return self._redact(text) if self._redact is not None else text
 
     def process(
         self, subscriber: str, topic: str, event_id: uuid.UUID, headers: Mapping[str, str], attempt: int

@@ -237,7 +237,7 @@ WITH absent AS (
 )
 SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM retries) AS retries,
        (SELECT count(*) FROM dead) AS dead, (SELECT count(*) FROM catch_up) AS caught_up,
-       -- The letters written, as [id, reason, subscriber, tenant] (for the dead-letter counter and the log);
+       -- The letters written, as [id, reason, subscriber, tenant] (for the dead-letter counter and the log),
        -- NULL when none.
        (SELECT jsonb_agg(jsonb_build_array(id, reason, subscriber, tenant))::text FROM dead) AS letters;
 
@@ -564,7 +564,7 @@ SELECT pg_try_advisory_lock(hashtext($1), -2) AS acquired;
 
 -- name: metrics_gauges
 -- The schema's gauges, in one statement: rows pending and in flight, how long the longest-waiting due pending
--- row has waited since it came due, the same per registered subscriber (with the rows it has a share of), and
+-- row has waited since it came due (not counting rows of paused subscribers), the same per registered subscriber (with the rows it has a share of), and
 -- unreplayed dead letters by reason and subscriber. It reads pending and claimed rows through their partial
 -- indexes and unreplayed letters through theirs, so settled history costs it nothing.
 WITH waiting AS (
@@ -594,7 +594,12 @@ WITH waiting AS (
 )
 SELECT (SELECT coalesce(sum(n), 0) FROM waiting WHERE status = 0)::bigint AS pending,
        (SELECT coalesce(sum(n), 0) FROM waiting WHERE status = 1)::bigint AS in_flight,
-       coalesce(extract(epoch FROM now() - (SELECT min(due_since) FROM waiting WHERE status = 0)), 0)::float8 AS lag,
+       -- Rows targeted at a paused subscriber wait on purpose: its own lag shows them, the outbox's does not.
+       coalesce(extract(epoch FROM now() - (
+           SELECT min(w.due_since) FROM waiting AS w
+           WHERE w.status = 0 AND (w.target IS NULL OR NOT EXISTS (
+               SELECT 1 FROM __schema__.eventbus_subscriptions AS p WHERE p.name = w.target AND p.state = 'paused'))
+       )), 0)::float8 AS lag,
        ARRAY(SELECT name FROM per_subscriber ORDER BY name) AS subscribers,
        ARRAY(SELECT pending FROM per_subscriber ORDER BY name) AS subscriber_pending,
        ARRAY(SELECT lag FROM per_subscriber ORDER BY name) AS subscriber_lag,
