@@ -66,7 +66,9 @@ class BusConnection(asyncpg.Connection):
         """The bus transaction committed: count what it offered."""
         sent, self._sent = self._sent, None
         if sent is not None:
-            sent[0].update(sent[1])
+            counter = sent[0]
+            for key in sent[1]:
+                counter[key] += 1
 
     @property
     def in_bus_transaction(self) -> bool:

@@ -164,6 +164,8 @@ async def test_a_scripted_run_records_every_instrument_and_one_linked_trace(
     lags = _by(points["eventbus.subscriber.lag"], "messaging.consumer.group.name")
     assert set(lags) == {("billing",), ("flaky",), ("slow",), ("broken",), ("shipping",)}
     assert all(lag == 0.0 for lag in lags.values())
+    waiting = _by(points["eventbus.subscriber.pending"], "messaging.consumer.group.name")
+    assert waiting == {(name,): 0 for name in ("billing", "flaky", "slow", "broken", "shipping")}
     assert [value for _, value in points["eventbus.relay.partitions.owned"]] == [32]
     assert all(attributes["eventbus.schema"] == eventbus_schema for attributes, _ in points["eventbus.outbox.lag"])
 
@@ -212,10 +214,10 @@ async def test_failed_attempts_and_dead_letters_are_logged_with_their_fields_and
     eventbus_dsn: str, eventbus_schema: str, telemetry: Any, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    _, _, tracers, _ = telemetry
+    meters, reader, tracers, _ = telemetry
     bus = EventBus(
         eventbus_dsn, schema=eventbus_schema, tracer_provider=tracers, redact=lambda s: s.replace("TOPSECRET", "[x]"),
-        relay_config=RelayConfig(poll_interval=0.05), tenant="acme",
+        relay_config=RelayConfig(poll_interval=0.05), tenant="acme", meter_provider=meters,
     )  # fmt: skip
 
     @bus.subscribe(name="mailer", max_attempts=2, backoff=Backoff(initial=0.01, jitter=0))
@@ -228,6 +230,12 @@ async def test_failed_attempts_and_dead_letters_are_logged_with_their_fields_and
             event_id = await tx.publish(Placed("o-7"), key="o-7")
         await bus.drain(timeout=20)
         (letter,) = await bus.dead_letters.list()
+
+    # The tenant is an attribute of the counters (and of nothing else).
+    points = _points(reader)
+    for counter in ("messaging.client.sent.messages", "messaging.client.consumed.messages", "eventbus.dead_letters"):
+        assert [attributes.get("eventbus.tenant") for attributes, _ in points[counter]] == ["acme"], counter
+    assert all("eventbus.tenant" not in attributes for attributes, _ in points["messaging.process.duration"])
 
     failures = [r for r in caplog.records if r.name == "eventbus.handlers"]
     assert [r.levelname for r in failures] == ["WARNING", "ERROR"], [r.getMessage() for r in failures]

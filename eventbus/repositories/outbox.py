@@ -247,7 +247,9 @@ class OutboxRepository:
             assert folded is not None
             folded.count_at_commit(self.metrics.sent, sent)  # counted once the bus's COMMIT succeeded
         else:
-            self.metrics.sent.update(sent)  # the caller's transaction: counted now, it may still roll back
+            counter = self.metrics.sent  # the caller's transaction: counted now, it may still roll back
+            for key in sent:
+                counter[key] += 1
         return result
 
     async def _insert(self, connection: Connection, events: Sequence[NewEvent], channel: str | None) -> OfferResult:
