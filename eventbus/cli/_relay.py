@@ -64,7 +64,9 @@ def load_app(spec: str) -> EventBus:
     return target
 
 
-async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
+def prepare(args: argparse.Namespace) -> EventBus:
+    """Logging as the options say, and the application's bus with the options' DSN, schema, metrics port and
+    NATS servers applied (what ``relay`` and ``consume`` share)."""
     logs.configure(args.log_level or ("DEBUG" if args.debug else "INFO"), args.log_format)
     if not args.debug:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -78,6 +80,37 @@ async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
     if args.metrics_port is not None:
         bus.metrics_port = args.metrics_port
         bus.metrics_host = args.metrics_host
+    servers = args.nats or os.environ.get("EVENTBUS_NATS")
+    if servers:
+        from ..transports.nats import NatsTransport
+
+        tls = None
+        if args.nats_tls_ca or args.nats_tls_cert:
+            import ssl
+
+            tls = ssl.create_default_context(cafile=args.nats_tls_ca)
+            if args.nats_tls_cert:
+                tls.load_cert_chain(args.nats_tls_cert, args.nats_tls_key)
+        bus.transport = NatsTransport(
+            [server.strip() for server in servers.split(",") if server.strip()],
+            credentials=args.nats_creds, nkeys_seed=args.nats_nkey, tls=tls,
+        )  # fmt: skip
+    return bus
+
+
+def nats_shown(bus: EventBus) -> str | None:
+    """The NATS servers of the bus's transport, credentials hidden; None for an in-process transport."""
+    from ..transports.nats import NatsTransport, redact_nats_url
+
+    transport = bus.transport
+    if not isinstance(transport, NatsTransport):
+        return None
+    servers = [transport.servers] if isinstance(transport.servers, str) else list(transport.servers)
+    return ", ".join(redact_nats_url(server) for server in servers)
+
+
+async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
+    bus = prepare(args)
     if not bus.subscriptions:
         raise ConfigurationError(
             f"the bus from --app {args.app} has no subscribers: import the modules that define its handlers from "
@@ -91,17 +124,20 @@ async def cmd_relay(args: argparse.Namespace, out: Output) -> int:
             relay = bus.relay
             worker = relay.worker if relay is not None else "?"
             dsn = redact_dsn(await bus.resolve_dsn())
+            broker = nats_shown(bus)
             served = bus.metrics_address
             metrics_url = f"http://{served[0]}:{served[1]}/metrics" if served is not None else None
             if args.json:
                 out.json({"event": "started", "worker": worker, "schema": bus.schema, "dsn": dsn,
-                          "subscribers": subscribers, "pid": os.getpid(), "metrics": metrics_url},
+                          "subscribers": subscribers, "pid": os.getpid(), "metrics": metrics_url, "nats": broker},
                          compact=True)  # fmt: skip
             else:
                 out.line(
                     f"relay {worker} started on schema {bus.schema!r} at {dsn} with "
                     f"{len(subscribers)} subscribers ({', '.join(subscribers)}); stop it with Ctrl+C or SIGTERM"
                 )
+                if broker is not None:
+                    out.line(f"forwarding to NATS at {broker}; handlers run in `eventbus consume` processes")
                 if metrics_url is not None:
                     out.line(f"metrics at {metrics_url} (health: /healthz, /readyz)")
             async for signum in signals:

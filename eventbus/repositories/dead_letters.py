@@ -18,8 +18,10 @@ import asyncpg
 import msgspec
 
 from .. import _pool as pooled
-from ..ids import max_id_for, min_id_for
-from ._rows import Reason, headers_decoder
+from ..events import Envelope
+from ..ids import max_id_for, min_id_for, new_id
+from ..observability.tracing import trace_id_of
+from ._rows import Reason, cap_error, headers_decoder, json_encoder
 from .outbox import NewEvent, OutboxRepository
 
 __all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterRepository", "Reason", "Replayed"]
@@ -120,6 +122,29 @@ class DeadLetterRepository:
         params = (where or DeadLetterFilter()).params()
         rows = await pooled.fetch(self.pool, self.queries.dead_letter_list, *params, before, limit)
         return [_dead_letter_from_row(row) for row in rows]
+
+    async def add(
+        self,
+        envelope: Envelope,
+        reason: Reason,
+        subscriber: str | None,
+        *,
+        attempts: int,
+        error_type: str | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+        trace_id: str | None = None,
+    ) -> uuid.UUID:
+        """Write the dead letter of a delivery that no outbox claim settles (a broker consumer's: the relay's
+        letters are written by the settle statement). Error text is capped and redacted; returns the letter's id."""
+        letter_id = new_id()
+        await pooled.execute(
+            self.pool, self.queries.dead_letter_insert, letter_id, str(reason), envelope.event_id, envelope.id,
+            envelope.tenant, envelope.topic, envelope.key, subscriber, envelope.payload.decode(),
+            json_encoder.encode(envelope.headers).decode(), attempts, error_type, cap_error(error), traceback,
+            trace_id or trace_id_of(envelope.headers),
+        )  # fmt: skip
+        return letter_id
 
     async def get(self, dead_letter_id: uuid.UUID) -> DeadLetter | None:
         row = await pooled.fetchrow(self.pool, self.queries.dead_letter_get, dead_letter_id)

@@ -715,6 +715,30 @@ ORDER BY id
 LIMIT $9
 FOR UPDATE SKIP LOCKED;
 
+-- name: dead_letter_insert
+-- Write one dead letter of a delivery that did not come from an outbox claim (a broker consumer's); the letter
+-- id $1 makes a retried insert write nothing twice.
+-- $1 id uuid
+-- $2 reason text
+-- $3 event_id uuid
+-- $4 outbox_id uuid
+-- $5 tenant text
+-- $6 topic text
+-- $7 key text
+-- $8 subscriber text
+-- $9 payload text (JSON)
+-- $10 headers text (JSON)
+-- $11 attempts int
+-- $12 error_type text
+-- $13 error text
+-- $14 traceback text
+-- $15 trace_id text
+INSERT INTO __schema__.eventbus_dead_letters
+    (id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error,
+     traceback, trace_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13, $14, $15)
+ON CONFLICT (id) DO NOTHING;
+
 -- name: dead_letter_mark_replayed
 -- Mark dead letters $1 replayed (in the transaction that re-offered them).
 -- $1 ids uuid[]

@@ -15,9 +15,9 @@ from anyio.abc import TaskStatus
 
 from ..events import Envelope
 from ..handlers import AttemptRunner, Subscription
-from ..repositories import Carried, Settlement
+from ..repositories import Carried, Reason, Settlement, Status
 
-__all__ = ["DeliveryStatistics", "Report", "Transport", "Unrouted"]
+__all__ = ["DeliveryStatistics", "Report", "Transport", "Unrouted", "unrouted_settlement"]
 
 #: What happens to an event no subscriber takes: a ``HandlerMissing`` dead letter, or nothing.
 Unrouted = Literal["dead_letter", "drop"]
@@ -42,9 +42,31 @@ class DeliveryStatistics:
     revoked: int = 0
 
 
+def unrouted_settlement(row: Envelope, unrouted: Unrouted, *, where: str = "this process") -> Settlement:
+    """What settling a row no subscriber takes writes: relayed (``unrouted="drop"``, untargeted rows only), else
+    a ``HandlerMissing`` dead letter, logged once the settle statement wrote it (it writes none when a subscriber
+    registered elsewhere gets the event)."""
+    settlement = Settlement()
+    if unrouted == "drop" and row.target is None:
+        settlement.mark(row, Status.RELAYED)
+        return settlement
+    why = (
+        f"no subscriber named {row.target!r} takes topic {row.topic!r} in {where}" if row.target is not None
+        else f"no subscriber for topic {row.topic!r} in {where}"
+    )  # fmt: skip
+    settlement.mark(row, Status.DEAD, error=why)
+    settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why,
+                           log_when_written=True)  # fmt: skip
+    return settlement
+
+
 class Transport(Protocol):
-    def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
-        """Take the bus's subscribers and the runner of their attempts; called once, before :meth:`run`."""
+    def attach(
+        self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted,
+        schema: str = "eventbus",
+    ) -> None:  # fmt: skip
+        """Take the bus's subscribers, the runner of their attempts and the bus's schema; called once, before
+        :meth:`run`."""
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Run until :meth:`close` was called and the work in hand drained (or until cancelled)."""

@@ -26,7 +26,7 @@ from ..events import Envelope, partition_of
 from ..handlers import DONE, DUPLICATE, REVOKED, AttemptRunner, Outcome, Subscription, Verdict
 from ..observability import logs
 from ..repositories import Carried, Reason, Settlement, Status
-from . import DeliveryStatistics, Report, Unrouted
+from . import DeliveryStatistics, Report, Unrouted, unrouted_settlement
 
 __all__ = ["LocalTransport"]
 
@@ -66,7 +66,10 @@ class LocalTransport:
         self._held: set[str] = set()
         self._revoked: dict[int, float] = {}  # partition -> when the relay lost it
 
-    def attach(self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted) -> None:
+    def attach(
+        self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted,
+        schema: str = "eventbus",
+    ) -> None:  # fmt: skip
         self._runner = runner
         self.unrouted = unrouted
         self.counters.clear()
@@ -168,21 +171,8 @@ class LocalTransport:
             self._rows[row.id] = state
 
     def _unrouted(self, row: Envelope, report: Report) -> None:
-        why = (
-            f"no subscriber named {row.target!r} takes topic {row.topic!r} in this process" if row.target is not None
-            else f"no subscriber for topic {row.topic!r} in this process"
-        )  # fmt: skip
-        settlement = Settlement()
-        if self.unrouted == "drop" and row.target is None:
-            self.counters["dropped"] += 1
-            settlement.mark(row, Status.RELAYED)
-        else:
-            self.counters["dead_lettered"] += 1
-            settlement.mark(row, Status.DEAD, error=why)
-            # Logged once written: the settle statement leaves it out when a subscriber elsewhere gets the event.
-            settlement.dead_letter(row, Reason.HANDLER_MISSING, row.target, error_type="HandlerMissing", error=why,
-                                   log_when_written=True)  # fmt: skip
-        report(row, settlement, ())
+        self.counters["dropped" if self.unrouted == "drop" and row.target is None else "dead_lettered"] += 1
+        report(row, unrouted_settlement(row, self.unrouted), ())
 
     # -- attempts and outcomes ---------------------------------------------------------------------------------
 

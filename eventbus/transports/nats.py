@@ -1,0 +1,669 @@
+"""The NATS JetStream transport (``pip install 'eventbus[nats]'``): the relay forwards claimed rows to a stream,
+and consumer processes, on this machine or others, run the subscribers' handlers.
+
+Relay side (:class:`NatsTransport`): every claimed row is published to the stream ``EVENTBUS_<SCHEMA>`` on the
+subject ``eventbus.<schema>.<partition>.<topic>`` (``u`` for rows without a key), with ``Nats-Msg-Id`` = the
+outbox row id, so a row the relay publishes twice (its lease ran out before it settled) is stored once, while a
+retry or replay, a new row, is never swallowed by the duplicate window. The event id, key, target, tenant,
+attempt and the row's headers (the trace context among them) travel as headers. Publishes are pipelined, at most
+``max_in_flight`` awaiting their acknowledgement; a row is settled as relayed once its PubAck arrived. While the
+broker cannot be reached, claims hold every subscriber's rows back (they stay pending) and a failed publish
+sends its row back to pending with backoff.
+
+The stream keeps messages by age (``max_age``, limits retention), not by interest: interest retention drops a
+message published before a subscriber's consumer exists, and a subscriber deployed after its events were
+published must still get them.
+
+Consumer side (:class:`NatsConsumer`, through ``bus.consumer()`` or ``eventbus consume``): a durable pull
+consumer per subscriber, shared by every consumer process. Each message runs the same attempt pipeline as the
+local transport (typed decode, timeout, the inbox of a transactional subscriber); a failure is retried with the
+subscriber's backoff through ``nak(delay)``; ``in_progress()`` keeps a long attempt's message; a dead letter is
+written to the shared PostgreSQL table, then the message is terminated. An ordered subscriber has one consumer
+per key partition, each with one message in flight at a time: a key's events are handled one at a time in the
+order the relay published them (event id order), and a key that retries holds up its partition's other keys.
+
+Known limits: a consumer's lag is the broker's (``nats consumer info``); a paused subscriber's consumers keep
+running (pause it by stopping its consumers); after a publish that failed while later rows of its partition were
+already in flight, those later rows can precede it in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import re
+import ssl
+import uuid
+from collections import Counter
+from collections.abc import Collection, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from ..errors import ConfigurationError
+from ..events import Envelope, partition_of
+from ..handlers import DONE, DUPLICATE, AttemptRunner, Outcome, Subscription, Verdict
+from ..observability import logs
+from ..repositories import Carried, DeadLetterRepository, Reason, Settlement, Status
+from . import DeliveryStatistics, Report, Unrouted, unrouted_settlement
+
+if TYPE_CHECKING:
+    import nats.aio.client
+    import nats.aio.msg
+    import nats.js
+
+__all__ = ["NatsConsumer", "NatsTransport", "redact_nats_url", "stream_name", "subject_of"]
+
+log = logging.getLogger("eventbus.nats")
+
+#: Headers eventbus sets; the row's own headers travel beside them.
+_EVENT_ID, _KEY, _TARGET, _TENANT, _TOPIC, _ATTEMPT = (
+    "Eventbus-Event-Id", "Eventbus-Key", "Eventbus-Target", "Eventbus-Tenant", "Eventbus-Topic", "Eventbus-Attempt",
+)  # fmt: skip
+_OURS = {_EVENT_ID, _KEY, _TARGET, _TENANT, _TOPIC, _ATTEMPT, "Nats-Msg-Id"}
+_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+_URL_USER = re.compile(r"(?P<scheme>\b(?:nats|tls|ws|wss)://)(?P<user>[^@/\s]+)@")
+
+
+def redact_nats_url(text: str) -> str:
+    """``text`` with the credentials of every NATS URL in it hidden: ``nats://user:***@host``, and a token
+    (``nats://TOKEN@host``) as ``nats://***@host``."""
+
+    def hide(match: re.Match[str]) -> str:
+        user = match["user"]
+        shown = user.split(":", 1)[0] + ":***" if ":" in user else "***"
+        return f"{match['scheme']}{shown}@"
+
+    return _URL_USER.sub(hide, text)
+
+
+def stream_name(schema: str) -> str:
+    """The stream of a schema's events."""
+    return f"EVENTBUS_{schema.upper()}"
+
+
+def _subject_root(schema: str) -> str:
+    return f"eventbus.{schema}"
+
+
+def subject_of(schema: str, topic: str, key: str | None) -> str:
+    """``eventbus.<schema>.<partition>.<topic>``: the partition of the key (``u`` without one), then the topic's
+    dotted parts, each with the characters a subject token cannot hold replaced by ``_``."""
+    partition = partition_of(key)
+    tokens = [_TOKEN.sub("_", part) or "_" for part in topic.split(".")]
+    return ".".join((_subject_root(schema), "u" if partition is None else str(partition), *tokens))
+
+
+def _durable(schema: str, subscriber: str, suffix: str = "") -> str:
+    """A durable consumer's name for a subscriber: its name's usable characters and a hash of the whole name (two
+    names that differ only in unusable characters get their own)."""
+    digest = hashlib.blake2b(subscriber.encode(), digest_size=4).hexdigest()
+    return f"eventbus_{schema}_{_TOKEN.sub('_', subscriber)[:80]}_{digest}{suffix}"
+
+
+def _import_nats() -> Any:
+    try:
+        import nats
+    except ImportError as exc:
+        raise ConfigurationError("the NATS transport needs nats-py: pip install 'eventbus[nats]'") from exc
+    return nats
+
+
+class _Connection:
+    """How to reach the NATS servers, and the connection made with it."""
+
+    def __init__(
+        self, servers: str | Sequence[str], *, credentials: str | None, nkeys_seed: str | None,
+        tls: ssl.SSLContext | None, user: str | None, password: str | None, token: str | None, name: str,
+    ) -> None:  # fmt: skip
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        if not self.servers:
+            raise ConfigurationError("give the NATS transport at least one server URL, e.g. nats://127.0.0.1:4222")
+        self.options: dict[str, Any] = {"name": name}
+        for option, value in (("user_credentials", credentials), ("nkeys_seed", nkeys_seed), ("tls", tls),
+                              ("user", user), ("password", password), ("token", token)):  # fmt: skip
+            if value is not None:
+                self.options[option] = value
+        #: When (anyio clock) the broker stopped answering; None while it answers.
+        self.unreachable_since: float | None = None
+        self.client: nats.aio.client.Client | None = None
+
+    def shown(self) -> str:
+        return ", ".join(redact_nats_url(server) for server in self.servers)
+
+    async def open(self) -> nats.aio.client.Client:
+        client_module = _import_nats()
+
+        async def disconnected() -> None:
+            if self.unreachable_since is None and self.client is not None:  # not our own close()
+                self.unreachable_since = anyio.current_time()
+                log.warning("NATS connection to %s lost; reconnecting", self.shown())
+
+        async def reconnected() -> None:
+            self.unreachable_since = None
+            logs.emit(log, logging.INFO, "NATS connection to %s back", self.shown(), fields={})
+
+        async def error(exc: Exception) -> None:
+            log.debug("NATS client error: %s", redact_nats_url(str(exc)))
+
+        client: nats.aio.client.Client = await client_module.connect(
+            servers=self.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.25, connect_timeout=2,
+            disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error, allow_reconnect=True,
+            **self.options,
+        )  # fmt: skip
+        self.client = client
+        self.unreachable_since = None
+        return client
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(Exception):
+                await client.drain()
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def _ensure_stream(js: nats.js.JetStreamContext, schema: str, max_age: float, duplicate_window: float) -> None:
+    """Create the schema's stream, or check the one there: its subjects, limits retention and a duplicate window
+    of at least ``duplicate_window``."""
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+    from nats.js.errors import NotFoundError
+
+    name = stream_name(schema)
+    subjects = [f"{_subject_root(schema)}.>"]
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(StreamConfig(
+            name=name, subjects=subjects, retention=RetentionPolicy.LIMITS, max_age=max_age,
+            duplicate_window=duplicate_window, storage=StorageType.FILE,
+        ))  # fmt: skip
+        logs.emit(log, logging.INFO, "created stream %s for %s", name, subjects[0], fields={"stream": name})
+        return
+    config = info.config
+    if config.retention not in (None, RetentionPolicy.LIMITS):
+        raise ConfigurationError(
+            f"stream {name} has {config.retention} retention; eventbus needs limits retention (interest retention "
+            "drops events published before a subscriber's consumer exists): delete or recreate the stream"
+        )
+    if (config.duplicate_window or 0) + 1e-9 < duplicate_window:
+        raise ConfigurationError(
+            f"stream {name}'s duplicate window is {config.duplicate_window:g} s, under the {duplicate_window:g} s "
+            "a row may take to be published again (the lease plus the retry horizon): raise it with "
+            f"`nats stream edit {name} --dupe-window {math.ceil(duplicate_window)}s`"
+        )
+
+
+def _backoff(failures: int) -> float:
+    return min(5.0, 0.1 * 2.0 ** min(failures, 10))
+
+
+class NatsTransport:
+    """The relay's side: forwards claimed rows to the schema's JetStream stream (see the module's documentation).
+
+    ``servers``: one URL or several (``nats://``, ``tls://``); credentials through ``credentials`` (a ``.creds``
+    file), ``nkeys_seed`` (an NKEY seed file), ``user``/``password``, ``token`` or the URL itself, and ``tls`` (an
+    :class:`ssl.SSLContext`). No password or token is ever printed. ``max_age``: how long the stream keeps a
+    message; ``duplicate_window``: at least the relay's lease plus the time a failed publish takes to come back
+    (checked on a stream that exists); ``max_in_flight``: publishes awaiting their acknowledgement;
+    ``ack_timeout``: how long a publish waits for it before its row goes back to pending.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] = "nats://127.0.0.1:4222",
+        *,
+        credentials: str | None = None,
+        nkeys_seed: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        max_age: timedelta = timedelta(days=7),
+        duplicate_window: float = 120.0,
+        max_in_flight: int = 1024,
+        ack_timeout: float = 10.0,
+        fetch_batch: int = 64,
+    ) -> None:
+        if max_in_flight < 1 or ack_timeout <= 0 or duplicate_window <= 0:
+            raise ConfigurationError("max_in_flight must be at least 1, ack_timeout and duplicate_window above 0")
+        self._settings: dict[str, Any] = {
+            "credentials": credentials, "nkeys_seed": nkeys_seed, "tls": tls, "user": user, "password": password,
+            "token": token,
+        }  # fmt: skip
+        self.servers = servers
+        self.max_age = max_age.total_seconds()
+        self.duplicate_window = duplicate_window
+        self.max_in_flight = max_in_flight
+        self.ack_timeout = ack_timeout
+        self.fetch_batch = fetch_batch
+        self.schema = "eventbus"
+        self.unrouted: Unrouted = "dead_letter"
+        self.subscriptions: list[Subscription] = []
+        self.counters: Counter[str] = Counter()
+        self._topics: set[str] = set()
+        self._names: set[str] = set()
+        self._connection: _Connection | None = None
+        self._js: nats.js.JetStreamContext | None = None
+        self._in_flight = 0
+        self._failures = 0
+        self._closing = anyio.Event()
+        self._idle = anyio.Event()
+
+    def connection(self, name: str) -> _Connection:
+        """A new connection setting of this transport's servers and credentials."""
+        return _Connection(self.servers, name=name, **self._settings)
+
+    # -- the Transport protocol ------------------------------------------------------------------------------
+
+    def attach(
+        self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted,
+        schema: str = "eventbus",
+    ) -> None:  # fmt: skip
+        self.subscriptions = list(subscriptions)
+        self.unrouted = unrouted
+        self.schema = schema
+        self._topics = {topic for sub in subscriptions for topic in sub.topics}
+        self._names = {sub.name for sub in subscriptions}
+        self.counters.clear()
+        self._closing = anyio.Event()
+
+    def statistics(self) -> DeliveryStatistics:
+        return DeliveryStatistics(**{k: v for k, v in self.counters.items() if k in DeliveryStatistics.__slots__})
+
+    def carried(self) -> list[Carried]:
+        """Every subscriber of the application: its consumers get the events this relay forwards."""
+        return [Carried(sub.name, sub.topics, sub.ordered) for sub in self.subscriptions]
+
+    @property
+    def unreachable_since(self) -> float | None:
+        """When (anyio clock) the broker stopped answering; None while it answers."""
+        connection = self._connection
+        if connection is None or self._js is None:
+            return anyio.current_time() if connection is not None else None
+        return connection.unreachable_since
+
+    def _reachable(self) -> bool:
+        return self._js is not None and self._connection is not None and self._connection.unreachable_since is None
+
+    def full(self) -> list[str]:
+        """While the broker cannot be reached, or ``max_in_flight`` publishes wait: every subscriber (their
+        targeted rows stay pending)."""
+        return sorted(self._names) if not self._reachable() or self._in_flight >= self.max_in_flight else []
+
+    def blocked_topics(self) -> list[str]:
+        return sorted(self._topics) if not self._reachable() or self._in_flight >= self.max_in_flight else []
+
+    def make_room(self) -> None:
+        """Nothing to let go of: a row leaves the relay's hands when the broker acknowledges it."""
+
+    def revoke(self, partitions: Collection[int]) -> None:
+        """Rows already published cannot be taken back; their settles are fenced by the partition's epoch."""
+
+    def hold(self, names: Collection[str]) -> None:
+        """A paused subscriber's consumers pause; the relay forwards every event once for all subscribers."""
+
+    def close(self) -> None:
+        self._closing.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect (retrying in the background while the broker cannot be reached: rows stay pending meanwhile),
+        make sure the stream exists, forward until closed, then wait for the publishes in flight."""
+        connection = self._connection = self.connection("eventbus relay")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._connect, connection)
+                task_status.started()
+                await self._closing.wait()
+                with anyio.move_on_after(self.ack_timeout):
+                    while self._in_flight:
+                        self._idle = anyio.Event()
+                        await self._idle.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._js = None
+            await connection.close()
+            self._connection = None
+
+    async def _connect(self, connection: _Connection) -> None:
+        failures = 0
+        while True:
+            try:
+                client = await connection.open()
+                js = client.jetstream(publish_async_max_pending=self.max_in_flight)
+                await _ensure_stream(js, self.schema, self.max_age, self.duplicate_window)
+                self._js = js
+                logs.emit(log, logging.INFO, "relay forwards to NATS stream %s at %s", stream_name(self.schema),
+                          connection.shown(), fields={"stream": stream_name(self.schema)})  # fmt: skip
+                return
+            except ConfigurationError:
+                raise
+            except Exception as exc:
+                failures += 1
+                connection.unreachable_since = connection.unreachable_since or anyio.current_time()
+                await connection.close()
+                delay = _backoff(failures)
+                log.warning("cannot reach NATS at %s (%s); rows stay pending, retrying in %.1f s", connection.shown(),
+                            redact_nats_url(str(exc) or type(exc).__name__), delay)  # fmt: skip
+                await anyio.sleep(delay)
+
+    async def deliver(self, rows: Sequence[Envelope], report: Report) -> None:
+        for row in rows:
+            if (row.target is None and row.topic not in self._topics) or (
+                row.target is not None and row.target not in self._names
+            ):
+                self.counters["dead_lettered" if self.unrouted == "dead_letter" or row.target else "dropped"] += 1
+                report(row, unrouted_settlement(row, self.unrouted, where="the application"), ())
+                continue
+            js = self._js
+            if js is None or not self._reachable():
+                self._failed(row, report, "the broker cannot be reached")
+                continue
+            try:
+                future = await js.publish_async(
+                    subject_of(self.schema, row.topic, row.key), row.payload, wait_stall=self.ack_timeout,
+                    headers=self._headers(row),
+                )  # fmt: skip
+            except Exception as exc:
+                self._failed(row, report, f"publishing failed: {type(exc).__name__}: {exc}")
+                continue
+            self._in_flight += 1
+            timer = asyncio.get_running_loop().call_later(self.ack_timeout, future.cancel)
+            future.add_done_callback(functools.partial(self._acked, row, report, timer))
+
+    @staticmethod
+    def _headers(row: Envelope) -> dict[str, str]:
+        headers = dict(row.headers)
+        headers["Nats-Msg-Id"] = str(row.id)
+        headers[_EVENT_ID] = str(row.event_id)
+        headers[_TOPIC] = row.topic
+        headers[_ATTEMPT] = str(row.attempts)
+        if row.key is not None:
+            headers[_KEY] = row.key
+        if row.target is not None:
+            headers[_TARGET] = row.target
+        if row.tenant:
+            headers[_TENANT] = row.tenant
+        return headers
+
+    def _acked(self, row: Envelope, report: Report, timer: asyncio.TimerHandle, done: asyncio.Future[Any]) -> None:
+        timer.cancel()
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+        if done.cancelled() or done.exception() is not None:
+            why = "no acknowledgement within the ack timeout" if done.cancelled() else str(done.exception())
+            self._failed(row, report, why)
+            return
+        self._failures = 0
+        self.counters["delivered"] += 1
+        report(row, None, ())
+
+    def _failed(self, row: Envelope, report: Report, why: str) -> None:
+        """The row goes back to pending, with backoff and its attempt back (nothing ran)."""
+        self._failures += 1
+        self.counters["failed"] += 1
+        settlement = Settlement()
+        settlement.mark(row, Status.PENDING, delay=_backoff(self._failures), refund=True,
+                        error=f"not forwarded to NATS: {redact_nats_url(why)}")  # fmt: skip
+        report(row, settlement, ())
+
+    # -- the consumer side -----------------------------------------------------------------------------------
+
+    def consumer(
+        self, subscriptions: Sequence[Subscription], runner: AttemptRunner, dead_letters: DeadLetterRepository,
+        *, schema: str, stop_timeout: float = 10.0,
+    ) -> NatsConsumer:  # fmt: skip
+        """A consumer of this transport's stream for ``subscriptions`` (see :class:`NatsConsumer`)."""
+        return NatsConsumer(self, subscriptions, runner, dead_letters, schema=schema, stop_timeout=stop_timeout)
+
+
+class _Fields(msgspec.Struct, frozen=True):
+    """What a message must carry to be an event."""
+
+    event_id: uuid.UUID
+    topic: str
+
+
+class NatsConsumer:
+    """Runs subscribers' handlers on the messages of a schema's stream, with the attempt pipeline of the local
+    transport (see the module's documentation). Several consumer processes may run for the same subscribers: they
+    share each subscriber's durable consumers."""
+
+    def __init__(
+        self, transport: NatsTransport, subscriptions: Sequence[Subscription], runner: AttemptRunner,
+        dead_letters: DeadLetterRepository, *, schema: str, stop_timeout: float = 10.0,
+    ) -> None:  # fmt: skip
+        if not subscriptions:
+            raise ConfigurationError("a consumer needs subscribers: subscribe handlers on the bus first")
+        self.transport, self.runner, self.dead_letters = transport, runner, dead_letters
+        self.subscriptions = list(subscriptions)
+        self.schema = schema
+        self.stop_timeout = stop_timeout
+        self.counters: Counter[str] = Counter()
+        self._closing = anyio.Event()
+        self._stopped = anyio.Event()
+        self._running = 0
+        self._idle = anyio.Event()
+        self._connection: _Connection | None = None
+
+    def statistics(self) -> DeliveryStatistics:
+        return DeliveryStatistics(**{k: v for k, v in self.counters.items() if k in DeliveryStatistics.__slots__})
+
+    def close(self) -> None:
+        """Fetch nothing more; what runs finishes (within the stop timeout), then :meth:`run` returns."""
+        self._closing.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        transport = self.transport
+        connection = self._connection = transport.connection("eventbus consumer")
+        try:
+            client = await connection.open()
+            js = client.jetstream()
+            await _ensure_stream(js, self.schema, transport.max_age, transport.duplicate_window)
+            async with anyio.create_task_group() as tg:
+                for sub in self.subscriptions:
+                    for durable, subject, one_at_a_time in self._consumers(sub):
+                        tg.start_soon(self._pull, js, sub, durable, subject, one_at_a_time)
+                names = ", ".join(sub.name for sub in self.subscriptions)
+                logs.emit(log, logging.INFO, "consumer of stream %s started for %s", stream_name(self.schema), names,
+                          fields={"schema": self.schema})  # fmt: skip
+                task_status.started()
+                await self._closing.wait()
+                with anyio.move_on_after(self.stop_timeout):
+                    while self._running:
+                        self._idle = anyio.Event()
+                        await self._idle.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            await connection.close()
+            self._stopped.set()
+
+    def _consumers(self, sub: Subscription) -> list[tuple[str, str, bool]]:
+        """(durable name, filter subject, one message at a time) of a subscriber's consumers."""
+        root = _subject_root(self.schema)
+        if not sub.ordered:
+            return [(_durable(self.schema, sub.name), f"{root}.>", False)]
+        from ..events import PARTITIONS
+
+        keyed = [(_durable(self.schema, sub.name, f"_p{p}"), f"{root}.{p}.>", True) for p in range(PARTITIONS)]
+        return [(_durable(self.schema, sub.name, "_u"), f"{root}.u.>", False), *keyed]
+
+    async def _pull(
+        self, js: nats.js.JetStreamContext, sub: Subscription, durable: str, subject: str, one_at_a_time: bool
+    ) -> None:
+        """Fetch and handle one durable consumer's messages until closed; a subscription that fails (after a
+        server restart, an orphaned pull request) is made again."""
+        from nats.errors import TimeoutError as FetchTimeout
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        ack_wait = max(5.0, sub.timeout * 2)
+        config = ConsumerConfig(
+            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait, max_deliver=-1, filter_subject=subject,
+            max_ack_pending=1 if one_at_a_time else max(1000, sub.concurrency * 4),
+        )  # fmt: skip
+        slots = anyio.Semaphore(1 if one_at_a_time else sub.concurrency)
+        batch = 1 if one_at_a_time else self.transport.fetch_batch
+        failures = 0
+        async with anyio.create_task_group() as handling:
+            while not self._closing.is_set():
+                try:
+                    psub = await js.pull_subscribe(subject, durable=durable, stream=stream_name(self.schema),
+                                                   config=config)  # fmt: skip
+                    while not self._closing.is_set():
+                        # Fetch only what there is room for, so no fetched message waits for a worker.
+                        await slots.acquire()
+                        room = 1
+                        while room < batch and slots.value:
+                            slots.acquire_nowait()
+                            room += 1
+                        messages = []
+                        try:
+                            with anyio.fail_after(5.0):  # a fetch that outlives its own timeout is orphaned
+                                messages = await psub.fetch(room, timeout=1.0)
+                        except FetchTimeout:
+                            pass
+                        finally:
+                            for _ in range(room - len(messages)):
+                                slots.release()
+                        failures = 0
+                        for message in messages:
+                            self._running += 1
+                            handling.start_soon(self._handle_released, sub, message, ack_wait, slots)
+                except Exception as exc:
+                    if self._closing.is_set():
+                        return
+                    failures += 1
+                    delay = _backoff(failures)
+                    log.warning("consumer %s: fetching failed (%s: %s); subscribing again in %.1f s", durable,
+                                type(exc).__name__, redact_nats_url(str(exc)), delay)  # fmt: skip
+                    await anyio.sleep(delay)
+
+    async def _handle_released(
+        self, sub: Subscription, message: nats.aio.msg.Msg, ack_wait: float, slots: anyio.Semaphore
+    ) -> None:
+        try:
+            await self._handle(sub, message, ack_wait)
+        except Exception:
+            log.exception("consumer of %s: a message could not be settled; the broker redelivers it", sub.name)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+            slots.release()
+
+    async def _handle(self, sub: Subscription, message: nats.aio.msg.Msg, ack_wait: float) -> None:
+        headers = dict(message.headers or {})
+        attempt = message.metadata.num_delivered or 1
+        try:
+            fields = msgspec.convert({"event_id": headers.get(_EVENT_ID), "topic": headers.get(_TOPIC)}, _Fields)
+            row_id = uuid.UUID(headers.get("Nats-Msg-Id", str(fields.event_id)))
+        except (msgspec.ValidationError, ValueError):
+            await self._unreadable(sub, message, headers, attempt)
+            return
+        envelope = Envelope(
+            id=row_id, event_id=fields.event_id, topic=fields.topic, payload=message.data, key=headers.get(_KEY),
+            target=headers.get(_TARGET), tenant=headers.get(_TENANT, ""),
+            headers={k: v for k, v in headers.items() if k not in _OURS}, attempts=attempt,
+        )  # fmt: skip
+        if (envelope.target is not None and envelope.target != sub.name) or envelope.topic not in sub.topics:
+            await message.ack()  # another subscriber's row, or a topic this one does not take
+            return
+        if attempt > sub.max_attempts:
+            outcome = await self._exhausted(sub, envelope)
+        else:
+            if self._closing.is_set():
+                await message.nak()  # a stop: it is delivered again at once, to another consumer
+                return
+            async with anyio.create_task_group() as keeping:
+                keeping.start_soon(self._keep, message, ack_wait)
+                try:
+                    outcome = await self.runner.run(sub, envelope, attempt)
+                finally:
+                    keeping.cancel_scope.cancel()
+        await self._settle(sub, envelope, message, outcome)
+
+    async def _keep(self, message: nats.aio.msg.Msg, ack_wait: float) -> None:
+        """``in_progress()`` while a long attempt runs, so the broker does not hand its message to another."""
+        while True:
+            await anyio.sleep(ack_wait / 3)
+            with contextlib.suppress(Exception):
+                await message.in_progress()
+
+    async def _exhausted(self, sub: Subscription, envelope: Envelope) -> Outcome:
+        try:
+            if await self.runner.handled_before(sub, envelope):
+                return DUPLICATE
+        except Exception:
+            pass
+        outcome = Outcome(
+            Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type="AttemptsExhausted",
+            error=f"delivered {envelope.attempts} times, more than max_attempts={sub.max_attempts}: earlier "
+            "attempts never finished (a consumer died or its acknowledgement timed out while handling)",
+            attempts=envelope.attempts,
+        )  # fmt: skip
+        logs.dead_lettered(envelope, sub.name, outcome.reason or "", outcome.error_type, outcome.error,
+                           outcome.attempts)  # fmt: skip
+        return outcome
+
+    async def _settle(self, sub: Subscription, envelope: Envelope, message: nats.aio.msg.Msg, outcome: Outcome) -> None:
+        with anyio.CancelScope(shield=True):
+            if outcome is DONE or outcome.verdict is Verdict.DONE:
+                self.counters["delivered"] += 1
+                await message.ack()
+            elif outcome.verdict is Verdict.DUPLICATE:
+                self.counters["duplicates_skipped"] += 1
+                await message.ack()
+            elif outcome.verdict is Verdict.RETRY:
+                self.counters["failed"] += 1
+                self.counters["retried"] += 1
+                delay = max(0.0, outcome.failed_at + outcome.delay - anyio.current_time())
+                await message.nak(delay=delay)
+            else:
+                assert outcome.reason is not None
+                try:
+                    await self.dead_letters.add(
+                        envelope, outcome.reason, sub.name, attempts=outcome.attempts or envelope.attempts,
+                        error_type=outcome.error_type, error=outcome.error, traceback=outcome.traceback,
+                        trace_id=outcome.trace_id,
+                    )  # fmt: skip
+                except Exception as exc:
+                    log.warning("consumer of %s: could not write a dead letter (%s); the message comes back in 1 s",
+                                sub.name, exc)  # fmt: skip
+                    await message.nak(delay=1.0)
+                    return
+                self.counters["dead_lettered"] += 1
+                await message.term()
+
+    async def _unreadable(
+        self, sub: Subscription, message: nats.aio.msg.Msg, headers: dict[str, str], attempt: int
+    ) -> None:
+        """A message without a readable event id or topic: one ``DeserializationFailed`` letter, then term."""
+        event_id = uuid.uuid4()
+        envelope = Envelope(id=event_id, event_id=event_id, topic=headers.get(_TOPIC, message.subject),
+                            payload=message.data if _is_json(message.data) else b"null", attempts=attempt)  # fmt: skip
+        why = f"message on {message.subject} has no readable {_EVENT_ID} or {_TOPIC} header"
+        logs.dead_lettered(envelope, sub.name, Reason.DESERIALIZATION_FAILED, "DeserializationError", why, attempt)
+        await self.dead_letters.add(envelope, Reason.DESERIALIZATION_FAILED, sub.name, attempts=attempt,
+                                    error_type="DeserializationError", error=why)  # fmt: skip
+        await message.term()
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return False
+    return True

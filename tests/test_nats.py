@@ -1,0 +1,89 @@
+"""NATS JetStream through the command line: a relay process forwards, two consumer processes handle, and no NATS
+credential is ever printed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import asyncpg
+import msgspec
+import pytest
+
+from eventbus import EventBus
+from eventbus.sql import quote_schema
+from eventbus.transports.nats import redact_nats_url
+
+pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "t0ken-7c1e9"
+
+
+class Order(msgspec.Struct, frozen=True):
+    """The topic tests/apps/brokered.py handles."""
+
+    n: int
+
+
+def _spawn(command: str, url: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "eventbus.cli", command, "--app", "tests.apps.brokered:bus", "--nats", url],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+
+
+def _stop(child: subprocess.Popen[bytes]) -> int:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    return child.wait(timeout=30)
+
+
+def test_nats_urls_never_show_their_credentials() -> None:
+    assert redact_nats_url(f"nats://alice:{TOKEN}@h:4222") == "nats://alice:***@h:4222"
+    assert redact_nats_url(f"connect to tls://{TOKEN}@h:4222, nats://h2") == "connect to tls://***@h:4222, nats://h2"
+
+
+async def test_a_relay_and_two_consumer_processes_handle_every_event_once(
+    eventbus_dsn: str, eventbus_schema: str, nats_url: str, tmp_path: Path
+) -> None:
+    schema = quote_schema(eventbus_schema)
+    conn = await asyncpg.connect(eventbus_dsn)
+    await conn.execute(f"CREATE TABLE {schema}.effects (event_id uuid, n int, pid int)")
+    env = {**os.environ, "BROKERED_DSN": eventbus_dsn, "BROKERED_SCHEMA": eventbus_schema, "PYTHONPATH": str(ROOT)}
+    # A token in the URL: the server has no authentication, so it is ignored; it must appear nowhere.
+    url = nats_url.replace("nats://", f"nats://{TOKEN}@")
+    logs = [tmp_path / "relay.log", tmp_path / "consumer-1.log", tmp_path / "consumer-2.log"]
+    children = [_spawn("relay", url, env, logs[0]), _spawn("consume", url, env, logs[1]),
+                _spawn("consume", url, env, logs[2])]  # fmt: skip
+    try:
+        async with EventBus(eventbus_dsn, schema=eventbus_schema, relay=False) as producer:
+            for first in range(0, 200, 50):
+                async with producer.transaction() as tx:
+                    await tx.publish_many([Order(n) for n in range(first, first + 50)])
+            with anyio.fail_after(60):
+                while await conn.fetchval(f"SELECT count(DISTINCT event_id) FROM {schema}.effects") < 200:
+                    assert all(child.poll() is None for child in children), [log.read_text() for log in logs]
+                    await anyio.sleep(0.1)
+                while sum((await producer.dead_letters.count()).values()) < 40:  # noqa: ASYNC110 - the table is the state
+                    await anyio.sleep(0.1)
+            await producer.drain(30)
+            letters = await producer.dead_letters.count()
+        rows = await conn.fetch(f"SELECT n, pid FROM {schema}.effects")
+    finally:
+        codes = [_stop(child) for child in children]
+        await conn.close()
+    text = "\n".join(log.read_text() for log in logs)
+    assert codes == [0, 0, 0], text
+    assert sorted(row["n"] for row in rows) == list(range(200)), "one effect per event"
+    assert len({row["pid"] for row in rows}) == 2, "both consumers took a share"
+    assert letters == {("DeliveryFailed", "rejects"): 40}
+    assert TOKEN not in text, text
+    assert "nats://***@127.0.0.1" in text
+    started = [line for line in logs[1].read_text().splitlines() if line.startswith("consumer started")]
+    assert started and "effects" in started[0] and "rejects" in started[0]
