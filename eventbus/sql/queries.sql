@@ -716,8 +716,9 @@ LIMIT $9
 FOR UPDATE SKIP LOCKED;
 
 -- name: dead_letter_insert
--- Write one dead letter of a delivery that did not come from an outbox claim (a broker consumer's); the letter
--- id $1 makes a retried insert write nothing twice.
+-- Write one dead letter of a delivery that did not come from an outbox claim (a broker consumer's), unless the
+-- same row's delivery to the same subscriber has an unreplayed letter already (a consumer that died between
+-- writing it and acknowledging the message sees it again).
 -- $1 id uuid
 -- $2 reason text
 -- $3 event_id uuid
@@ -736,7 +737,10 @@ FOR UPDATE SKIP LOCKED;
 INSERT INTO __schema__.eventbus_dead_letters
     (id, reason, event_id, outbox_id, tenant, topic, key, subscriber, payload, headers, attempts, error_type, error,
      traceback, trace_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13, $14, $15)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13, $14, $15
+WHERE NOT EXISTS (
+    SELECT 1 FROM __schema__.eventbus_dead_letters AS d
+    WHERE d.event_id = $3 AND d.replayed_at IS NULL AND d.outbox_id = $4 AND d.subscriber IS NOT DISTINCT FROM $8)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: dead_letter_mark_replayed

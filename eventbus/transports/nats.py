@@ -133,6 +133,8 @@ class _Connection:
                 self.options[option] = value
         #: When (anyio clock) the broker stopped answering; None while it answers.
         self.unreachable_since: float | None = None
+        #: How many times the connection came back.
+        self.generation = 0
         self.client: nats.aio.client.Client | None = None
 
     def shown(self) -> str:
@@ -148,6 +150,7 @@ class _Connection:
 
         async def reconnected() -> None:
             self.unreachable_since = None
+            self.generation += 1  # pull subscriptions are made again (one can stop receiving after a restart)
             logs.emit(log, logging.INFO, "NATS connection to %s back", self.shown(), fields={})
 
         async def error(exc: Exception) -> None:
@@ -202,8 +205,8 @@ async def _ensure_stream(js: nats.js.JetStreamContext, schema: str, max_age: flo
         )
 
 
-def _backoff(failures: int) -> float:
-    return min(5.0, 0.1 * 2.0 ** min(failures, 10))
+def _backoff(failures: int, most: float = 5.0) -> float:
+    return min(most, 0.1 * 2.0 ** min(failures, 10))
 
 
 class NatsTransport:
@@ -412,7 +415,8 @@ class NatsTransport:
         self._failures += 1
         self.counters["failed"] += 1
         settlement = Settlement()
-        settlement.mark(row, Status.PENDING, delay=_backoff(self._failures), refund=True,
+        # At most a second: delivery resumes within about one poll interval of the broker coming back.
+        settlement.mark(row, Status.PENDING, delay=_backoff(self._failures, most=1.0), refund=True,
                         error=f"not forwarded to NATS: {redact_nats_url(why)}")  # fmt: skip
         report(row, settlement, ())
 
@@ -475,7 +479,7 @@ class NatsConsumer:
             async with anyio.create_task_group() as tg:
                 for sub in self.subscriptions:
                     for durable, subject, one_at_a_time in self._consumers(sub):
-                        tg.start_soon(self._pull, js, sub, durable, subject, one_at_a_time)
+                        tg.start_soon(self._pull, connection, js, sub, durable, subject, one_at_a_time)
                 names = ", ".join(sub.name for sub in self.subscriptions)
                 logs.emit(log, logging.INFO, "consumer of stream %s started for %s", stream_name(self.schema), names,
                           fields={"schema": self.schema})  # fmt: skip
@@ -501,10 +505,12 @@ class NatsConsumer:
         return [(_durable(self.schema, sub.name, "_u"), f"{root}.u.>", False), *keyed]
 
     async def _pull(
-        self, js: nats.js.JetStreamContext, sub: Subscription, durable: str, subject: str, one_at_a_time: bool
-    ) -> None:
-        """Fetch and handle one durable consumer's messages until closed; a subscription that fails (after a
-        server restart, an orphaned pull request) is made again."""
+        self, connection: _Connection, js: nats.js.JetStreamContext, sub: Subscription, durable: str, subject: str,
+        one_at_a_time: bool,
+    ) -> None:  # fmt: skip
+        """Fetch and handle one durable consumer's messages until closed. The subscription is made again when a
+        fetch fails or outlives its own timeout (an orphaned pull request) and after every reconnect (a pull
+        subscription can stop receiving after a server restart)."""
         from nats.errors import TimeoutError as FetchTimeout
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -517,12 +523,17 @@ class NatsConsumer:
         slots = anyio.Semaphore(1 if one_at_a_time else sub.concurrency)
         batch = 1 if one_at_a_time else self.transport.fetch_batch
         failures = 0
+        psub: Any = None
         async with anyio.create_task_group() as handling:
             while not self._closing.is_set():
                 try:
+                    if psub is not None:
+                        with contextlib.suppress(Exception):
+                            await psub.unsubscribe()
+                    generation = connection.generation
                     psub = await js.pull_subscribe(subject, durable=durable, stream=stream_name(self.schema),
                                                    config=config)  # fmt: skip
-                    while not self._closing.is_set():
+                    while not self._closing.is_set() and generation == connection.generation:
                         # Fetch only what there is room for, so no fetched message waits for a worker.
                         await slots.acquire()
                         room = 1
@@ -587,12 +598,18 @@ class NatsConsumer:
             if self._closing.is_set():
                 await message.nak()  # a stop: it is delivered again at once, to another consumer
                 return
-            async with anyio.create_task_group() as keeping:
-                keeping.start_soon(self._keep, message, ack_wait)
-                try:
-                    outcome = await self.runner.run(sub, envelope, attempt)
-                finally:
-                    keeping.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as keeping:
+                    keeping.start_soon(self._keep, message, ack_wait)
+                    try:
+                        outcome = await self.runner.run(sub, envelope, attempt)
+                    finally:
+                        keeping.cancel_scope.cancel()
+            except anyio.get_cancelled_exc_class():
+                # Cut short by a stop past its timeout: delivered again at once, not after the ack wait.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await message.nak()
+                raise
         await self._settle(sub, envelope, message, outcome)
 
     async def _keep(self, message: nats.aio.msg.Msg, ack_wait: float) -> None:

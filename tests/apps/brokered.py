@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import anyio
 import msgspec
 
 from eventbus import Backoff, Context, EventBus, RelayConfig
@@ -25,6 +26,7 @@ bus = EventBus(
 async def effects(event: Order, ctx: Context) -> None:
     if event.n % 10 == 9 and ctx.attempt == 1:
         raise ConnectionError(f"order {event.n} fails once")
+    await anyio.sleep(0.005)  # long enough that a kill can land mid-handler
     await ctx.connection.execute(
         f'INSERT INTO "{bus.schema}".effects (event_id, n, pid) VALUES ($1, $2, $3)', ctx.event_id, event.n,
         os.getpid(),
