@@ -50,7 +50,7 @@ def transport(request: pytest.FixtureRequest) -> tuple[Callable[[], Transport], 
     """How to make the transport, and how to run a bus's subscribers on it."""
     if request.param == "local":
         return LocalTransport, _local
-    url: str = request.getfixturevalue("nats_url")
+    url: str = request.getfixturevalue("nats_stream")
     return (lambda: NatsTransport(url, ack_timeout=5.0)), _broker
 
 

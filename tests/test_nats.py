@@ -50,8 +50,9 @@ def test_nats_urls_never_show_their_credentials() -> None:
 
 
 async def test_a_relay_and_two_consumer_processes_handle_every_event_once(
-    eventbus_dsn: str, eventbus_schema: str, nats_url: str, tmp_path: Path
+    eventbus_dsn: str, eventbus_schema: str, nats_stream: str, tmp_path: Path
 ) -> None:
+    nats_url = nats_stream
     schema = quote_schema(eventbus_schema)
     conn = await asyncpg.connect(eventbus_dsn)
     await conn.execute(f"CREATE TABLE {schema}.effects (event_id uuid, n int, pid int)")

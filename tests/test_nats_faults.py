@@ -133,10 +133,10 @@ async def test_the_server_restarting_under_load_loses_nothing_and_delivery_resum
 
 
 async def test_a_consumer_killed_mid_handler_loses_nothing(
-    eventbus_dsn: str, eventbus_schema: str, effects_table: asyncpg.Connection, nats_url: str, tmp_path: Path
+    eventbus_dsn: str, eventbus_schema: str, effects_table: asyncpg.Connection, nats_stream: str, tmp_path: Path
 ) -> None:
     schema, conn = quote_schema(eventbus_schema), effects_table
-    async with _topology(eventbus_dsn, eventbus_schema, nats_url, tmp_path) as children:
+    async with _topology(eventbus_dsn, eventbus_schema, nats_stream, tmp_path) as children:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_publish, eventbus_dsn, eventbus_schema, range(EVENTS), 0.02)
             with anyio.fail_after(60):
