@@ -40,6 +40,7 @@ from .repositories import (
 )
 from .transports import DeliveryStatistics, Transport
 from .transports.local import LocalTransport
+from .transports.nats import NatsTransport
 
 __version__ = "0.2.0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "Health",
     "LocalTransport",
     "MigrationsMissing",
+    "NatsTransport",
     "NewEvent",
     "NotInTransaction",
     "OfferResult",

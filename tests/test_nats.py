@@ -88,3 +88,17 @@ async def test_a_relay_and_two_consumer_processes_handle_every_event_once(
     assert "nats://***@127.0.0.1" in text
     started = [line for line in logs[1].read_text().splitlines() if line.startswith("consumer started")]
     assert started and "effects" in started[0] and "rejects" in started[0]
+
+
+async def test_the_two_process_example_runs(eventbus_dsn: str) -> None:
+    env = {**os.environ, "EVENTBUS_DSN": eventbus_dsn, "PYTHONPATH": str(ROOT)}
+    env.pop("NATS_URL", None)
+    try:
+        done = await anyio.run_process([sys.executable, "-m", "examples.nats"], env=env, cwd=ROOT, check=False)
+    finally:
+        conn = await asyncpg.connect(eventbus_dsn)
+        await conn.execute("DROP SCHEMA IF EXISTS nats_example CASCADE")
+        await conn.close()
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, output
+    assert "10 invoices written by the consumer process, one per order" in output

@@ -1,0 +1,1 @@
+"""Two processes through NATS JetStream: ``python -m examples.nats``."""
