@@ -402,7 +402,8 @@ class EventBus:
                         metrics=self.metrics,
                     )  # fmt: skip
                     self.transport.attach(
-                        list(self.subscriptions.values()), runner, unrouted=self.unrouted, schema=self.schema
+                        list(self.subscriptions.values()), runner, unrouted=self.unrouted, schema=self.schema,
+                        lease=self.relay_config.lease,
                     )
                     self._runner = runner
                     self._delivering = True
@@ -562,16 +563,21 @@ class EventBus:
             inbox=InboxRepository(self.schema), redact=self.redact, tracing=self.tracing, metrics=self.metrics,
         )  # fmt: skip
         consumer = make(chosen, runner, self.dead_letters, schema=self.schema, stop_timeout=self.stop_timeout)
-        async with anyio.create_task_group() as tg:
-            await tg.start(consumer.run)
-            try:
-                yield consumer
-            finally:
-                consumer.close()
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.stop_timeout + 5):
-                    await consumer.wait_stopped()
-                runner.threads.close()
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer.run)
+                try:
+                    yield consumer
+                finally:
+                    consumer.close()
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(self.stop_timeout + 5):
+                        await consumer.wait_stopped()
+                    runner.threads.close()
+                    tg.cancel_scope.cancel()
+        except ExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None  # what failed, not the task group around it
+            raise
 
     async def health(self) -> Health:
         """What ``/healthz`` and ``/readyz`` answer: alive unless the background work failed; ready when the

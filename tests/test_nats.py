@@ -12,11 +12,14 @@ from pathlib import Path
 import anyio
 import asyncpg
 import msgspec
+import nats
 import pytest
+from nats.js.api import StreamConfig
 
-from eventbus import EventBus
+from eventbus import ConfigurationError, EventBus, NatsTransport
+from eventbus.events import partition_of
 from eventbus.sql import quote_schema
-from eventbus.transports.nats import redact_nats_url
+from eventbus.transports.nats import redact_nats_url, stream_name, subject_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
 
@@ -102,3 +105,37 @@ async def test_the_two_process_example_runs(eventbus_dsn: str) -> None:
     output = done.stdout.decode() + done.stderr.decode()
     assert done.returncode == 0, output
     assert "10 invoices written by the consumer process, one per order" in output
+
+
+def test_subjects_carry_partition_and_topic_in_tokens_a_subject_can_hold() -> None:
+    assert subject_of("shop", "orders.placed", None) == "eventbus.shop.u.orders.placed"
+    partition = partition_of("o-1")
+    assert subject_of("shop", "a..b*>", "o-1") == f"eventbus.shop.{partition}.a._.b__"
+
+
+async def test_a_duplicate_window_shorter_than_the_lease_is_refused(
+    eventbus_dsn: str, eventbus_schema: str, nats_stream: str
+) -> None:
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, transport=NatsTransport(nats_stream, duplicate_window=20))
+
+    @bus.subscribe(name="any")
+    async def handle(event: Order) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="duplicate window"):
+        await bus.start()
+    # A stream made with a shorter window than the transport needs is refused too, saying how to fix it.
+    client = await nats.connect(nats_stream)
+    try:
+        await client.jetstream().add_stream(
+            StreamConfig(name=stream_name(eventbus_schema), subjects=[f"eventbus.{eventbus_schema}.>"],
+                         duplicate_window=30)
+        )  # fmt: skip
+    finally:
+        await client.close()
+    consumer_side = EventBus(eventbus_dsn, schema=eventbus_schema, transport=NatsTransport(nats_stream))
+    consumer_side.subscribe(handle)
+    with pytest.raises(ConfigurationError, match="nats stream edit"):
+        async with consumer_side.consumer():
+            pass
+    await consumer_side.close()

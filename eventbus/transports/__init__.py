@@ -63,10 +63,10 @@ def unrouted_settlement(row: Envelope, unrouted: Unrouted, *, where: str = "this
 class Transport(Protocol):
     def attach(
         self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted,
-        schema: str = "eventbus",
+        schema: str = "eventbus", lease: float = 30.0,
     ) -> None:  # fmt: skip
-        """Take the bus's subscribers, the runner of their attempts and the bus's schema; called once, before
-        :meth:`run`."""
+        """Take the bus's subscribers, the runner of their attempts, the bus's schema and the relay's lease;
+        called once, before :meth:`run`."""
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Run until :meth:`close` was called and the work in hand drained (or until cancelled)."""

@@ -68,7 +68,7 @@ class LocalTransport:
 
     def attach(
         self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted,
-        schema: str = "eventbus",
+        schema: str = "eventbus", lease: float = 30.0,
     ) -> None:  # fmt: skip
         self._runner = runner
         self.unrouted = unrouted

@@ -269,8 +269,17 @@ class NatsTransport:
 
     def attach(
         self, subscriptions: Sequence[Subscription], runner: AttemptRunner, *, unrouted: Unrouted,
-        schema: str = "eventbus",
+        schema: str = "eventbus", lease: float = 30.0,
     ) -> None:  # fmt: skip
+        # A row can be published again once its lease ran out, or once a failed publish comes back: the stream
+        # must still know its message id then.
+        horizon = lease + self.ack_timeout + 1.0
+        if self.duplicate_window <= horizon:
+            raise ConfigurationError(
+                f"the NATS stream's duplicate window ({self.duplicate_window:g} s) must exceed the relay's lease plus "
+                f"the publish retry horizon ({lease:g} + {self.ack_timeout:g} + 1 s): raise "
+                f"NatsTransport(duplicate_window=...) above {horizon:g} s, or shorten RelayConfig(lease=...)"
+            )
         self.subscriptions = list(subscriptions)
         self.unrouted = unrouted
         self.schema = schema
