@@ -59,6 +59,7 @@ async def test_a_relay_and_two_consumer_processes_handle_every_event_once(
     schema = quote_schema(eventbus_schema)
     conn = await asyncpg.connect(eventbus_dsn)
     await conn.execute(f"CREATE TABLE {schema}.effects (event_id uuid, n int, pid int)")
+    await conn.execute(f"CREATE TABLE {schema}.sequence (id bigserial, key text, n int)")
     env = {**os.environ, "BROKERED_DSN": eventbus_dsn, "BROKERED_SCHEMA": eventbus_schema, "PYTHONPATH": str(ROOT)}
     # A token in the URL: the server has no authentication, so it is ignored; it must appear nowhere.
     url = nats_url.replace("nats://", f"nats://{TOKEN}@")
@@ -78,6 +79,9 @@ async def test_a_relay_and_two_consumer_processes_handle_every_event_once(
                     await anyio.sleep(0.1)
             await producer.drain(30)
             letters = await producer.dead_letters.count()
+            with anyio.fail_after(30):
+                while await conn.fetchval(f"SELECT count(*) FROM {schema}.sequence") < 200:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
         rows = await conn.fetch(f"SELECT n, pid FROM {schema}.effects")
     finally:
         codes = [_stop(child) for child in children]

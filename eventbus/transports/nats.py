@@ -63,6 +63,11 @@ __all__ = ["NatsConsumer", "NatsTransport", "redact_nats_url", "stream_name", "s
 
 log = logging.getLogger("eventbus.nats")
 
+#: Deliveries of a message beyond its subscriber's ``max_attempts`` that still run (as its last attempt): a
+#: delivery whose acknowledgement was lost (a connection that dropped, a server that restarted) is delivered
+#: again without having failed. Past these, the message's consumers kept dying on it: ``AttemptsExhausted``.
+REDELIVERY_SLACK = 3
+
 #: Headers eventbus sets; the row's own headers travel beside them.
 _EVENT_ID, _KEY, _TARGET, _TENANT, _TOPIC, _ATTEMPT = (
     "Eventbus-Event-Id", "Eventbus-Key", "Eventbus-Target", "Eventbus-Tenant", "Eventbus-Topic", "Eventbus-Attempt",
@@ -217,7 +222,9 @@ class NatsTransport:
     :class:`ssl.SSLContext`). No password or token is ever printed. ``max_age``: how long the stream keeps a
     message; ``duplicate_window``: at least the relay's lease plus the time a failed publish takes to come back
     (checked on a stream that exists); ``max_in_flight``: publishes awaiting their acknowledgement;
-    ``ack_timeout``: how long a publish waits for it before its row goes back to pending.
+    ``ack_timeout``: how long a publish waits for it before its row goes back to pending. Consumers: ``ack_wait``
+    is how long a message handed to a consumer that died waits before another gets it (a running attempt renews
+    it with ``in_progress()``); ``fetch_batch`` how many messages one fetch takes at most.
     """
 
     def __init__(
@@ -234,10 +241,13 @@ class NatsTransport:
         duplicate_window: float = 120.0,
         max_in_flight: int = 1024,
         ack_timeout: float = 10.0,
+        ack_wait: float = 10.0,
         fetch_batch: int = 64,
     ) -> None:
-        if max_in_flight < 1 or ack_timeout <= 0 or duplicate_window <= 0:
-            raise ConfigurationError("max_in_flight must be at least 1, ack_timeout and duplicate_window above 0")
+        if max_in_flight < 1 or ack_timeout <= 0 or duplicate_window <= 0 or ack_wait < 1:
+            raise ConfigurationError(
+                "max_in_flight must be at least 1, ack_timeout and duplicate_window above 0, ack_wait at least 1 s"
+            )
         self._settings: dict[str, Any] = {
             "credentials": credentials, "nkeys_seed": nkeys_seed, "tls": tls, "user": user, "password": password,
             "token": token,
@@ -247,6 +257,7 @@ class NatsTransport:
         self.duplicate_window = duplicate_window
         self.max_in_flight = max_in_flight
         self.ack_timeout = ack_timeout
+        self.ack_wait = ack_wait
         self.fetch_batch = fetch_batch
         self.schema = "eventbus"
         self.unrouted: Unrouted = "dead_letter"
@@ -523,7 +534,9 @@ class NatsConsumer:
         from nats.errors import TimeoutError as FetchTimeout
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-        ack_wait = max(5.0, sub.timeout * 2)
+        # Short, whatever the handler's timeout: a running attempt sends in_progress() every third of it, so only
+        # the messages of a consumer that died (or whose connection dropped) wait this long to come back.
+        ack_wait = self.transport.ack_wait
         config = ConsumerConfig(
             durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait, max_deliver=-1, filter_subject=subject,
@@ -601,9 +614,10 @@ class NatsConsumer:
         if (envelope.target is not None and envelope.target != sub.name) or envelope.topic not in sub.topics:
             await message.ack()  # another subscriber's row, or a topic this one does not take
             return
-        if attempt > sub.max_attempts:
+        if attempt > sub.max_attempts + REDELIVERY_SLACK:
             outcome = await self._exhausted(sub, envelope)
         else:
+            attempt = min(attempt, sub.max_attempts)  # a redelivery past the limit runs as the last attempt
             if self._closing.is_set():
                 await message.nak()  # a stop: it is delivered again at once, to another consumer
                 return

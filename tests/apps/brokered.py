@@ -1,6 +1,6 @@
 """An application for tests/test_nats.py: `eventbus relay --app tests.apps.brokered:bus --nats URL` forwards its
 events, `eventbus consume --app tests.apps.brokered:bus --nats URL` handles them; a transactional subscriber
-records each effect in a table of the schema."""
+records each effect in a table of the schema, and an ordered one the order it handles each key's events in."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ async def effects(event: Order, ctx: Context) -> None:
         f'INSERT INTO "{bus.schema}".effects (event_id, n, pid) VALUES ($1, $2, $3)', ctx.event_id, event.n,
         os.getpid(),
     )  # fmt: skip
+
+
+@bus.subscribe(name="sequencer", ordered=True, transactional=True, concurrency=4, max_attempts=5, backoff=0.02)
+async def sequencer(event: Order, ctx: Context) -> None:
+    """Records each key's events in the order it handles them (the serial column), once each."""
+    await ctx.connection.execute(
+        f'INSERT INTO "{bus.schema}".sequence (key, n) VALUES ($1, $2)', ctx.key, event.n
+    )
 
 
 @bus.subscribe(name="rejects", max_attempts=1)
