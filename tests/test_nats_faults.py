@@ -186,7 +186,8 @@ class _Proxy:
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         task_status.started()
-        await listener.serve(self._pipe)
+        async with listener:
+            await listener.serve(self._pipe)
 
     async def _pipe(self, client: anyio.abc.SocketStream) -> None:
         with anyio.CancelScope() as scope:
