@@ -38,7 +38,7 @@ import math
 import re
 import ssl
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -101,7 +101,11 @@ def _subject_root(schema: str) -> str:
 def subject_of(schema: str, topic: str, key: str | None) -> str:
     """``eventbus.<schema>.<partition>.<topic>``: the partition of the key (``u`` without one), then the topic's
     dotted parts, each with the characters a subject token cannot hold replaced by ``_``."""
-    partition = partition_of(key)
+    return _subject(schema, topic, partition_of(key))
+
+
+@functools.lru_cache(maxsize=8192)
+def _subject(schema: str, topic: str, partition: int | None) -> str:
     tokens = [_TOKEN.sub("_", part) or "_" for part in topic.split(".")]
     return ".".join((_subject_root(schema), "u" if partition is None else str(partition), *tokens))
 
@@ -271,6 +275,8 @@ class NatsTransport:
         self._failures = 0
         self._closing = anyio.Event()
         self._idle = anyio.Event()
+        #: Publishes awaiting their acknowledgement, oldest first, with when they give up waiting.
+        self._awaiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
 
     def connection(self, name: str) -> _Connection:
         """A new connection setting of this transport's servers and credentials."""
@@ -344,6 +350,7 @@ class NatsTransport:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._connect, connection)
+                tg.start_soon(self._watch)
                 task_status.started()
                 await self._closing.wait()
                 with anyio.move_on_after(self.ack_timeout):
@@ -355,6 +362,17 @@ class NatsTransport:
             self._js = None
             await connection.close()
             self._connection = None
+
+    async def _watch(self) -> None:
+        """Give up on publishes without an acknowledgement after ``ack_timeout`` (their rows go back to pending):
+        one sweep every quarter second rather than a timer per message."""
+        awaiting = self._awaiting
+        while True:
+            await anyio.sleep(0.25)
+            now = asyncio.get_running_loop().time()
+            while awaiting and (awaiting[0][1].done() or awaiting[0][0] <= now):
+                _, future = awaiting.popleft()
+                future.cancel()  # no-op when it is done
 
     async def _connect(self, connection: _Connection) -> None:
         failures = 0
@@ -391,16 +409,17 @@ class NatsTransport:
                 self._failed(row, report, "the broker cannot be reached")
                 continue
             try:
+                # No wait_stall: it costs a task and a timer per message. claims stop while max_in_flight publishes
+                # wait (see full()), so this waits for room only when one claim brought more than there is.
                 future = await js.publish_async(
-                    subject_of(self.schema, row.topic, row.key), row.payload, wait_stall=self.ack_timeout,
-                    headers=self._headers(row),
-                )  # fmt: skip
+                    subject_of(self.schema, row.topic, row.key), row.payload, headers=self._headers(row)
+                )
             except Exception as exc:
                 self._failed(row, report, f"publishing failed: {type(exc).__name__}: {exc}")
                 continue
             self._in_flight += 1
-            timer = asyncio.get_running_loop().call_later(self.ack_timeout, future.cancel)
-            future.add_done_callback(functools.partial(self._acked, row, report, timer))
+            self._awaiting.append((asyncio.get_running_loop().time() + self.ack_timeout, future))
+            future.add_done_callback(functools.partial(self._acked, row, report))
 
     @staticmethod
     def _headers(row: Envelope) -> dict[str, str]:
@@ -417,8 +436,7 @@ class NatsTransport:
             headers[_TENANT] = row.tenant
         return headers
 
-    def _acked(self, row: Envelope, report: Report, timer: asyncio.TimerHandle, done: asyncio.Future[Any]) -> None:
-        timer.cancel()
+    def _acked(self, row: Envelope, report: Report, done: asyncio.Future[Any]) -> None:
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()
@@ -476,6 +494,8 @@ class NatsConsumer:
         self._closing = anyio.Event()
         self._stopped = anyio.Event()
         self._running = 0
+        #: Messages whose attempt runs, with when it started (see :meth:`_keep`).
+        self._in_hand: dict[int, tuple[float, nats.aio.msg.Msg]] = {}
         self._idle = anyio.Event()
         self._connection: _Connection | None = None
 
@@ -497,6 +517,7 @@ class NatsConsumer:
             js = client.jetstream()
             await _ensure_stream(js, self.schema, transport.max_age, transport.duplicate_window)
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep)
                 for sub in self.subscriptions:
                     for durable, subject, one_at_a_time in self._consumers(sub):
                         tg.start_soon(self._pull, connection, js, sub, durable, subject, one_at_a_time)
@@ -555,22 +576,26 @@ class NatsConsumer:
                     generation = connection.generation
                     psub = await js.pull_subscribe(subject, durable=durable, stream=stream_name(self.schema),
                                                    config=config)  # fmt: skip
+                    idle = True
                     while not self._closing.is_set() and generation == connection.generation:
-                        # Fetch only what there is room for, so no fetched message waits for a worker.
+                        # Fetch only what there is room for, so no fetched message waits for a worker. Idle, wait
+                        # for one message (a pull request for more waits until they all came, or it expires);
+                        # busy, take what is there, waiting at most 20 ms for it.
                         await slots.acquire()
                         room = 1
-                        while room < batch and slots.value:
+                        while not idle and room < batch and slots.value:
                             slots.acquire_nowait()
                             room += 1
                         messages = []
                         try:
                             with anyio.fail_after(5.0):  # a fetch that outlives its own timeout is orphaned
-                                messages = await psub.fetch(room, timeout=1.0)
+                                messages = await psub.fetch(room, timeout=1.0 if idle else 0.02)
                         except FetchTimeout:
                             pass
                         finally:
                             for _ in range(room - len(messages)):
                                 slots.release()
+                        idle = not messages
                         failures = 0
                         for message in messages:
                             self._running += 1
@@ -621,26 +646,29 @@ class NatsConsumer:
             if self._closing.is_set():
                 await message.nak()  # a stop: it is delivered again at once, to another consumer
                 return
+            self._in_hand[id(message)] = (anyio.current_time(), message)
             try:
-                async with anyio.create_task_group() as keeping:
-                    keeping.start_soon(self._keep, message, ack_wait)
-                    try:
-                        outcome = await self.runner.run(sub, envelope, attempt)
-                    finally:
-                        keeping.cancel_scope.cancel()
+                outcome = await self.runner.run(sub, envelope, attempt)
             except anyio.get_cancelled_exc_class():
                 # Cut short by a stop past its timeout: delivered again at once, not after the ack wait.
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await message.nak()
                 raise
+            finally:
+                del self._in_hand[id(message)]
         await self._settle(sub, envelope, message, outcome)
 
-    async def _keep(self, message: nats.aio.msg.Msg, ack_wait: float) -> None:
-        """``in_progress()`` while a long attempt runs, so the broker does not hand its message to another."""
+    async def _keep(self) -> None:
+        """``in_progress()`` for every message whose attempt has run a third of the ack wait, every third of it, so
+        the broker does not hand it to another consumer (one task for all, not one per message)."""
+        every = self.transport.ack_wait / 3
         while True:
-            await anyio.sleep(ack_wait / 3)
-            with contextlib.suppress(Exception):
-                await message.in_progress()
+            await anyio.sleep(every)
+            due = anyio.current_time() - every
+            for started, message in list(self._in_hand.values()):
+                if started <= due:
+                    with contextlib.suppress(Exception):
+                        await message.in_progress()
 
     async def _exhausted(self, sub: Subscription, envelope: Envelope) -> Outcome:
         try:
