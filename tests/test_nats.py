@@ -16,7 +16,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from eventbus import ConfigurationError, EventBus, NatsTransport
+from eventbus import ConfigurationError, Context, EventBus, NatsTransport, RelayConfig
 from eventbus.events import partition_of
 from eventbus.sql import quote_schema
 from eventbus.transports.nats import redact_nats_url, stream_name, subject_of
@@ -50,6 +50,8 @@ def _stop(child: subprocess.Popen[bytes]) -> int:
 def test_nats_urls_never_show_their_credentials() -> None:
     assert redact_nats_url(f"nats://alice:{TOKEN}@h:4222") == "nats://alice:***@h:4222"
     assert redact_nats_url(f"connect to tls://{TOKEN}@h:4222, nats://h2") == "connect to tls://***@h:4222, nats://h2"
+    assert redact_nats_url(f"alice:{TOKEN}@h:4222") == "alice:***@h:4222", "nats-py takes URLs without a scheme"
+    assert redact_nats_url(f"nats://alice:p@ss{TOKEN}@h:4222") == "nats://alice:***@h:4222"
 
 
 async def test_a_relay_and_two_consumer_processes_handle_every_event_once(
@@ -143,3 +145,31 @@ async def test_a_duplicate_window_shorter_than_the_lease_is_refused(
         async with consumer_side.consumer():
             pass
     await consumer_side.close()
+
+
+async def test_keys_travel_as_they_are_and_an_unforwardable_row_is_dead_lettered_alone(
+    eventbus_dsn: str, eventbus_schema: str, nats_stream: str
+) -> None:
+    """NATS trims header values and cannot carry every header name: keys, tenants and targets are encoded, and a
+    row the broker would refuse becomes one dead letter instead of a publish retried forever."""
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, transport=NatsTransport(nats_stream),
+                   relay_config=RelayConfig(poll_interval=0.05), tenant=" acme\n")  # fmt: skip
+    seen: list[tuple[str | None, str, int]] = []
+
+    @bus.subscribe(name="keys", ordered=True)
+    async def keys(event: Order, ctx: Context) -> None:
+        seen.append((ctx.key, ctx.tenant, event.n))
+
+    async with bus, bus.consumer():
+        async with bus.transaction() as tx:
+            await tx.publish(Order(1), key=" k 1\n")
+            await tx.publish(Order(2), key=" k 1\n", headers={"bad name": "x"})
+            await tx.publish(Order(3), key=" k 1\n")
+        with anyio.fail_after(20):
+            while len(seen) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        await bus.drain(20)
+        letters = await bus.dead_letters.list()
+    assert seen == [(" k 1\n", " acme\n", 1), (" k 1\n", " acme\n", 3)]
+    assert [(d.reason, d.error_type) for d in letters] == [("DeliveryFailed", "Unforwardable")]
+    assert "bad name" in (letters[0].error or "")

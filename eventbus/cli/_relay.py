@@ -91,10 +91,15 @@ def prepare(args: argparse.Namespace) -> EventBus:
             tls = ssl.create_default_context(cafile=args.nats_tls_ca)
             if args.nats_tls_cert:
                 tls.load_cert_chain(args.nats_tls_cert, args.nats_tls_key)
-        bus.transport = NatsTransport(
-            [server.strip() for server in servers.split(",") if server.strip()],
-            credentials=args.nats_creds, nkeys_seed=args.nats_nkey, tls=tls,
-        )  # fmt: skip
+        listed = [server.strip() for server in servers.split(",") if server.strip()]
+        if isinstance(bus.transport, NatsTransport):
+            # The application's own NATS settings stay (windows, ack wait, credentials); the options override.
+            bus.transport.servers = listed
+            for option, value in (("credentials", args.nats_creds), ("nkeys_seed", args.nats_nkey), ("tls", tls)):
+                if value is not None:
+                    bus.transport.settings[option] = value
+        else:
+            bus.transport = NatsTransport(listed, credentials=args.nats_creds, nkeys_seed=args.nats_nkey, tls=tls)
     return bus
 
 

@@ -39,9 +39,10 @@ import re
 import ssl
 import uuid
 from collections import Counter, deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
 
 import anyio
 import msgspec
@@ -74,7 +75,9 @@ _EVENT_ID, _KEY, _TARGET, _TENANT, _TOPIC, _ATTEMPT = (
 )  # fmt: skip
 _OURS = {_EVENT_ID, _KEY, _TARGET, _TENANT, _TOPIC, _ATTEMPT, "Nats-Msg-Id"}
 _TOKEN = re.compile(r"[^A-Za-z0-9_-]")
-_URL_USER = re.compile(r"(?P<scheme>\b(?:nats|tls|ws|wss)://)(?P<user>[^@/\s]+)@")
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII without ':' or a space
+# Credentials before the last "@" of a server address, with or without a scheme (nats-py takes both).
+_URL_USER = re.compile(r"(?P<scheme>\b(?:nats|tls|ws|wss)://)?(?P<user>[^\s,/]+)@(?=[^\s,@/]+)")
 
 
 def redact_nats_url(text: str) -> str:
@@ -84,7 +87,7 @@ def redact_nats_url(text: str) -> str:
     def hide(match: re.Match[str]) -> str:
         user = match["user"]
         shown = user.split(":", 1)[0] + ":***" if ":" in user else "***"
-        return f"{match['scheme']}{shown}@"
+        return f"{match['scheme'] or ''}{shown}@"
 
     return _URL_USER.sub(hide, text)
 
@@ -144,6 +147,8 @@ class _Connection:
         self.unreachable_since: float | None = None
         #: How many times the connection came back.
         self.generation = 0
+        #: Called when the connection is lost (the relay fails what it has in flight at once).
+        self.on_loss: Callable[[], None] | None = None
         self.client: nats.aio.client.Client | None = None
 
     def shown(self) -> str:
@@ -156,6 +161,8 @@ class _Connection:
             if self.unreachable_since is None and self.client is not None:  # not our own close()
                 self.unreachable_since = anyio.current_time()
                 log.warning("NATS connection to %s lost; reconnecting", self.shown())
+                if self.on_loss is not None:
+                    self.on_loss()
 
         async def reconnected() -> None:
             self.unreachable_since = None
@@ -175,11 +182,11 @@ class _Connection:
         return client
 
     async def close(self) -> None:
+        """Close at once: what is in flight was waited for (the relay) or is sent again by the broker (a consumer's
+        unacknowledged messages). A drain would wait on the pull subscriptions' queues, which never empty."""
         client, self.client = self.client, None
         if client is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(Exception):
-                await client.drain()
-            with contextlib.suppress(Exception):
                 await client.close()
 
 
@@ -252,7 +259,8 @@ class NatsTransport:
             raise ConfigurationError(
                 "max_in_flight must be at least 1, ack_timeout and duplicate_window above 0, ack_wait at least 1 s"
             )
-        self._settings: dict[str, Any] = {
+        #: How the connection authenticates and encrypts (credentials, nkeys_seed, tls, user, password, token).
+        self.settings: dict[str, Any] = {
             "credentials": credentials, "nkeys_seed": nkeys_seed, "tls": tls, "user": user, "password": password,
             "token": token,
         }  # fmt: skip
@@ -277,10 +285,11 @@ class NatsTransport:
         self._idle = anyio.Event()
         #: Publishes awaiting their acknowledgement, oldest first, with when they give up waiting.
         self._awaiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._lost = False  # the connection was lost with publishes in flight
 
     def connection(self, name: str) -> _Connection:
         """A new connection setting of this transport's servers and credentials."""
-        return _Connection(self.servers, name=name, **self._settings)
+        return _Connection(self.servers, name=name, **self.settings)
 
     # -- the Transport protocol ------------------------------------------------------------------------------
 
@@ -321,7 +330,20 @@ class NatsTransport:
         return connection.unreachable_since
 
     def _reachable(self) -> bool:
+        """Connected, and not still waiting for the publishes a lost connection took with it (rows claimed later
+        must not reach the stream before those come back)."""
+        if self._lost:
+            if self._in_flight:
+                return False
+            self._lost = False
         return self._js is not None and self._connection is not None and self._connection.unreachable_since is None
+
+    def _connection_lost(self) -> None:
+        """Fail every publish in flight now (their acknowledgements went with the connection), and claim nothing
+        until all of them have come back as pending."""
+        self._lost = True
+        for _, future in self._awaiting:
+            future.cancel()
 
     def full(self) -> list[str]:
         """While the broker cannot be reached, or ``max_in_flight`` publishes wait: every subscriber (their
@@ -347,6 +369,7 @@ class NatsTransport:
         """Connect (retrying in the background while the broker cannot be reached: rows stay pending meanwhile),
         make sure the stream exists, forward until closed, then wait for the publishes in flight."""
         connection = self._connection = self.connection("eventbus relay")
+        connection.on_loss = self._connection_lost
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._connect, connection)
@@ -408,12 +431,21 @@ class NatsTransport:
             if js is None or not self._reachable():
                 self._failed(row, report, "the broker cannot be reached")
                 continue
+            headers = self._headers(row)
+            refused = self._refused(row, headers)
+            if refused is not None:
+                self.counters["dead_lettered"] += 1
+                settlement = Settlement()
+                settlement.mark(row, Status.DEAD, error=refused)
+                settlement.dead_letter(row, Reason.DELIVERY_FAILED, row.target, error_type="Unforwardable",
+                                       error=refused, log_when_written=True)  # fmt: skip
+                report(row, settlement, ())
+                continue
             try:
                 # No wait_stall: it costs a task and a timer per message. claims stop while max_in_flight publishes
                 # wait (see full()), so this waits for room only when one claim brought more than there is.
-                future = await js.publish_async(
-                    subject_of(self.schema, row.topic, row.key), row.payload, headers=self._headers(row)
-                )
+                subject = subject_of(self.schema, row.topic, row.key)
+                future = await js.publish_async(subject, row.payload, headers=headers)
             except Exception as exc:
                 self._failed(row, report, f"publishing failed: {type(exc).__name__}: {exc}")
                 continue
@@ -428,13 +460,27 @@ class NatsTransport:
         headers[_EVENT_ID] = str(row.event_id)
         headers[_TOPIC] = row.topic
         headers[_ATTEMPT] = str(row.attempts)
+        # Percent-encoded: NATS trims header values and turns line breaks into spaces.
         if row.key is not None:
-            headers[_KEY] = row.key
+            headers[_KEY] = quote(row.key, safe="")
         if row.target is not None:
-            headers[_TARGET] = row.target
+            headers[_TARGET] = quote(row.target, safe="")
         if row.tenant:
-            headers[_TENANT] = row.tenant
+            headers[_TENANT] = quote(row.tenant, safe="")
         return headers
+
+    def _refused(self, row: Envelope, headers: dict[str, str]) -> str | None:
+        """Why the broker would refuse the row's message (a header name it cannot carry, more bytes than the
+        server's max_payload), or None. Such a row is dead-lettered: publishing it again would fail alike."""
+        bad = [name for name in headers if not _HEADER_NAME.fullmatch(name)]
+        if bad:
+            return f"header names a NATS message cannot carry: {', '.join(map(repr, bad[:5]))}"
+        client = self._connection.client if self._connection is not None else None
+        limit = getattr(client, "max_payload", None)
+        size = len(row.payload) + 16 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if isinstance(limit, int) and limit > 0 and size > limit:
+            return f"the message would be {size} bytes, over the NATS server's max_payload of {limit}"
+        return None
 
     def _acked(self, row: Envelope, report: Report, done: asyncio.Future[Any]) -> None:
         self._in_flight -= 1
@@ -451,10 +497,12 @@ class NatsTransport:
     def _failed(self, row: Envelope, report: Report, why: str) -> None:
         """The row goes back to pending, with backoff and its attempt back (nothing ran)."""
         self._failures += 1
+        self._lost = True  # later rows of its key may be in flight: claim again once they have all come back
         self.counters["failed"] += 1
         settlement = Settlement()
-        # At most a second: delivery resumes within about one poll interval of the broker coming back.
-        settlement.mark(row, Status.PENDING, delay=_backoff(self._failures, most=1.0), refund=True,
+        # Due at once: claims are held while the broker cannot be reached, and a row due later than its key's next
+        # rows would let them overtake it.
+        settlement.mark(row, Status.PENDING, delay=0.0, refund=True,
                         error=f"not forwarded to NATS: {redact_nats_url(why)}")  # fmt: skip
         report(row, settlement, ())
 
@@ -631,9 +679,11 @@ class NatsConsumer:
         except (msgspec.ValidationError, ValueError):
             await self._unreadable(sub, message, headers, attempt)
             return
+        key, target = headers.get(_KEY), headers.get(_TARGET)
         envelope = Envelope(
-            id=row_id, event_id=fields.event_id, topic=fields.topic, payload=message.data, key=headers.get(_KEY),
-            target=headers.get(_TARGET), tenant=headers.get(_TENANT, ""),
+            id=row_id, event_id=fields.event_id, topic=fields.topic, payload=message.data,
+            key=None if key is None else unquote(key), target=None if target is None else unquote(target),
+            tenant=unquote(headers.get(_TENANT, "")),
             headers={k: v for k, v in headers.items() if k not in _OURS}, attempts=attempt,
         )  # fmt: skip
         if (envelope.target is not None and envelope.target != sub.name) or envelope.topic not in sub.topics:
@@ -719,7 +769,9 @@ class NatsConsumer:
         self, sub: Subscription, message: nats.aio.msg.Msg, headers: dict[str, str], attempt: int
     ) -> None:
         """A message without a readable event id or topic: one ``DeserializationFailed`` letter, then term."""
-        event_id = uuid.uuid4()
+        # Named by its place in the stream, so a redelivery is recognised and writes no second letter.
+        place = message.metadata
+        event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"nats:{place.stream}:{place.sequence.stream}")
         envelope = Envelope(id=event_id, event_id=event_id, topic=headers.get(_TOPIC, message.subject),
                             payload=message.data if _is_json(message.data) else b"null", attempts=attempt)  # fmt: skip
         why = f"message on {message.subject} has no readable {_EVENT_ID} or {_TOPIC} header"
