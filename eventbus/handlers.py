@@ -342,6 +342,23 @@ class AttemptRunner:
             traceback=outcome.traceback, trace_id=outcome.trace_id,
         )  # fmt: skip
 
+    async def exhausted(self, sub: Subscription, envelope: Envelope, how: str) -> Outcome:
+        """The outcome of a row delivered more often than its subscriber's ``max_attempts`` without an attempt
+        finishing (``how``: what kept ending them): handled, when a transactional subscriber's inbox shows its
+        effect committed, else an ``AttemptsExhausted`` dead letter (logged)."""
+        try:
+            if await self.handled_before(sub, envelope):
+                return DUPLICATE  # handled, and its effect committed: settled as handled, not dead-lettered
+        except Exception:
+            pass  # cannot tell: the inbox still keeps the effect once if the letter is replayed
+        outcome = Outcome(
+            Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type="AttemptsExhausted",
+            error=f"delivered {envelope.attempts} times, more than max_attempts={sub.max_attempts}: earlier "
+            f"attempts never finished ({how})", attempts=envelope.attempts,
+        )  # fmt: skip
+        self._dead(sub, envelope, outcome)
+        return outcome
+
     async def handled_before(self, sub: Subscription, envelope: Envelope) -> bool:
         """Whether a transactional subscriber's inbox records this event: its effect committed, though the
         attempt that made it was never settled (its relay died, or its lease ran out)."""

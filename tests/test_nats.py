@@ -11,9 +11,9 @@ from pathlib import Path
 
 import anyio
 import asyncpg
-import msgspec
 import nats
 import pytest
+from brokered import ROOT, Order, spawn
 from nats.js.api import StreamConfig
 
 from eventbus import ConfigurationError, Context, EventBus, NatsTransport, RelayConfig
@@ -23,22 +23,9 @@ from eventbus.transports.nats import redact_nats_url, stream_name, subject_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "t0ken-7c1e9"
 
 
-class Order(msgspec.Struct, frozen=True):
-    """The topic tests/apps/brokered.py handles."""
-
-    n: int
-
-
-def _spawn(command: str, url: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "eventbus.cli", command, "--app", "tests.apps.brokered:bus", "--nats", url],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
 
 
 def _stop(child: subprocess.Popen[bytes]) -> int:
@@ -66,8 +53,8 @@ async def test_a_relay_and_two_consumer_processes_handle_every_event_once(
     # A token in the URL: the server has no authentication, so it is ignored; it must appear nowhere.
     url = nats_url.replace("nats://", f"nats://{TOKEN}@")
     logs = [tmp_path / "relay.log", tmp_path / "consumer-1.log", tmp_path / "consumer-2.log"]
-    children = [_spawn("relay", url, env, logs[0]), _spawn("consume", url, env, logs[1]),
-                _spawn("consume", url, env, logs[2])]  # fmt: skip
+    children = [spawn("relay", url, env, logs[0]), spawn("consume", url, env, logs[1]),
+                spawn("consume", url, env, logs[2])]  # fmt: skip
     try:
         async with EventBus(eventbus_dsn, schema=eventbus_schema, relay=False) as producer:
             for first in range(0, 200, 50):

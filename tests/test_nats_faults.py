@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,8 +17,8 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import asyncpg
-import msgspec
 import pytest
+from brokered import ROOT, Order, spawn
 from nats_server import OwnNats
 
 from eventbus import EventBus
@@ -27,22 +26,9 @@ from eventbus.sql import quote_schema
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.subprocess]
 
-ROOT = Path(__file__).resolve().parent.parent
 EVENTS = 300
 
 
-class Order(msgspec.Struct, frozen=True):
-    """The topic tests/apps/brokered.py handles."""
-
-    n: int
-
-
-def _spawn(command: str, url: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "eventbus.cli", command, "--app", "tests.apps.brokered:bus", "--nats", url],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
 
 
 @asynccontextmanager
@@ -50,8 +36,8 @@ async def _topology(dsn: str, schema: str, url: str, root: Path) -> AsyncIterato
     """A relay process and two consumer processes of tests/apps/brokered.py; stopped with SIGTERM at the end."""
     env = {**os.environ, "BROKERED_DSN": dsn, "BROKERED_SCHEMA": schema, "PYTHONPATH": str(ROOT)}
     logs = [root / "relay.log", root / "consumer-1.log", root / "consumer-2.log"]
-    children = [_spawn("relay", url, env, logs[0]), _spawn("consume", url, env, logs[1]),
-                _spawn("consume", url, env, logs[2])]  # fmt: skip
+    children = [spawn("relay", url, env, logs[0]), spawn("consume", url, env, logs[1]),
+                spawn("consume", url, env, logs[2])]  # fmt: skip
     try:
         yield children
     finally:
@@ -225,9 +211,9 @@ async def test_consumers_whose_connection_drops_reconnect_and_lose_nothing(
             env = {**os.environ, "BROKERED_DSN": eventbus_dsn, "BROKERED_SCHEMA": eventbus_schema,
                    "PYTHONPATH": str(ROOT)}  # fmt: skip
             through = f"nats://127.0.0.1:{proxy.port}"
-            children = [_spawn("relay", server.url, env, tmp_path / "relay.log"),
-                        _spawn("consume", through, env, tmp_path / "consumer-1.log"),
-                        _spawn("consume", through, env, tmp_path / "consumer-2.log")]  # fmt: skip
+            children = [spawn("relay", server.url, env, tmp_path / "relay.log"),
+                        spawn("consume", through, env, tmp_path / "consumer-1.log"),
+                        spawn("consume", through, env, tmp_path / "consumer-2.log")]  # fmt: skip
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_publish, eventbus_dsn, eventbus_schema, range(EVENTS), 0.03)

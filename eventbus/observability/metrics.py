@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 
-from .tracing import SYSTEM
+from .tracing import SYSTEM, SdkInUse
 
 __all__ = ["Gauges", "Metrics"]
 
@@ -47,9 +47,6 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0,
 
 #: How many attempts per second of one subscriber and outcome ``messaging.process.duration`` records at most.
 PROCESS_RECORDS_PER_SECOND = 500.0
-
-#: How often a provider that records nothing is asked again whether it does now (an SDK installed later).
-_RECHECK_EVERY = 1.0
 
 #: What ``messaging.operation.type`` each of our statements is.
 _OPERATION_TYPES = {"offer": "send", "claim": "receive", "settle": "settle"}
@@ -135,8 +132,7 @@ class Metrics:
         self.relays: dict[str, tuple[str, Callable[[], int]]] = {}
         #: Per (subscriber, outcome): the duration records allowed now, and when that was worked out.
         self._allowance: dict[tuple[str, str], list[float]] = {}
-        self._enabled = False
-        self._checked = -_RECHECK_EVERY
+        self._in_use = SdkInUse(provider, metrics.get_meter_provider, _enabled)
 
         meter.create_observable_counter(
             "messaging.client.sent.messages", [self._observe_sent], "{message}",
@@ -200,15 +196,8 @@ class Metrics:
 
     @property
     def enabled(self) -> bool:
-        """Whether anything is recorded (an SDK meter provider is in use). Once it is, it stays so (the global
-        provider can be set once); until then it is looked up again at most once a second."""
-        if self._enabled:
-            return True
-        now = time.monotonic()
-        if now - self._checked >= _RECHECK_EVERY:
-            self._checked = now
-            self._enabled = _enabled(self._provider if self._provider is not None else metrics.get_meter_provider())
-        return self._enabled
+        """Whether anything is recorded (an SDK meter provider is in use)."""
+        return bool(self._in_use)
 
     # -- recording ---------------------------------------------------------------------------------------------
 

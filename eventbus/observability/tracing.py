@@ -8,6 +8,7 @@ here is a cheap no-op. Attribute names follow the OpenTelemetry messaging semant
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +46,33 @@ def _enabled(provider: trace.TracerProvider) -> bool:
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+class SdkInUse:
+    """Whether an OpenTelemetry SDK provider is in use: ``provider`` if given, else the global one as
+    ``lookup()`` returns it. Once it is, it stays so (the global provider can be set once); until then it is
+    looked up again at most once a second, so that the hot paths pay a clock read, not a lookup."""
+
+    __slots__ = ("_checked", "_is_sdk", "_lookup", "_yes")
+
+    def __init__(self, provider: Any, lookup: Callable[[], Any], is_sdk: Callable[[Any], bool]) -> None:
+        self._lookup: Callable[[], Any] = lookup if provider is None else functools.partial(_same, provider)
+        self._is_sdk = is_sdk
+        self._yes = False
+        self._checked = -1.0
+
+    def __bool__(self) -> bool:
+        if self._yes:
+            return True
+        now = time.monotonic()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            self._yes = self._is_sdk(self._lookup())
+        return self._yes
+
+
 class Tracing:
     """Spans of one bus, on the tracer ``eventbus`` of ``provider`` (default: the global tracer provider, looked
     up at each span, so an SDK installed after the bus was made is used)."""
@@ -55,20 +83,12 @@ class Tracing:
         self._provider = provider
         self._redact = redact
         self._tracer = provider.get_tracer("eventbus") if provider is not None else trace.get_tracer("eventbus")
-        self._enabled = False
-        self._checked = -1.0
+        self._in_use = SdkInUse(provider, trace.get_tracer_provider, _enabled)
 
     @property
     def enabled(self) -> bool:
-        """Whether spans record anything (an SDK tracer provider is in use). Once it is, it stays so (the global
-        provider can be set once); until then it is looked up again at most once a second."""
-        if self._enabled:
-            return True
-        now = time.monotonic()
-        if now - self._checked >= 1.0:
-            self._checked = now
-            self._enabled = _enabled(self._provider if self._provider is not None else trace.get_tracer_provider())
-        return self._enabled
+        """Whether spans record anything (an SDK tracer provider is in use)."""
+        return bool(self._in_use)
 
     def publish(self, topic: str, headers: dict[str, str]) -> AbstractContextManager[Any]:
         """A PRODUCER span for one event's publish, made current; its context goes into ``headers`` (as

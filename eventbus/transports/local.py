@@ -23,8 +23,7 @@ from anyio.abc import TaskStatus
 from ..actors import Actor, Delivery
 from ..errors import ConfigurationError
 from ..events import Envelope, partition_of
-from ..handlers import DONE, DUPLICATE, REVOKED, AttemptRunner, Outcome, Subscription, Verdict
-from ..observability import logs
+from ..handlers import DONE, REVOKED, AttemptRunner, Outcome, Subscription, Verdict
 from ..repositories import Carried, Reason, Settlement, Status
 from . import DeliveryStatistics, Report, Unrouted, unrouted_settlement
 
@@ -187,20 +186,7 @@ class LocalTransport:
                 return self._not_run(delivery)
         assert self._runner is not None, "attach() comes first"
         if envelope.attempts > sub.max_attempts:
-            try:
-                if await self._runner.handled_before(sub, envelope):
-                    return DUPLICATE  # handled, and its effect committed: settled as handled, not dead-lettered
-            except Exception:
-                pass  # cannot tell: the inbox still keeps the effect once if the letter is replayed
-            outcome = Outcome(
-                Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type="AttemptsExhausted",
-                error=f"claimed {envelope.attempts} times, more than max_attempts={sub.max_attempts}: earlier "
-                "attempts never finished (the process died or its lease ran out while handling)",
-                attempts=envelope.attempts,
-            )  # fmt: skip
-            logs.dead_lettered(envelope, sub.name, Reason.DELIVERY_FAILED, outcome.error_type, outcome.error,
-                               outcome.attempts)  # fmt: skip
-            return outcome
+            return await self._runner.exhausted(sub, envelope, "the process died or its lease ran out while handling")
         return await self._runner.run(sub, envelope, delivery.attempt)
 
     @staticmethod

@@ -50,7 +50,7 @@ from anyio.abc import TaskStatus
 
 from ..errors import ConfigurationError
 from ..events import Envelope, partition_of
-from ..handlers import DONE, DUPLICATE, AttemptRunner, Outcome, Subscription, Verdict
+from ..handlers import DONE, AttemptRunner, Outcome, Subscription, Verdict
 from ..observability import logs
 from ..repositories import Carried, DeadLetterRepository, Reason, Settlement, Status
 from . import DeliveryStatistics, Report, Unrouted, unrouted_settlement
@@ -690,7 +690,9 @@ class NatsConsumer:
             await message.ack()  # another subscriber's row, or a topic this one does not take
             return
         if attempt > sub.max_attempts + REDELIVERY_SLACK:
-            outcome = await self._exhausted(sub, envelope)
+            outcome = await self.runner.exhausted(
+                sub, envelope, "a consumer died, or its acknowledgement was lost, while handling"
+            )
         else:
             attempt = min(attempt, sub.max_attempts)  # a redelivery past the limit runs as the last attempt
             if self._closing.is_set():
@@ -719,22 +721,6 @@ class NatsConsumer:
                 if started <= due:
                     with contextlib.suppress(Exception):
                         await message.in_progress()
-
-    async def _exhausted(self, sub: Subscription, envelope: Envelope) -> Outcome:
-        try:
-            if await self.runner.handled_before(sub, envelope):
-                return DUPLICATE
-        except Exception:
-            pass
-        outcome = Outcome(
-            Verdict.DEAD, reason=Reason.DELIVERY_FAILED, error_type="AttemptsExhausted",
-            error=f"delivered {envelope.attempts} times, more than max_attempts={sub.max_attempts}: earlier "
-            "attempts never finished (a consumer died or its acknowledgement timed out while handling)",
-            attempts=envelope.attempts,
-        )  # fmt: skip
-        logs.dead_lettered(envelope, sub.name, outcome.reason or "", outcome.error_type, outcome.error,
-                           outcome.attempts)  # fmt: skip
-        return outcome
 
     async def _settle(self, sub: Subscription, envelope: Envelope, message: nats.aio.msg.Msg, outcome: Outcome) -> None:
         with anyio.CancelScope(shield=True):
