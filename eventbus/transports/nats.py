@@ -414,7 +414,7 @@ class NatsTransport:
                 failures += 1
                 connection.unreachable_since = connection.unreachable_since or anyio.current_time()
                 await connection.close()
-                delay = _backoff(failures)
+                delay = _backoff(failures, most=1.0)
                 log.warning("cannot reach NATS at %s (%s); rows stay pending, retrying in %.1f s", connection.shown(),
                             redact_nats_url(str(exc) or type(exc).__name__), delay)  # fmt: skip
                 await anyio.sleep(delay)
@@ -652,7 +652,7 @@ class NatsConsumer:
                     if self._closing.is_set():
                         return
                     failures += 1
-                    delay = _backoff(failures)
+                    delay = _backoff(failures, most=1.0)  # at most a second: resume soon after the broker is back
                     log.warning("consumer %s: fetching failed (%s: %s); subscribing again in %.1f s", durable,
                                 type(exc).__name__, redact_nats_url(str(exc)), delay)  # fmt: skip
                     await anyio.sleep(delay)
