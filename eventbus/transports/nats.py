@@ -622,8 +622,11 @@ class NatsConsumer:
                         with contextlib.suppress(Exception):
                             await psub.unsubscribe()
                     generation = connection.generation
-                    psub = await js.pull_subscribe(subject, durable=durable, stream=stream_name(self.schema),
-                                                   config=config)  # fmt: skip
+                    # A JetStream request sent while the connection is down waits for its whole timeout (5 s):
+                    # give up sooner and try again, so delivery resumes soon after the broker is back.
+                    with anyio.fail_after(1.0):
+                        psub = await js.pull_subscribe(subject, durable=durable, stream=stream_name(self.schema),
+                                                       config=config)  # fmt: skip
                     idle = True
                     while not self._closing.is_set() and generation == connection.generation:
                         # Fetch only what there is room for, so no fetched message waits for a worker. Idle, wait
