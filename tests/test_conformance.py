@@ -226,7 +226,10 @@ async def test_an_ordered_subscriber_handles_each_key_in_event_order(
         await bus.drain(GIVE_UP)
     assert overlaps == 0
     for i, key in enumerate(keys):
-        assert handled[key] == list(range(i, 60, 4)), key
+        # At least once: a broker may hand an event again (an acknowledgement it did not see in time), never one
+        # before an earlier event of its key.
+        assert handled[key] == sorted(handled[key]), f"{key} out of order: {handled[key]}"
+        assert list(dict.fromkeys(handled[key])) == list(range(i, 60, 4)), key
 
 
 async def test_a_replayed_dead_letter_goes_back_to_its_subscriber_only(

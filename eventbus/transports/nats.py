@@ -640,7 +640,9 @@ class NatsConsumer:
                         messages = []
                         try:
                             with anyio.fail_after(5.0):  # a fetch that outlives its own timeout is orphaned
-                                messages = await psub.fetch(room, timeout=1.0 if idle else 0.02)
+                                # One message at a time (ordered) comes as soon as it is there: no short fetch.
+                                short = not idle and not one_at_a_time
+                                messages = await psub.fetch(room, timeout=0.02 if short else 1.0)
                         except FetchTimeout:
                             pass
                         finally:
