@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 from listening import Listener
-from nats_server import OwnNats
+from nats_server import OwnNats, drop_stream
 
 from eventbus import EventBus
 
@@ -56,13 +55,4 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def nats_stream(nats_url: str, eventbus_schema: str) -> AsyncIterator[str]:
     """``nats_url``, and the test schema's stream deleted afterwards (on a shared server, nothing is left)."""
     yield nats_url
-    import nats
-
-    from eventbus.transports.nats import stream_name
-
-    client = await nats.connect(nats_url)
-    try:
-        with contextlib.suppress(Exception):
-            await client.jetstream().delete_stream(stream_name(eventbus_schema))
-    finally:
-        await client.close()
+    await drop_stream(nats_url, eventbus_schema)

@@ -67,3 +67,19 @@ class OwnNats:
         else:
             process.terminate()
         process.wait(timeout=10)
+
+
+async def drop_stream(url: str, schema: str) -> None:
+    """Delete a test schema's stream, if there is one (on a shared server, nothing is left behind)."""
+    import contextlib
+
+    import nats
+
+    from eventbus.transports.nats import stream_name
+
+    client = await nats.connect(url)
+    try:
+        with contextlib.suppress(Exception):
+            await client.jetstream().delete_stream(stream_name(schema))
+    finally:
+        await client.close()

@@ -25,10 +25,10 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from nats_server import drop_stream
 
 from eventbus import Backoff, Context, EventBus, NatsTransport, RelayConfig, migrate
 from eventbus.sql import quote_schema
-from eventbus.transports.nats import stream_name
 
 pytestmark = [pytest.mark.slow]
 
@@ -162,7 +162,7 @@ async def _run(dsn: str, url: str, history: list[Transaction]) -> None:
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {quote_schema(schema)} CASCADE")
         await conn.close()
-        await _drop_stream(url, schema)
+        await drop_stream(url, schema)
 
     committed_ns = {p.n for p in committed}
     handled = {n for (_, n) in seen.attempts}
@@ -208,18 +208,6 @@ async def _settled(
             if shares <= seen.succeeded | dead:
                 break
             await anyio.sleep(0.05)
-
-
-async def _drop_stream(url: str, schema: str) -> None:
-    import nats
-
-    client = await nats.connect(url)
-    try:
-        await client.jetstream().delete_stream(stream_name(schema))
-    except Exception:
-        pass
-    finally:
-        await client.close()
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -280,7 +280,6 @@ class NatsTransport:
         self._connection: _Connection | None = None
         self._js: nats.js.JetStreamContext | None = None
         self._in_flight = 0
-        self._failures = 0
         self._closing = anyio.Event()
         self._idle = anyio.Event()
         #: Publishes awaiting their acknowledgement, oldest first, with when they give up waiting.
@@ -320,14 +319,6 @@ class NatsTransport:
     def carried(self) -> list[Carried]:
         """Every subscriber of the application: its consumers get the events this relay forwards."""
         return [Carried(sub.name, sub.topics, sub.ordered) for sub in self.subscriptions]
-
-    @property
-    def unreachable_since(self) -> float | None:
-        """When (anyio clock) the broker stopped answering; None while it answers."""
-        connection = self._connection
-        if connection is None or self._js is None:
-            return anyio.current_time() if connection is not None else None
-        return connection.unreachable_since
 
     def _reachable(self) -> bool:
         """Connected, and not still waiting for the publishes a lost connection took with it (rows claimed later
@@ -490,13 +481,11 @@ class NatsTransport:
             why = "no acknowledgement within the ack timeout" if done.cancelled() else str(done.exception())
             self._failed(row, report, why)
             return
-        self._failures = 0
         self.counters["delivered"] += 1
         report(row, None, ())
 
     def _failed(self, row: Envelope, report: Report, why: str) -> None:
         """The row goes back to pending, with backoff and its attempt back (nothing ran)."""
-        self._failures += 1
         self._lost = True  # later rows of its key may be in flight: claim again once they have all come back
         self.counters["failed"] += 1
         settlement = Settlement()
