@@ -562,7 +562,8 @@ class EventBus:
             registry=self.registry, publisher=self, transaction=self._connection_in_transaction,
             inbox=InboxRepository(self.schema), redact=self.redact, tracing=self.tracing, metrics=self.metrics,
         )  # fmt: skip
-        consumer = make(chosen, runner, self.dead_letters, schema=self.schema, stop_timeout=self.stop_timeout)
+        consumer = make(chosen, runner, self.dead_letters, schema=self.schema, stop_timeout=self.stop_timeout,
+                        states=self.subscribers)  # fmt: skip
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(consumer.run)

@@ -485,7 +485,7 @@ class Relay:
                 self._draining -= lost
         states = await self.relays.heartbeat(
             self.worker, socket.gethostname(), os.getpid(), sorted(self._owned), self._carried or (),
-            live_within=config.heartbeat_interval * 3,
+            live_within=config.heartbeat_interval * 3, unreachable_for=self.transport.unreachable_for(),
         )  # fmt: skip
         if self._carried is not None:
             if "unregistered" in states.values():

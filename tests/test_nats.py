@@ -160,3 +160,109 @@ async def test_keys_travel_as_they_are_and_an_unforwardable_row_is_dead_lettered
     assert seen == [(" k 1\n", " acme\n", 1), (" k 1\n", " acme\n", 3)]
     assert [(d.reason, d.error_type) for d in letters] == [("DeliveryFailed", "Unforwardable")]
     assert "bad name" in (letters[0].error or "")
+
+
+async def test_a_subscribers_lag_through_nats_is_its_unacknowledged_messages_and_the_oldest_ones_age(
+    eventbus_dsn: str, eventbus_schema: str, nats_stream: str
+) -> None:
+    """``eventbus.subscriber.pending`` and ``eventbus.subscriber.lag`` of a subscriber consuming from NATS are its
+    durable consumers' unacknowledged messages and the age of the oldest, read by its consumer processes."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, meter_provider=meters, stop_timeout=1,
+                   transport=NatsTransport(nats_stream, metrics_interval=0.1),
+                   relay_config=RelayConfig(poll_interval=0.05))  # fmt: skip
+    release = anyio.Event()
+
+    @bus.subscribe(name="slow", concurrency=1)
+    async def slow(event: Order) -> None:
+        await release.wait()
+
+    def figures() -> tuple[float | None, float | None]:
+        found: dict[str, float] = {}
+        data = reader.get_metrics_data()
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    for point in metric.data.data_points:
+                        attributes = dict(point.attributes)
+                        if attributes.get("messaging.system") == "nats" and attributes.get(
+                            "messaging.consumer.group.name") == "slow":  # fmt: skip
+                            found[metric.name] = point.value  # type: ignore[union-attr]
+        return found.get("eventbus.subscriber.pending"), found.get("eventbus.subscriber.lag")
+
+    try:
+        async with bus, bus.consumer():
+            async with bus.transaction() as tx:
+                for n in range(5):
+                    await tx.publish(Order(n))
+            await anyio.sleep(1.2)
+            with anyio.fail_after(10):
+                while (seen := figures())[0] != 5 or (seen[1] or 0) < 1.0:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+            release.set()
+            with anyio.fail_after(10):
+                while figures() != (0, 0.0):  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+    finally:
+        meters.shutdown()
+
+
+async def test_status_says_since_when_a_relays_broker_is_unreachable_and_its_rows_stay_pending(
+    eventbus_dsn: str, eventbus_schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from eventbus.cli import main
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"nats://user:s3cret-pw@127.0.0.1:{probe.getsockname()[1]}"
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, transport=NatsTransport(nowhere),
+                   relay_config=RelayConfig(poll_interval=0.05, heartbeat_interval=0.2))  # fmt: skip
+
+    @bus.subscribe(name="elsewhere")
+    async def elsewhere(event: Order) -> None:
+        raise AssertionError("consumers run elsewhere")
+
+    async with bus:
+        async with bus.transaction() as tx:
+            await tx.publish(Order(1))
+        await anyio.sleep(1.0)
+        common = ["--dsn", eventbus_dsn, "--schema", eventbus_schema]
+        assert await anyio.to_thread.run_sync(main, ["status", *common]) == 0
+        shown = capsys.readouterr().out
+    assert "broker     unreachable since" in shown and "its rows stay pending" in shown
+    assert "outbox     1 pending" in shown
+    assert "s3cret-pw" not in shown
+
+
+async def test_a_paused_subscribers_consumers_request_nothing_until_it_is_resumed(
+    eventbus_dsn: str, eventbus_schema: str, nats_stream: str
+) -> None:
+    from eventbus import SubscriberState
+
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, transport=NatsTransport(nats_stream),
+                   relay_config=RelayConfig(poll_interval=0.05))  # fmt: skip
+    seen: list[int] = []
+
+    @bus.subscribe(name="pausable")
+    async def pausable(event: Order) -> None:
+        seen.append(event.n)
+
+    async with bus:
+        assert await bus.subscribers.set_state("pausable", SubscriberState.PAUSED) is SubscriberState.ACTIVE
+        async with bus.consumer():
+            async with bus.transaction() as tx:
+                for n in range(3):
+                    await tx.publish(Order(n))
+            await anyio.sleep(2.0)
+            assert seen == []
+            await bus.subscribers.set_state("pausable", SubscriberState.ACTIVE)
+            with anyio.fail_after(10):
+                while len(seen) < 3:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+    assert sorted(seen) == [0, 1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 
 from .._driver import redact_dsn
 from ..relay import RelayConfig
@@ -10,6 +11,10 @@ from ._common import EXIT_OK, connected, schema_of
 from ._output import Output, age, count, since
 
 __all__ = ["cmd_status"]
+
+
+def _broker(unreachable_since: datetime | None) -> str:
+    return "-" if unreachable_since is None else f"unreachable {since(unreachable_since)}"
 
 
 async def cmd_status(args: argparse.Namespace, out: Output) -> int:
@@ -41,6 +46,11 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     )
     out.line(f"dead       {count(sum(dead.values()), 'dead letter')} not yet replayed")
     out.line(f"relays     {len(relays)} alive")
+    for r in relays:
+        down = r["broker_unreachable_since"]
+        if down is not None:
+            out.line(f"broker     unreachable since {down:%Y-%m-%d %H:%M:%S %Z} ({since(down)}) for relay "
+                     f"{r['worker']}: its rows stay pending until it answers")  # fmt: skip
     if dead_rows:
         out.line()
         out.table(
@@ -51,10 +61,10 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     if relays:
         out.line()
         out.table(
-            ["worker", "host", "pid", "started", "last heartbeat", "partitions"],
+            ["worker", "host", "pid", "started", "last heartbeat", "partitions", "broker"],
             [
                 (r["worker"], r["hostname"], r["pid"], since(r["started_at"]), since(r["heartbeat_at"]),
-                 len(r["partitions"] or ()))
+                 len(r["partitions"] or ()), _broker(r["broker_unreachable_since"]))
                 for r in relays
             ],
             title="Relays",

@@ -128,6 +128,9 @@ class Metrics:
         self.dead_letters: Counter[tuple[str, str | None, str]] = Counter()  # (reason, subscriber, tenant)
         #: Per schema, what its elected relay in this process last read (absent: not elected here).
         self.gauges: dict[str, Gauges] = {}
+        #: Per (schema, subscriber) whose consumers in this process read their broker consumers: (messages not
+        #: yet acknowledged, the age in seconds of the oldest of them).
+        self.broker: dict[tuple[str, str], tuple[int, float]] = {}
         #: Per relay worker of this process: its schema and how many partitions it owns now.
         self.relays: dict[str, tuple[str, Callable[[], int]]] = {}
         #: Per (subscriber, outcome): the duration records allowed now, and when that was worked out.
@@ -173,14 +176,14 @@ class Metrics:
         meter.create_observable_gauge(
             "eventbus.subscriber.lag",
             [self._gauge(lambda g: [({"messaging.consumer.group.name": name}, lag)
-                                    for name, (_, lag) in g.subscribers.items()])],
-            "s", "How long the subscriber's longest-waiting due row has waited",
+                                    for name, (_, lag) in g.subscribers.items()]), self._brokered(1)],
+            "s", "How long the subscriber's longest-waiting due row (or unacknowledged broker message) has waited",
         )  # fmt: skip
         meter.create_observable_gauge(
             "eventbus.subscriber.pending",
             [self._gauge(lambda g: [({"messaging.consumer.group.name": name}, waiting)
-                                    for name, (waiting, _) in g.subscribers.items()])],
-            "{row}", "Pending rows the subscriber has a share of",
+                                    for name, (waiting, _) in g.subscribers.items()]), self._brokered(0)],
+            "{row}", "Pending rows the subscriber has a share of (or broker messages it has not acknowledged)",
         )  # fmt: skip
         meter.create_observable_gauge(
             "eventbus.dead_letters.unreplayed",
@@ -274,6 +277,18 @@ class Metrics:
             Observation(owned(), {"eventbus.schema": schema, "eventbus.relay": worker})
             for worker, (schema, owned) in list(self.relays.items())
         ]
+
+    def _brokered(self, index: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """The broker's figures of a subscriber, told apart from the outbox's by ``messaging.system``."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(figures[index], {"messaging.consumer.group.name": name, "eventbus.schema": schema,
+                                             "messaging.system": "nats"})
+                for (schema, name), figures in list(self.broker.items())
+            ]  # fmt: skip
+
+        return observe
 
     def _gauge(
         self, read: Callable[[Gauges], list[tuple[dict[str, Any], float]]]

@@ -32,14 +32,15 @@ class RelayRepository:
 
     async def heartbeat(
         self, worker: str, hostname: str, pid: int, partitions: Sequence[int], carried: Sequence[Carried] = (),
-        *, live_within: float = 6.0,
+        *, live_within: float = 6.0, unreachable_for: float | None = None,
     ) -> dict[str, str]:
-        """Register ``worker`` or refresh its heartbeat, with the partitions it owns and the subscribers it carries
+        """Register ``worker`` or refresh its heartbeat, with the partitions it owns, the subscribers it carries
         (whose registered topics become those of every relay live within ``live_within`` seconds that carries
-        them); return those of its subscribers that are ``paused`` or ``unregistered``, with that state."""
+        them) and how long its broker has not answered (None: it answers); return those of its subscribers that
+        are ``paused`` or ``unregistered``, with that state."""
         rows = await pooled.fetch(
             self.pool, self.queries.relay_heartbeat, worker, hostname, pid, list(partitions),
-            carried_document(carried), live_within,
+            carried_document(carried), live_within, unreachable_for,
         )  # fmt: skip
         return {row["name"]: row["state"] for row in rows}
 

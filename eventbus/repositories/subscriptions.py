@@ -105,6 +105,11 @@ class SubscriptionRepository:
         rows = await pooled.fetch(self.pool, self.queries.subscription_list, live_within, name)
         return [_info(row) for row in rows]
 
+    async def states(self, names: Sequence[str]) -> dict[str, SubscriberState]:
+        """The state of each registered subscriber of ``names`` (one not registered is left out)."""
+        rows = await pooled.fetch(self.pool, self.queries.subscription_states, list(names))
+        return {row["name"]: SubscriberState(row["state"]) for row in rows}
+
     async def set_state(self, name: str, state: SubscriberState) -> SubscriberState | None:
         """Give subscriber ``name`` ``state``; return its state before (None: no such subscriber, nothing set)."""
         previous = await pooled.fetchval(self.pool, self.queries.subscription_set_state, name, str(state))

@@ -414,11 +414,13 @@ SELECT EXISTS (SELECT 1 FROM __schema__.eventbus_inbox WHERE subscriber = $1 AND
 -- $4 partitions smallint[]
 -- $5 carried jsonb ({"name": ["topic", ...], ...})
 -- $6 live_seconds float8 (a relay is live when its heartbeat is this recent)
+-- $7 unreachable_seconds float8 (how long its broker has not answered; NULL while it answers)
 WITH beat AS (
-    INSERT INTO __schema__.eventbus_relays (worker, hostname, pid, partitions, carried)
-    VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO __schema__.eventbus_relays (worker, hostname, pid, partitions, carried, broker_unreachable_since)
+    VALUES ($1, $2, $3, $4, $5, now() - make_interval(secs => $7))
     ON CONFLICT (worker) DO UPDATE SET heartbeat_at = now(), partitions = EXCLUDED.partitions,
-                                       carried = EXCLUDED.carried
+                                       carried = EXCLUDED.carried,
+                                       broker_unreachable_since = EXCLUDED.broker_unreachable_since
 ), declared AS (
     -- What this relay carries, and what the other live relays carry of the same subscribers.
     SELECT c.key AS name, t.topic
@@ -496,6 +498,11 @@ FROM __schema__.eventbus_subscriptions AS s
 WHERE $2::text IS NULL OR s.name = $2
 ORDER BY s.name;
 
+-- name: subscription_states
+-- The state of each registered subscriber named in $1.
+-- $1 names text[]
+SELECT name, state FROM __schema__.eventbus_subscriptions WHERE name = ANY($1);
+
 -- name: subscription_set_state
 -- Set subscriber $1's state to $2; returns its state before, or no row when it is not registered.
 -- $1 name text
@@ -518,7 +525,7 @@ WHERE worker = $1 OR heartbeat_at < now() - make_interval(secs => $2);
 -- name: relay_alive
 -- Relays that sent a heartbeat within $1 seconds.
 -- $1 within_seconds float8
-SELECT worker, hostname, pid, started_at, heartbeat_at, partitions
+SELECT worker, hostname, pid, started_at, heartbeat_at, partitions, broker_unreachable_since
 FROM __schema__.eventbus_relays
 WHERE heartbeat_at >= now() - make_interval(secs => $1)
 ORDER BY worker;

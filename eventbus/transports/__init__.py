@@ -100,3 +100,6 @@ class Transport(Protocol):
 
     def statistics(self) -> DeliveryStatistics:
         """Counters since the transport started."""
+
+    def unreachable_for(self) -> float | None:
+        """How many seconds the broker has not answered; None while it answers (or when there is none)."""

@@ -97,6 +97,10 @@ class LocalTransport:
         for partition in partitions:
             self._revoked[partition] = now
 
+    def unreachable_for(self) -> float | None:
+        """No broker: always None."""
+        return None
+
     def hold(self, names: Collection[str]) -> None:
         """Deliver no new rows to these (paused) subscribers: their shares of a row become pending rows targeted
         at them, claimed once they are resumed."""

@@ -22,9 +22,12 @@ written to the shared PostgreSQL table, then the message is terminated. An order
 per key partition, each with one message in flight at a time: a key's events are handled one at a time in the
 order the relay published them (event id order), and a key that retries holds up its partition's other keys.
 
-Known limits: a consumer's lag is the broker's (``nats consumer info``); a paused subscriber's consumers keep
-running (pause it by stopping its consumers); after a publish that failed while later rows of its partition were
-already in flight, those later rows can precede it in the stream.
+Each durable consumer keeps pull requests waiting on the server for as many messages as it has room for, so a
+message is handed over the moment the stream has it (:class:`_Flow`). A paused subscriber's consumers request
+nothing more; its lag is read from the broker (``eventbus.subscriber.lag`` with ``messaging.system`` ``nats``).
+
+Known limit: after a publish that failed while later rows of its partition were already in flight, those later
+rows can precede it in the stream.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import ssl
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
@@ -52,7 +55,7 @@ from ..errors import ConfigurationError
 from ..events import Envelope, partition_of
 from ..handlers import DONE, AttemptRunner, Outcome, Subscription, Verdict
 from ..observability import logs
-from ..repositories import Carried, DeadLetterRepository, Reason, Settlement, Status
+from ..repositories import Carried, DeadLetterRepository, Reason, Settlement, Status, SubscriptionRepository
 from . import DeliveryStatistics, Report, Unrouted, unrouted_settlement
 
 if TYPE_CHECKING:
@@ -145,8 +148,9 @@ class _Connection:
                 self.options[option] = value
         #: When (anyio clock) the broker stopped answering; None while it answers.
         self.unreachable_since: float | None = None
-        #: How many times the connection came back.
+        #: How many times the connection came back, and an event set when it does.
         self.generation = 0
+        self.changed = anyio.Event()
         #: Called when the connection is lost (the relay fails what it has in flight at once).
         self.on_loss: Callable[[], None] | None = None
         self.client: nats.aio.client.Client | None = None
@@ -166,10 +170,14 @@ class _Connection:
 
         async def reconnected() -> None:
             self.unreachable_since = None
-            self.generation += 1  # pull subscriptions are made again (one can stop receiving after a restart)
+            self.generation += 1  # pull requests are made again (one can stop receiving after a restart)
+            self.changed.set()
+            self.changed = anyio.Event()
             logs.emit(log, logging.INFO, "NATS connection to %s back", self.shown(), fields={})
 
         async def error(exc: Exception) -> None:
+            if self.client is None and self.unreachable_since is None:  # connecting: nats-py keeps trying
+                self.unreachable_since = anyio.current_time()
             log.debug("NATS client error: %s", redact_nats_url(str(exc)))
 
         client: nats.aio.client.Client = await client_module.connect(
@@ -221,6 +229,85 @@ async def _ensure_stream(js: nats.js.JetStreamContext, schema: str, max_age: flo
         )
 
 
+async def _ensure_consumer(js: nats.js.JetStreamContext, stream: str, config: Any) -> None:
+    from nats.js.errors import NotFoundError
+
+    try:
+        await js.consumer_info(stream, config.durable_name)
+    except NotFoundError:
+        await js.add_consumer(stream, config)
+
+
+#: How often a consumer reads whether its subscribers are paused.
+STATE_INTERVAL = 1.0
+
+#: How long a pull request waits on the server, and how often the server says that it still waits.
+PULL_EXPIRES, PULL_HEARTBEAT = 5.0, 1.0
+
+
+class _Flow:
+    """A durable consumer's pull requests, kept outstanding on the server for as many messages as there is room
+    for: a message is handed over the moment the stream has it, with no round trip of its own (a ``fetch`` per
+    batch waits for the batch or its timeout, and holds what came meanwhile).
+
+    ``held``: messages received and not yet settled, at most ``limit`` with ``credit``, the messages requested
+    that have neither come nor been given up by the server (a 408 or 409 status says how many a request left).
+    """
+
+    def __init__(
+        self, client: nats.aio.client.Client, stream: str, durable: str, limit: int, batch: int,
+        held_back: Callable[[], bool] = lambda: False,
+    ) -> None:  # fmt: skip
+        self.client, self.limit, self.batch, self.held_back = client, limit, max(1, batch), held_back
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = client.new_inbox()
+        self.credit = self.held = 0
+        self.heard = anyio.current_time()
+        self.gone: str | None = None
+        self.stopped = False
+
+    async def top_up(self) -> None:
+        """Request more once half the room is free (or all of it is), so requests are few and never run dry."""
+        room = self.limit - self.held - self.credit
+        if self.stopped or room <= 0 or (self.credit and room * 2 < self.limit) or self.held_back():
+            return
+        wanted = min(room, self.batch)
+        if not self.credit:
+            self.heard = anyio.current_time()  # the heartbeats are counted from the first request
+        self.credit += wanted
+        request = {"batch": wanted, "expires": int(PULL_EXPIRES * 1e9), "idle_heartbeat": int(PULL_HEARTBEAT * 1e9)}
+        try:
+            await self.client.publish(self.next_subject, msgspec.json.encode(request), reply=self.inbox)
+        except Exception as exc:  # the connection closed: the pull loop makes the requests again
+            self.credit -= wanted
+            self.gone = f"a pull request could not be sent: {type(exc).__name__}"
+
+    def arrived(self) -> bool:
+        """A message came: False once the flow was replaced (the message comes again, after the ack wait)."""
+        self.heard = anyio.current_time()
+        self.credit = max(0, self.credit - 1)
+        if self.stopped:
+            return False
+        self.held += 1
+        return True
+
+    def status(self, headers: dict[str, str]) -> None:
+        self.heard = anyio.current_time()
+        code = headers.get("Status", "")
+        if code in ("404", "408", "409"):  # a request ended, with this many of its messages not sent
+            self.credit = max(0, self.credit - int(headers.get("Nats-Pending-Messages") or self.credit))
+        if code == "409":  # the consumer was deleted, a leader changed, too many requests wait: start again
+            self.gone = headers.get("Description") or "409"
+
+    def check(self) -> None:
+        """Raise when the requests must be made again: the server said they are gone, or sent nothing for three
+        heartbeats while one should wait (an orphaned request)."""
+        if self.gone is not None:
+            raise ConnectionError(f"the server ended the pull requests: {self.gone}")
+        if self.credit and anyio.current_time() - self.heard > 3 * PULL_HEARTBEAT:
+            raise ConnectionError("no heartbeat from the server for a waiting pull request")
+
+
 def _backoff(failures: int, most: float = 5.0) -> float:
     return min(most, 0.1 * 2.0 ** min(failures, 10))
 
@@ -235,7 +322,9 @@ class NatsTransport:
     (checked on a stream that exists); ``max_in_flight``: publishes awaiting their acknowledgement;
     ``ack_timeout``: how long a publish waits for it before its row goes back to pending. Consumers: ``ack_wait``
     is how long a message handed to a consumer that died waits before another gets it (a running attempt renews
-    it with ``in_progress()``); ``fetch_batch`` how many messages one fetch takes at most.
+    it with ``in_progress()``); ``fetch_batch`` how many messages one pull request asks for at most (a consumer
+    holds at most twice a subscriber's concurrency); ``metrics_interval`` how often, while an SDK meter provider is
+    in use, a consumer reads its subscribers' lag from the broker.
     """
 
     def __init__(
@@ -254,6 +343,7 @@ class NatsTransport:
         ack_timeout: float = 10.0,
         ack_wait: float = 10.0,
         fetch_batch: int = 64,
+        metrics_interval: float = 5.0,
     ) -> None:
         if max_in_flight < 1 or ack_timeout <= 0 or duplicate_window <= 0 or ack_wait < 1:
             raise ConfigurationError(
@@ -271,6 +361,7 @@ class NatsTransport:
         self.ack_timeout = ack_timeout
         self.ack_wait = ack_wait
         self.fetch_batch = fetch_batch
+        self.metrics_interval = metrics_interval
         self.schema = "eventbus"
         self.unrouted: Unrouted = "dead_letter"
         self.subscriptions: list[Subscription] = []
@@ -319,6 +410,13 @@ class NatsTransport:
     def carried(self) -> list[Carried]:
         """Every subscriber of the application: its consumers get the events this relay forwards."""
         return [Carried(sub.name, sub.topics, sub.ordered) for sub in self.subscriptions]
+
+    def unreachable_for(self) -> float | None:
+        """How long the broker has not answered (since the connection was lost, or since the first failed
+        attempt to connect); None while connected."""
+        connection = self._connection
+        since = None if connection is None else connection.unreachable_since
+        return None if since is None else anyio.current_time() - since
 
     def _reachable(self) -> bool:
         """Connected, and not still waiting for the publishes a lost connection took with it (rows claimed later
@@ -499,10 +597,11 @@ class NatsTransport:
 
     def consumer(
         self, subscriptions: Sequence[Subscription], runner: AttemptRunner, dead_letters: DeadLetterRepository,
-        *, schema: str, stop_timeout: float = 10.0,
+        *, schema: str, stop_timeout: float = 10.0, states: SubscriptionRepository | None = None,
     ) -> NatsConsumer:  # fmt: skip
         """A consumer of this transport's stream for ``subscriptions`` (see :class:`NatsConsumer`)."""
-        return NatsConsumer(self, subscriptions, runner, dead_letters, schema=schema, stop_timeout=stop_timeout)
+        return NatsConsumer(self, subscriptions, runner, dead_letters, schema=schema, stop_timeout=stop_timeout,
+                            states=states)  # fmt: skip
 
 
 class _Fields(msgspec.Struct, frozen=True):
@@ -520,6 +619,7 @@ class NatsConsumer:
     def __init__(
         self, transport: NatsTransport, subscriptions: Sequence[Subscription], runner: AttemptRunner,
         dead_letters: DeadLetterRepository, *, schema: str, stop_timeout: float = 10.0,
+        states: SubscriptionRepository | None = None,
     ) -> None:  # fmt: skip
         if not subscriptions:
             raise ConfigurationError("a consumer needs subscribers: subscribe handlers on the bus first")
@@ -531,10 +631,13 @@ class NatsConsumer:
         self._closing = anyio.Event()
         self._stopped = anyio.Event()
         self._running = 0
-        #: Messages whose attempt runs, with when it started (see :meth:`_keep`).
+        #: Messages received and not yet settled, with when they came (see :meth:`_keep`).
         self._in_hand: dict[int, tuple[float, nats.aio.msg.Msg]] = {}
         self._idle = anyio.Event()
         self._connection: _Connection | None = None
+        self._states = states
+        #: Subscribers paused (``eventbus subscribers pause``): their consumers request no more messages.
+        self.paused: set[str] = set()
 
     def statistics(self) -> DeliveryStatistics:
         return DeliveryStatistics(**{k: v for k, v in self.counters.items() if k in DeliveryStatistics.__slots__})
@@ -555,9 +658,14 @@ class NatsConsumer:
             await _ensure_stream(js, self.schema, transport.max_age, transport.duplicate_window)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep)
+                tg.start_soon(self._observe_lag, js)
+                if self._states is not None:
+                    with anyio.move_on_after(5.0):
+                        await self._read_states(self._states)
+                    tg.start_soon(self._follow_states, self._states)
                 for sub in self.subscriptions:
                     for durable, subject, one_at_a_time in self._consumers(sub):
-                        tg.start_soon(self._pull, connection, js, sub, durable, subject, one_at_a_time)
+                        tg.start_soon(self._pull, connection, client, js, sub, durable, subject, one_at_a_time)
                 names = ", ".join(sub.name for sub in self.subscriptions)
                 logs.emit(log, logging.INFO, "consumer of stream %s started for %s", stream_name(self.schema), names,
                           fields={"schema": self.schema})  # fmt: skip
@@ -572,6 +680,61 @@ class NatsConsumer:
             await connection.close()
             self._stopped.set()
 
+    async def _follow_states(self, states: SubscriptionRepository) -> None:
+        """Every ``STATE_INTERVAL`` seconds, which of the subscribers are paused: their consumers finish what they
+        hold and request nothing more until resumed."""
+        while True:
+            await anyio.sleep(STATE_INTERVAL)
+            await self._read_states(states)
+
+    async def _read_states(self, states: SubscriptionRepository) -> None:
+        try:
+            read = await states.states([sub.name for sub in self.subscriptions])
+        except Exception as exc:
+            log.debug("consumer: could not read the subscribers' states: %s", exc)
+            return
+        paused = {name for name, state in read.items() if state == "paused"}
+        for name in sorted(paused ^ self.paused):
+            logs.emit(log, logging.INFO, "consumer: subscriber %s %s", name,
+                      "paused" if name in paused else "resumed", fields={"subscriber": name})  # fmt: skip
+        self.paused = paused
+
+    async def _observe_lag(self, js: nats.js.JetStreamContext) -> None:
+        """While an SDK meter provider is in use, every ``metrics_interval`` seconds: each subscriber's messages its
+        durable consumers have not acknowledged, and the age of the oldest, as ``eventbus.subscriber.pending`` and
+        ``eventbus.subscriber.lag`` (with ``messaging.system`` ``nats``)."""
+        metrics = self.runner.metrics
+        figures = metrics.broker
+        try:
+            while True:
+                if metrics.enabled:
+                    for sub in self.subscriptions:
+                        try:
+                            with anyio.fail_after(5.0):
+                                figures[(self.schema, sub.name)] = await self._lag_of(js, sub)
+                        except Exception as exc:
+                            figures.pop((self.schema, sub.name), None)  # no figure rather than a stale one
+                            log.debug("consumer of %s: could not read its lag: %s", sub.name, exc)
+                await anyio.sleep(self.transport.metrics_interval)
+        finally:
+            for sub in self.subscriptions:
+                figures.pop((self.schema, sub.name), None)
+
+    async def _lag_of(self, js: nats.js.JetStreamContext, sub: Subscription) -> tuple[int, float]:
+        stream = stream_name(self.schema)
+        waiting, oldest = 0, 0.0
+        for durable, subject, _ in self._consumers(sub):
+            info = await js.consumer_info(stream, durable)
+            unacknowledged = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            if not unacknowledged:
+                continue
+            waiting += unacknowledged
+            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+            first = await js.get_msg(stream, seq=(floor or 0) + 1, subject=subject, next=True)
+            if first.time is not None:
+                oldest = max(oldest, (datetime.now(UTC) - first.time).total_seconds())
+        return waiting, oldest
+
     def _consumers(self, sub: Subscription) -> list[tuple[str, str, bool]]:
         """(durable name, filter subject, one message at a time) of a subscriber's consumers."""
         root = _subject_root(self.schema)
@@ -583,13 +746,13 @@ class NatsConsumer:
         return [(_durable(self.schema, sub.name, "_u"), f"{root}.u.>", False), *keyed]
 
     async def _pull(
-        self, connection: _Connection, js: nats.js.JetStreamContext, sub: Subscription, durable: str, subject: str,
-        one_at_a_time: bool,
+        self, connection: _Connection, client: nats.aio.client.Client, js: nats.js.JetStreamContext,
+        sub: Subscription, durable: str, subject: str, one_at_a_time: bool,
     ) -> None:  # fmt: skip
-        """Fetch and handle one durable consumer's messages until closed. The subscription is made again when a
-        fetch fails or outlives its own timeout (an orphaned pull request) and after every reconnect (a pull
-        subscription can stop receiving after a server restart)."""
-        from nats.errors import TimeoutError as FetchTimeout
+        """Handle one durable consumer's messages as they arrive, until closed. Its pull requests are made again
+        after every reconnect (a pull subscription can stop receiving after a server restart), when the server
+        says they are gone (a 409 status) or when it stopped saying they wait (no heartbeat: an orphaned
+        request)."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         # Short, whatever the handler's timeout: a running attempt sends in_progress() every third of it, so only
@@ -601,70 +764,79 @@ class NatsConsumer:
             max_ack_pending=1 if one_at_a_time else max(1000, sub.concurrency * 4),
         )  # fmt: skip
         slots = anyio.Semaphore(1 if one_at_a_time else sub.concurrency)
-        batch = 1 if one_at_a_time else self.transport.fetch_batch
+        # A message waits for a worker only behind one running attempt per worker: the rest stay in the stream
+        # for the subscriber's other consumer processes.
+        limit = 1 if one_at_a_time else 2 * sub.concurrency
+        stream = stream_name(self.schema)
         failures = 0
-        psub: Any = None
+
+        def paused() -> bool:
+            return sub.name in self.paused
+
         async with anyio.create_task_group() as handling:
             while not self._closing.is_set():
-                try:
-                    if psub is not None:
+                generation, changed = connection.generation, connection.changed
+                flow = _Flow(client, stream, durable, limit, self.transport.fetch_batch, held_back=paused)
+
+                async def arrived(message: nats.aio.msg.Msg, flow: _Flow = flow) -> None:
+                    if not message.reply:  # a status of the pull requests, not a message of the stream
+                        flow.status(message.headers or {})
+                    elif flow.arrived():
+                        self._running += 1
+                        self._in_hand[id(message)] = (anyio.current_time(), message)
+                        handling.start_soon(self._handle_released, sub, message, slots, flow)
+                    else:
                         with contextlib.suppress(Exception):
-                            await psub.unsubscribe()
-                    generation = connection.generation
+                            await message.nak()  # to the flow that replaced this one
+                    if not self._closing.is_set():
+                        await flow.top_up()
+
+                subscription: Any = None
+                try:
                     # A JetStream request sent while the connection is down waits for its whole timeout (5 s):
                     # give up sooner and try again, so delivery resumes soon after the broker is back.
                     with anyio.fail_after(1.0):
-                        psub = await js.pull_subscribe(subject, durable=durable, stream=stream_name(self.schema),
-                                                       config=config)  # fmt: skip
-                    idle = True
+                        await _ensure_consumer(js, stream, config)
+                    subscription = await client.subscribe(flow.inbox, cb=arrived)
+                    await flow.top_up()
                     while not self._closing.is_set() and generation == connection.generation:
-                        # Fetch only what there is room for, so no fetched message waits for a worker. Idle, wait
-                        # for one message (a pull request for more waits until they all came, or it expires);
-                        # busy, take what is there, waiting at most 20 ms for it.
-                        await slots.acquire()
-                        room = 1
-                        while not idle and room < batch and slots.value:
-                            slots.acquire_nowait()
-                            room += 1
-                        messages = []
-                        try:
-                            with anyio.fail_after(5.0):  # a fetch that outlives its own timeout is orphaned
-                                # One message at a time (ordered) comes as soon as it is there: no short fetch.
-                                short = not idle and not one_at_a_time
-                                messages = await psub.fetch(room, timeout=0.02 if short else 1.0)
-                        except FetchTimeout:
-                            pass
-                        finally:
-                            for _ in range(room - len(messages)):
-                                slots.release()
-                        idle = not messages
+                        with anyio.move_on_after(PULL_HEARTBEAT):
+                            await changed.wait()
+                        flow.check()
+                        await flow.top_up()  # after a pause
                         failures = 0
-                        for message in messages:
-                            self._running += 1
-                            handling.start_soon(self._handle_released, sub, message, ack_wait, slots)
                 except Exception as exc:
                     if self._closing.is_set():
                         return
                     failures += 1
                     delay = _backoff(failures, most=1.0)  # at most a second: resume soon after the broker is back
-                    log.warning("consumer %s: fetching failed (%s: %s); subscribing again in %.1f s", durable,
+                    log.warning("consumer %s: pulling failed (%s: %s); pulling again in %.1f s", durable,
                                 type(exc).__name__, redact_nats_url(str(exc)), delay)  # fmt: skip
                     await anyio.sleep(delay)
+                finally:
+                    flow.stopped = True
+                    if subscription is not None:
+                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                            await subscription.unsubscribe()
 
     async def _handle_released(
-        self, sub: Subscription, message: nats.aio.msg.Msg, ack_wait: float, slots: anyio.Semaphore
+        self, sub: Subscription, message: nats.aio.msg.Msg, slots: anyio.Semaphore, flow: _Flow
     ) -> None:
         try:
-            await self._handle(sub, message, ack_wait)
+            async with slots:
+                await self._handle(sub, message)
         except Exception:
             log.exception("consumer of %s: a message could not be settled; the broker redelivers it", sub.name)
         finally:
+            self._in_hand.pop(id(message), None)
             self._running -= 1
             if not self._running:
                 self._idle.set()
-            slots.release()
+            flow.held -= 1
+        if not self._closing.is_set():
+            await flow.top_up()
 
-    async def _handle(self, sub: Subscription, message: nats.aio.msg.Msg, ack_wait: float) -> None:
+    async def _handle(self, sub: Subscription, message: nats.aio.msg.Msg) -> None:
         headers = dict(message.headers or {})
         attempt = message.metadata.num_delivered or 1
         try:
@@ -692,7 +864,6 @@ class NatsConsumer:
             if self._closing.is_set():
                 await message.nak()  # a stop: it is delivered again at once, to another consumer
                 return
-            self._in_hand[id(message)] = (anyio.current_time(), message)
             try:
                 outcome = await self.runner.run(sub, envelope, attempt)
             except anyio.get_cancelled_exc_class():
@@ -700,13 +871,12 @@ class NatsConsumer:
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await message.nak()
                 raise
-            finally:
-                del self._in_hand[id(message)]
         await self._settle(sub, envelope, message, outcome)
 
     async def _keep(self) -> None:
-        """``in_progress()`` for every message whose attempt has run a third of the ack wait, every third of it, so
-        the broker does not hand it to another consumer (one task for all, not one per message)."""
+        """``in_progress()`` for every message held for a third of the ack wait (its attempt runs, or waits for a
+        worker), every third of it, so the broker does not hand it to another consumer (one task for all, not one
+        per message)."""
         every = self.transport.ack_wait / 3
         while True:
             await anyio.sleep(every)
