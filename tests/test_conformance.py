@@ -291,3 +291,44 @@ async def test_a_stop_loses_nothing_and_runs_nothing_twice(
         await second.drain(GIVE_UP)
         await anyio.sleep(0.2)
     assert sorted(handled) == list(range(50)), "each event handled once, across the two runs"
+
+
+async def test_a_hanging_neighbour_delays_no_one_and_a_stop_past_its_timeout_loses_nothing(
+    eventbus_dsn: str, eventbus_schema: str, transport: Any
+) -> None:
+    """A subscriber whose handler hangs holds up neither another subscriber's events nor a stop (cut short after
+    ``stop_timeout``); what it had in hand is delivered again to the next run."""
+    fast: list[int] = []
+    hung: list[int] = []
+    hang = True
+
+    def make() -> EventBus:
+        bus = _bus(eventbus_dsn, eventbus_schema, transport)
+
+        @bus.subscribe(name="fast", concurrency=2)
+        async def quick(event: Placed) -> None:
+            fast.append(event.n)
+
+        @bus.subscribe(name="hangs", concurrency=1, timeout=60.0, transactional=True)
+        async def hangs(event: Placed, ctx: Context) -> None:
+            if hang:
+                await anyio.sleep_forever()
+            hung.append(event.n)
+
+        return bus
+
+    first = make()
+    async with transport[1](first):
+        await _publish(first, [Placed(n) for n in range(20)])
+        with anyio.fail_after(5):  # not GIVE_UP: the neighbour must not hold these up
+            while len(set(fast)) < 20:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        stopping = anyio.current_time()
+    assert anyio.current_time() - stopping < first.stop_timeout + 5.0, "the stop waited for the hung handler"
+    assert hung == []
+    hang = False
+    second = make()
+    async with transport[1](second):
+        await _until(lambda: len(set(hung)) >= 20, "the hung subscriber's events, in the next run")
+    assert sorted(hung) == list(range(20)), "each of the hung subscriber's events has one effect"
+    assert sorted(set(fast)) == list(range(20))
