@@ -12,6 +12,7 @@ __all__ = [
     "DatabaseUnavailable",
     "DeserializationError",
     "EventBusError",
+    "MigrationLocked",
     "MigrationsMissing",
     "NotInTransaction",
     "RegistrationError",
@@ -57,3 +58,8 @@ class DatabaseError(EventBusError):
 
 class MigrationsMissing(EventBusError):
     """The database schema is older than this version of eventbus expects."""
+
+
+class MigrationLocked(EventBusError):
+    """A migration could not take the lock it needs on an eventbus table within its retries: a long transaction
+    holds a conflicting lock."""

@@ -2,15 +2,28 @@
 
 Safe to run from several processes at once: the first takes the lock and applies, the others wait and then
 find nothing left to do.
+
+A migration never queues behind a busy table: its statements run with a ``lock_timeout``, and when one cannot
+take its lock in that time, the whole run rolls back and is tried again after a pause. A waiting ``ALTER TABLE``
+would otherwise block every statement on that table behind it (the relay's claims, the producers' inserts) for
+as long as the transaction it waits for runs.
 """
 
 from __future__ import annotations
 
-from ._typing import Connection
-from .errors import MigrationsMissing
-from .sql import Queries, migrations
+import logging
+import time
 
-__all__ = ["check_migrations", "latest_version", "migrate", "pending_migrations"]
+import anyio
+import asyncpg
+
+from ._typing import Connection
+from .errors import MigrationLocked, MigrationsMissing
+from .sql import Migration, Queries, migrations
+
+__all__ = ["check_migrations", "latest_version", "migrate", "pending_migrations", "pending_sql"]
+
+log = logging.getLogger("eventbus.migrations")
 
 
 def latest_version() -> int:
@@ -30,16 +43,51 @@ async def pending_migrations(conn: Connection, schema: str = "eventbus") -> list
     return [m.version for m in migrations(schema) if m.version not in applied]
 
 
-async def migrate(conn: Connection, schema: str = "eventbus") -> list[int]:
-    """Bring ``schema`` up to date; return the versions this call applied (empty when already current)."""
+async def pending_sql(conn: Connection, schema: str = "eventbus", *, to: int | None = None) -> list[Migration]:
+    """The migrations :func:`migrate` would apply to ``schema`` (up to version ``to``), with their SQL."""
+    applied = await _applied(conn, Queries(schema))
+    return [m for m in migrations(schema) if m.version not in applied and (to is None or m.version <= to)]
+
+
+async def migrate(
+    conn: Connection, schema: str = "eventbus", *, to: int | None = None, lock_timeout: float = 2.0,
+    give_up_after: float = 120.0,
+) -> list[int]:  # fmt: skip
+    """Bring ``schema`` up to date (or up to version ``to``); return the versions this call applied (empty when
+    already current). Each statement waits at most ``lock_timeout`` seconds for a table lock; a run that could not
+    take one is rolled back and tried again, for at most ``give_up_after`` seconds, then :class:`MigrationLocked`."""
+    started = time.monotonic()
+    tries = 0
+    while True:
+        try:
+            return await _migrate_once(conn, schema, to, lock_timeout)
+        except asyncpg.LockNotAvailableError as exc:
+            tries += 1
+            pause = min(5.0, 0.25 * 2 ** min(tries, 5))
+            waited = time.monotonic() - started
+            if waited + pause > give_up_after:
+                raise MigrationLocked(
+                    f"migrating schema {schema!r}: no lock on an eventbus table within {lock_timeout:g} s, {tries} "
+                    f"times in {waited:.0f} s ({exc}). A long transaction holds a conflicting lock: find it with "
+                    "`SELECT pid, state, xact_start, query FROM pg_stat_activity WHERE xact_start < now() - "
+                    "interval '1 minute'`, let it end, and run `eventbus migrate` again"
+                ) from exc
+            log.warning("migrating schema %r: a table is busy (%s); rolled back, trying again in %.1f s", schema,
+                        exc, pause)  # fmt: skip
+            await anyio.sleep(pause)
+
+
+async def _migrate_once(conn: Connection, schema: str, to: int | None, lock_timeout: float) -> list[int]:
     queries = Queries(schema)
     done: list[int] = []
     async with conn.transaction():
         await conn.execute(queries.migrate_lock, f"eventbus.migrate.{schema}")
+        # After the advisory lock: migrators of the same schema wait for each other, as long as it takes.
+        await conn.execute(queries.migrate_lock_timeout, f"{max(1, round(lock_timeout * 1000))}ms")
         await conn.execute(queries.migrate_prepare)
         applied = await _applied(conn, queries)
         for migration in migrations(schema):
-            if migration.version in applied:
+            if migration.version in applied or (to is not None and migration.version > to):
                 continue
             await conn.execute(migration.sql)
             await conn.execute(queries.migrate_record, migration.version, migration.name)

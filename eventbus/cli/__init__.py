@@ -141,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, default=argparse.SUPPRESS)
     commands = _Commands(parser, common)
 
-    commands.command("migrate", cmd_migrate, "apply missing migrations to the schema")
+    p = commands.command(
+        "migrate", cmd_migrate, "apply missing migrations to the schema",
+        "Apply the migrations the schema lacks, in one transaction. A statement that cannot take its table lock "
+        "within --lock-timeout rolls the run back, and it is tried again (for up to two minutes), so the "
+        "migration never queues the outbox's traffic behind it.",
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print the SQL that would run; apply nothing")
+    p.add_argument("--lock-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="how long a statement waits for a table lock before the run is retried (default 2)")
     commands.command("status", cmd_status, "pending and claimed events, dead letters, relays alive")
     p = commands.command(
         "relay", cmd_relay, "run a relay process for an application's bus until SIGTERM/SIGINT",

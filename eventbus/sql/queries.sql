@@ -530,6 +530,11 @@ FROM __schema__.eventbus_relays
 WHERE heartbeat_at >= now() - make_interval(secs => $1)
 ORDER BY worker;
 
+-- name: migrate_lock_timeout
+-- Let each statement of this migration transaction wait at most $1 for a table lock.
+-- $1 lock_timeout text (e.g. '2000ms')
+SELECT set_config('lock_timeout', $1, true);
+
 -- name: migrate_lock
 -- Serialise migration runs on this schema across processes until the transaction ends.
 -- $1 lock_name text
