@@ -49,12 +49,18 @@ class BusConnection(asyncpg.Connection):
     _waker: Waker | None = None
     _is_reset: bool = False
     _sent: tuple[Counter[Any], list[Any]] | None = None
+    _tenant_at_begin: str | None = None
 
     def open_fold(self) -> None:
         """A bus transaction starts: a later COMMIT may carry the reset (see :meth:`ready_to_commit`)."""
         self._fold_open, self._fold_ready, self._is_reset = True, False, False
         self._waker = None
         self._sent = None
+
+    def begin_as(self, tenant: str | None) -> None:
+        """The next BEGIN sets the transaction's tenant (``eventbus.tenant``, until its end) in its own round
+        trip; None leaves the session's, which the pool set when it connected."""
+        self._tenant_at_begin = tenant
 
     def count_at_commit(self, counter: Counter[Any], keys: Iterable[Any]) -> None:
         """Add ``keys`` to ``counter`` once the open bus transaction has committed (see :meth:`committed`)."""
@@ -86,6 +92,7 @@ class BusConnection(asyncpg.Connection):
     def close_fold(self) -> None:
         self._fold_open = self._fold_ready = False
         self._waker = None
+        self._tenant_at_begin = None
 
     def skip_next_reset(self) -> None:
         """The statements run since the pool handed this connection out left no session state behind."""
@@ -97,6 +104,11 @@ class BusConnection(asyncpg.Connection):
         return done
 
     async def execute(self, query: str, *args: object, timeout: float | None = None) -> str:
+        tenant = self._tenant_at_begin
+        if tenant is not None and not args and query.startswith("BEGIN"):
+            self._tenant_at_begin = None
+            query = f"{query} SELECT set_config('eventbus.tenant', {_literal(tenant)}, true);"
+            return await super().execute(query, timeout=timeout)
         if not (self._fold_ready and query == _COMMIT and not args):
             return await super().execute(query, *args, timeout=timeout)
         waker = self._waker
@@ -150,11 +162,16 @@ async def _reset(connection: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, max_size: int, init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+    dsn: str, *, max_size: int, init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    tenant: str = "",
 ) -> asyncpg.Pool:
+    """The bus's pool. Every connection's session has ``tenant`` as its ``eventbus.tenant`` (the row-level
+    security policies read it), set in the startup message: no round trip, and the pool's reset (``RESET ALL``)
+    brings it back, so a transaction's own tenant never outlives it."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max_size, connection_class=BusConnection, reset=_reset, init=cast(Any, init)
-    )
+        dsn, min_size=1, max_size=max_size, connection_class=BusConnection, reset=_reset, init=cast(Any, init),
+        server_settings={"eventbus.tenant": tenant},
+    )  # fmt: skip
     return pool
 
 

@@ -133,14 +133,21 @@ def _seconds(delay: float | timedelta | None) -> float:
 class Transaction:
     """An open database transaction from :meth:`EventBus.transaction`; events published on it commit with it."""
 
-    def __init__(self, bus: EventBus, connection: Connection) -> None:
+    def __init__(self, bus: EventBus, connection: Connection, tenant: str | None = None) -> None:
         self.bus = bus
         self.connection = connection
+        #: The tenant its events are published for unless one says otherwise (the bus's, unless given).
+        self.tenant = bus.tenant if tenant is None else tenant
+
+    def _options(self, options: PublishOptions) -> PublishOptions:
+        if options.get("tenant") is None:
+            options["tenant"] = self.tenant
+        return options
 
     async def publish(self, event: msgspec.Struct, **options: Unpack[PublishOptions]) -> uuid.UUID | None:
         """Offer ``event`` in this transaction (options: :class:`PublishOptions`); return its id, or None when
         its ``idempotency_key`` was used before."""
-        return await self.bus._publish_one(event, self.connection, options)
+        return await self.bus._publish_one(event, self.connection, self._options(options))
 
     async def publish_many(
         self, events: Sequence[msgspec.Struct], **options: Unpack[PublishOptions]
@@ -155,7 +162,7 @@ class Transaction:
                 "an idempotency key names one event: encode each event with its own (bus.encode(event, "
                 "idempotency_key=...)) and pass them to tx.offer(...)"
             )
-        encode = self.bus.encode
+        encode, options = self.bus.encode, self._options(options)
         return await self.bus.outbox.offer(self.connection, [encode(event, **options) for event in events])
 
     async def offer(self, events: Sequence[NewEvent]) -> OfferResult:
@@ -344,7 +351,7 @@ class EventBus:
             self.metrics, self._prometheus = _prometheus_metrics(self._meter_provider)
         dsn = await self.resolve_dsn()
         with connecting(dsn):
-            pool = await create_pool(dsn, max_size=self.pool_size, init=self.init_connection)
+            pool = await create_pool(dsn, max_size=self.pool_size, init=self.init_connection, tenant=self.tenant)
         try:
             async with pool.acquire() as conn:
                 if self.migrate:
@@ -410,8 +417,9 @@ class EventBus:
                     # The relay's statements (claim, settle, renew, heartbeat) run on connections of its own: the
                     # producers and transactional handlers that share the bus's pool cannot starve its leases.
                     relay_pool = await create_pool(
-                        await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS, init=self.init_connection
-                    )
+                        await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS, init=self.init_connection,
+                        tenant=self.tenant,
+                    )  # fmt: skip
                     self._relay_pool = relay_pool
                     outbox = OutboxRepository(relay_pool, self.schema, notify=False, metrics=self.metrics)
                     self._relay = Relay(
@@ -716,8 +724,12 @@ class EventBus:
             return (await self.outbox.offer(connection, [new])).ids[0]
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
+    async def transaction(self, *, tenant: str | None = None) -> AsyncIterator[Transaction]:
         """A transaction on a pooled connection: commits on normal exit, rolls back on an exception.
+
+        ``tenant`` (default: the bus's) is what its events are published for and what the database's row-level
+        security sees for its statements (``eventbus.tenant``); it is set with the BEGIN, in the same round
+        trip, and ends with the transaction: the pooled connection goes back with the bus's tenant.
 
         The COMMIT, the pool's connection reset and the relay wake-up travel in one round trip. A connection that
         is lost (before or at the COMMIT) raises :class:`DatabaseUnavailable`, with the driver's error as its cause:
@@ -725,11 +737,11 @@ class EventBus:
         an ``idempotency_key`` to retry safely). Your own exceptions, and statements the server refused, pass
         through as they are.
         """
-        async with self._connection_in_transaction() as conn:
-            yield Transaction(self, conn)
+        async with self._connection_in_transaction(tenant) as conn:
+            yield Transaction(self, conn, tenant)
 
     @asynccontextmanager
-    async def _connection_in_transaction(self) -> AsyncIterator[Connection]:
+    async def _connection_in_transaction(self, tenant: str | None = None) -> AsyncIterator[Connection]:
         """A pooled connection in a transaction (what :meth:`transaction` wraps). A connection that is lost, or
         cannot be had, raises :class:`DatabaseUnavailable` with the driver's error as its cause; an error of the
         caller's own code, or a statement the server refused, passes through as it is."""
@@ -743,6 +755,8 @@ class EventBus:
             folded = bus_connection(conn)
             assert folded is not None, "the bus's pool makes BusConnections"
             folded.open_fold()
+            if tenant is not None and tenant != self.tenant:
+                folded.begin_as(tenant)
             try:
                 async with conn.transaction():
                     yield conn

@@ -370,7 +370,7 @@ class AttemptRunner:
     async def _transactional(self, sub: Subscription, envelope: Envelope, event: Any, attempt: int) -> Outcome:
         digest = payload_hash(envelope.payload)
         async with self.transaction() as conn:
-            first, seen = await self.inbox.enter(conn, sub.name, envelope.event_id, digest)
+            first, seen = await self.inbox.enter(conn, sub.name, envelope.event_id, digest, envelope.tenant)
             if not first:
                 if seen is None or seen == digest:
                     return DUPLICATE

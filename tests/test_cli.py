@@ -46,7 +46,8 @@ def test_missing_migrations_then_migrate_then_status(
     assert "eventbus migrate" in capsys.readouterr().err
     code, applied = _json(capsys, ["migrate", "--json", *common])
     assert code == 0 and applied["applied"] == [  # type: ignore[index]
-        "0001_initial", "0002_partitions", "0003_subscriptions", "0004_observability", "0005_broker"
+        "0001_initial", "0002_partitions", "0003_subscriptions", "0004_observability", "0005_broker",
+        "0006_tenants",
     ]
     code, status = _json(capsys, ["status", "--json", *common])
     assert code == 0

@@ -29,6 +29,7 @@ EXPECTED_TABLES = {
     "eventbus_outbox",
     "eventbus_partitions",
     "eventbus_relays",
+    "eventbus_tenant_roles",
     "eventbus_subscriptions",
 }
 EXPECTED_INDEXES = {
@@ -37,6 +38,7 @@ EXPECTED_INDEXES = {
     "eventbus_dead_letters_reason",
     "eventbus_dead_letters_unreplayed_events",
     "eventbus_inbox_pkey",
+    "eventbus_tenant_roles_pkey",
     "eventbus_inbox_processed_brin",
     "eventbus_migrations_pkey",
     "eventbus_outbox_id_brin",

@@ -79,6 +79,9 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
         help="PostgreSQL URL (default: $EVENTBUS_DSN, else the embedded server in ./.eventbus)",
     )  # fmt: skip
     parser.add_argument("--schema", default=default, help=f"schema of eventbus's tables (default: {DEFAULT_SCHEMA})")
+    parser.add_argument("--tenant", default=default,
+                        help="act as this tenant ('' for the default): a role confined to tenants sees its rows only; "
+                             "dlq commands also pick its letters")  # fmt: skip
     parser.add_argument("--json", action="store_true", default=default, help="print machine-readable JSON")
     parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
 
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "migration never queues the outbox's traffic behind it.",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the SQL that would run; apply nothing")
+    p.add_argument("--roles", nargs="*", metavar="TENANT", default=None,
+                   help="then create the schema's roles: <schema>_relay and <schema>_consumer (every tenant), and a "
+                        "<schema>_producer_<tenant> and <schema>_operator_<tenant> per TENANT (that tenant only)")
     p.add_argument("--lock-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="how long a statement waits for a table lock before the run is retried (default 2)")
     commands.command("status", cmd_status, "pending and claimed events, dead letters, relays alive")

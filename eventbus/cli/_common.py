@@ -120,11 +120,11 @@ def rate(value: str) -> float:
 
 
 def letter_filters(parser: argparse.ArgumentParser) -> None:
-    """The options that pick dead letters, as :class:`DeadLetterFilter` has them."""
+    """The options that pick dead letters, as :class:`DeadLetterFilter` has them (``--tenant``, an option of every
+    command, picks them too)."""
     parser.add_argument("--reason", type=reason, help=f"one of {', '.join(r.value for r in Reason)}")
     parser.add_argument("--subscriber", help="subscriber name")
     parser.add_argument("--topic", help="event topic")
-    parser.add_argument("--tenant", help="tenant ('' for the default tenant)")
     parser.add_argument(
         "--since", type=moment, metavar="TIME", help="failed at or after TIME (ISO 8601, UTC by default, or an age: 2h)"
     )
@@ -133,13 +133,14 @@ def letter_filters(parser: argparse.ArgumentParser) -> None:
 
 def filters_given(args: argparse.Namespace) -> bool:
     """Whether the command line narrowed the dead letters (by any filter of :func:`letter_filters`, or ``--id``)."""
-    picked = (args.reason, args.subscriber, args.topic, args.tenant, args.since, args.until, getattr(args, "id", None))
+    picked = (args.reason, args.subscriber, args.topic, tenant_of(args), args.since, args.until,
+              getattr(args, "id", None))  # fmt: skip
     return any(value is not None for value in picked)
 
 
 def dead_letter_filter(args: argparse.Namespace, *, include_replayed: bool = False) -> DeadLetterFilter:
     return DeadLetterFilter(
-        reason=args.reason, subscriber=args.subscriber, topic=args.topic, tenant=args.tenant, since=args.since,
+        reason=args.reason, subscriber=args.subscriber, topic=args.topic, tenant=tenant_of(args), since=args.since,
         until=args.until, include_replayed=include_replayed,
     )  # fmt: skip
 
@@ -151,7 +152,16 @@ def schema_of(args: argparse.Namespace, default: str = DEFAULT_SCHEMA) -> str:
     return str(args.schema) if args.schema else default
 
 
+def tenant_of(args: argparse.Namespace) -> str | None:
+    """``--tenant`` (None when not given)."""
+    tenant: str | None = getattr(args, "tenant", None)
+    return tenant
+
+
 def new_bus(args: argparse.Namespace, *, schema: str, migrate: bool = False, **options: Any) -> EventBus:
+    """A bus for one command, acting as ``--tenant`` (the row-level security of a role confined to tenants sees
+    only that tenant's rows)."""
+    options.setdefault("tenant", tenant_of(args) or "")
     return EventBus(args.dsn, schema=schema, migrate=migrate, **options)
 
 

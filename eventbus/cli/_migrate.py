@@ -6,6 +6,7 @@ import argparse
 
 from .._driver import connect
 from ..migrations import migrate, pending_sql
+from ..roles import apply_roles, role_sql, roles_for
 from ..sql import migrations
 from ._common import EXIT_OK, new_bus, schema_of
 from ._output import Output
@@ -21,12 +22,17 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
             pending = await pending_sql(conn, schema)
         else:
             applied = await migrate(conn, schema, lock_timeout=args.lock_timeout)
+            if args.roles is not None:
+                await apply_roles(conn, schema, args.roles)
     finally:
         await conn.close()
+    roles = [] if args.roles is None else roles_for(schema, args.roles)
     names = {m.version: f"{m.version:04d}_{m.name}" for m in migrations(schema)}
     if args.dry_run:
         if args.json:
-            out.json({"schema": schema, "pending": [{"name": names[m.version], "sql": m.sql} for m in pending]})
+            out.json({"schema": schema, "pending": [{"name": names[m.version], "sql": m.sql} for m in pending],
+                      "roles": [] if args.roles is None else role_sql(schema, args.roles)})  # fmt: skip
+            return EXIT_OK
         elif pending:
             out.line(f"-- schema {schema!r} lacks {len(pending)} migration(s); `eventbus migrate` would run, in one "
                      f"transaction, each statement waiting at most {args.lock_timeout:g} s for its lock:")
@@ -35,12 +41,24 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
                 out.line(f"-- {names[m.version]}")
                 out.line(m.sql.rstrip())
         else:
-            out.line(f"-- schema {schema!r} is up to date (migration {names[max(names)]}): nothing would run")
+            out.line(f"-- schema {schema!r} is up to date (migration {names[max(names)]}): no migration would run")
+        if args.roles is not None:
+            out.line()
+            out.line("-- then the roles (and each tenant role's row in eventbus_tenant_roles):")
+            for statement in role_sql(schema, args.roles):
+                out.line(f"{statement};")
         return EXIT_OK
     if args.json:
-        out.json({"schema": schema, "applied": [names[v] for v in applied], "latest": max(names)})
-    elif applied:
+        out.json({"schema": schema, "applied": [names[v] for v in applied], "latest": max(names),
+                  "roles": [{"name": r.name, "kind": r.kind, "tenant": r.tenant} for r in roles]})  # fmt: skip
+        return EXIT_OK
+    if applied:
         out.line(f"applied to schema {schema!r}: {', '.join(names[v] for v in applied)}")
     else:
         out.line(f"schema {schema!r} is up to date (migration {names[max(names)]})")
+    for r in roles:
+        scope = "every tenant" if r.tenant is None else f"tenant {r.tenant!r} only"
+        out.line(f"role {r.name}: {r.kind}, {scope}")
+    if roles:
+        out.line(f"grant them to your login roles, e.g. GRANT {roles[0].name} TO my_relay_login")
     return EXIT_OK

@@ -22,13 +22,14 @@ class InboxRepository:
         self.queries = Queries(schema)
 
     async def enter(
-        self, connection: Connection, subscriber: str, event_id: uuid.UUID, payload_hash: bytes
+        self, connection: Connection, subscriber: str, event_id: uuid.UUID, payload_hash: bytes, tenant: str = ""
     ) -> tuple[bool, bytes | None]:
-        """Record a first delivery; return (True, None), or (False, hash recorded by the earlier delivery).
+        """Record a first delivery of the event (of ``tenant``); return (True, None), or (False, hash recorded by
+        the earlier delivery).
 
         The hash is None when a concurrent delivery of the same event committed while this one waited.
         """
-        row = await connection.fetchrow(self.queries.inbox_enter, subscriber, event_id, payload_hash)
+        row = await connection.fetchrow(self.queries.inbox_enter, subscriber, event_id, payload_hash, tenant)
         if row is None:
             return False, None
         return bool(row["inserted"]), row["existing_hash"]

@@ -371,9 +371,10 @@ DELETE FROM __schema__.eventbus_dead_letters AS d USING doomed WHERE d.id = doom
 -- $1 subscriber text
 -- $2 event_id uuid
 -- $3 payload_hash bytea
+-- $4 tenant text
 WITH entered AS (
-    INSERT INTO __schema__.eventbus_inbox (subscriber, event_id, payload_hash)
-    VALUES ($1, $2, $3)
+    INSERT INTO __schema__.eventbus_inbox (subscriber, event_id, payload_hash, tenant)
+    VALUES ($1, $2, $3, $4)
     ON CONFLICT DO NOTHING
     RETURNING payload_hash
 )
@@ -529,6 +530,12 @@ SELECT worker, hostname, pid, started_at, heartbeat_at, partitions, broker_unrea
 FROM __schema__.eventbus_relays
 WHERE heartbeat_at >= now() - make_interval(secs => $1)
 ORDER BY worker;
+
+-- name: tenant_role_add
+-- Confine role $1 to tenant $2 (and the session's eventbus.tenant within its tenants).
+-- $1 role name
+-- $2 tenant text
+INSERT INTO __schema__.eventbus_tenant_roles (role, tenant) VALUES ($1, $2) ON CONFLICT DO NOTHING;
 
 -- name: migrate_lock_timeout
 -- Let each statement of this migration transaction wait at most $1 for a table lock.

@@ -1,0 +1,106 @@
+"""Database roles for a schema's processes, and the tenants a role acts for (``eventbus migrate --roles``).
+
+Roles are group roles without LOGIN: grant them to the login roles your processes use
+(``GRANT orders_producer_acme TO app_acme``). Two see every tenant: ``<schema>_relay`` (claims, settles,
+delivers, retention) and ``<schema>_consumer`` (a NATS consumer process: dead letters, the inbox, follow-up
+events). Per tenant, ``<schema>_producer_<tenant>`` publishes for that tenant only, and
+``<schema>_operator_<tenant>`` runs ``eventbus status`` and ``eventbus dlq list/show/replay/purge`` on that
+tenant's rows only. A per-tenant role is recorded in ``eventbus_tenant_roles``: the row-level security policies
+confine a role listed there (or a member of one) to its tenants, and within them to the session's
+``eventbus.tenant``.
+
+Creating roles needs CREATEROLE; granting on the tables needs their owner (or a superuser).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from ._typing import Connection
+from .sql import Queries, quote_schema
+
+__all__ = ["Role", "apply_roles", "role_sql", "roles_for"]
+
+_UNSAFE = re.compile(r"[^a-z0-9_]")
+
+_TABLES = ("eventbus_outbox", "eventbus_dead_letters", "eventbus_inbox", "eventbus_relays", "eventbus_partitions",
+           "eventbus_subscriptions", "eventbus_migrations", "eventbus_tenant_roles")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """A role :func:`apply_roles` makes: its name, what it is for, the tenant it is confined to (None: every
+    tenant) and its privileges, as ``{table: "SELECT, INSERT"}``."""
+
+    name: str
+    kind: str
+    tenant: str | None
+    privileges: dict[str, str]
+
+
+def _token(tenant: str) -> str:
+    """A tenant as a role-name part: its usable characters, and a hash when that is not all of it."""
+    plain = _UNSAFE.sub("_", tenant.lower())[:24]
+    if plain == tenant and plain:
+        return plain
+    return f"{plain}_{hashlib.blake2b(tenant.encode(), digest_size=3).hexdigest()}"
+
+
+def roles_for(schema: str, tenants: list[str]) -> list[Role]:
+    """The roles of ``schema``: the relay's and the consumer's, and a producer and an operator per tenant."""
+    quote_schema(schema)  # validated
+    everything = {table: "SELECT, INSERT, UPDATE, DELETE" for table in _TABLES if table != "eventbus_tenant_roles"}
+    everything["eventbus_tenant_roles"] = "SELECT"
+    roles = [
+        Role(f"{schema}_relay", "relay", None, everything),
+        Role(f"{schema}_consumer", "consumer", None, {
+            "eventbus_outbox": "SELECT, INSERT", "eventbus_dead_letters": "SELECT, INSERT",
+            "eventbus_inbox": "SELECT, INSERT", "eventbus_subscriptions": "SELECT", "eventbus_migrations": "SELECT",
+            "eventbus_tenant_roles": "SELECT",
+        }),
+    ]  # fmt: skip
+    for tenant in tenants:
+        token = _token(tenant)
+        roles.append(Role(f"{schema}_producer_{token}", "producer", tenant, {
+            "eventbus_outbox": "SELECT, INSERT", "eventbus_migrations": "SELECT", "eventbus_tenant_roles": "SELECT",
+        }))  # fmt: skip
+        roles.append(Role(f"{schema}_operator_{token}", "operator", tenant, {
+            "eventbus_outbox": "SELECT, INSERT", "eventbus_dead_letters": "SELECT, UPDATE, DELETE",
+            "eventbus_relays": "SELECT", "eventbus_subscriptions": "SELECT", "eventbus_migrations": "SELECT",
+            "eventbus_tenant_roles": "SELECT",
+        }))  # fmt: skip
+    for role in roles:
+        if len(role.name) > 63:
+            raise ValueError(f"role name {role.name!r} is longer than PostgreSQL's 63 bytes: use a shorter schema name")
+    return roles
+
+
+def _statements(schema: str, role: Role) -> list[str]:
+    quoted, name = quote_schema(schema), f'"{role.name}"'
+    made = [
+        f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{role.name}') THEN "
+        f"CREATE ROLE {name} NOLOGIN; END IF; END$$",
+        f"GRANT USAGE ON SCHEMA {quoted} TO {name}",
+    ]
+    made += [f"GRANT {privileges} ON {quoted}.{table} TO {name}" for table, privileges in role.privileges.items()]
+    return made
+
+
+def role_sql(schema: str, tenants: list[str]) -> list[str]:
+    """The statements :func:`apply_roles` runs (the tenants' entries in ``eventbus_tenant_roles`` aside)."""
+    return [statement for role in roles_for(schema, tenants) for statement in _statements(schema, role)]
+
+
+async def apply_roles(conn: Connection, schema: str, tenants: list[str]) -> list[Role]:
+    """Create (or complete) the roles of ``schema`` for ``tenants``, in one transaction; return them."""
+    roles = roles_for(schema, tenants)
+    queries = Queries(schema)
+    async with conn.transaction():
+        for role in roles:
+            for statement in _statements(schema, role):
+                await conn.execute(statement)
+            if role.tenant is not None:
+                await conn.execute(queries.tenant_role_add, role.name, role.tenant)
+    return roles

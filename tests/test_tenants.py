@@ -1,0 +1,281 @@
+"""Tenants isolated by row-level security, with real roles made by the test: a producer inserts for its tenant
+only, an operator sees, replays and purges its tenant's dead letters only (through the library and through
+hand-written SQL), the relay delivers every tenant's events, and a pooled connection keeps no tenant."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eventbus import Context, DeadLetterFilter, EventBus, RelayConfig
+from eventbus.ids import new_id
+from eventbus.roles import apply_roles
+from eventbus.sql import quote_schema
+
+pytestmark = pytest.mark.anyio
+
+TENANTS = ["acme", "beta"]
+
+
+class Billed(msgspec.Struct, frozen=True):
+    n: int
+
+
+def as_role(dsn: str, role: str) -> str:
+    """``dsn`` with ``role`` as its user (the servers the tests use trust local connections)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+
+
+@dataclass
+class Logins:
+    """Login roles made for one test, each a member of one of the schema's group roles."""
+
+    relay: str
+    producer: dict[str, str]
+    operator: dict[str, str]
+
+
+@pytest.fixture
+async def logins(eventbus_dsn: str, eventbus_schema: str) -> AsyncIterator[Logins]:
+    conn = await asyncpg.connect(eventbus_dsn)
+    prefix = f"l_{uuid.uuid4().hex[:8]}"
+    made: list[str] = []
+    try:
+        groups = await apply_roles(conn, eventbus_schema, TENANTS)
+        by_kind = {(g.kind, g.tenant): g.name for g in groups}
+
+        async def login(name: str, group: str) -> str:
+            await conn.execute(f'CREATE ROLE "{name}" LOGIN IN ROLE "{group}"')
+            made.append(name)
+            return name
+
+        result = Logins(
+            relay=await login(f"{prefix}_relay", by_kind[("relay", None)]),
+            producer={t: await login(f"{prefix}_prod_{t}", by_kind[("producer", t)]) for t in TENANTS},
+            operator={t: await login(f"{prefix}_op_{t}", by_kind[("operator", t)]) for t in TENANTS},
+        )
+        made += [g.name for g in groups]
+        yield result
+    finally:
+        for name in made:  # logins first, then the groups they were members of
+            await conn.execute(f'DROP OWNED BY "{name}"')
+            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+        await conn.close()
+
+
+async def _letters(dsn: str, schema: str) -> None:
+    """Three dead letters per tenant, written by a role that sees every tenant."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany(
+            f"""INSERT INTO {quote_schema(schema)}.eventbus_dead_letters
+                    (id, reason, event_id, tenant, topic, subscriber, payload, attempts, error)
+                VALUES ($1, 'DeliveryFailed', $2, $3, 'Billed', 'billing', $4::jsonb, 5, 'boom')""",
+            [(new_id(), new_id(), tenant, msgspec.json.encode({"n": n}).decode())
+             for tenant in TENANTS for n in range(3)],
+        )  # fmt: skip
+    finally:
+        await conn.close()
+
+
+async def test_a_producer_inserts_rows_for_its_own_tenant_only(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins
+) -> None:
+    producer = EventBus(as_role(eventbus_dsn, logins.producer["acme"]), schema=eventbus_schema, migrate=False,
+                        relay=False, tenant="acme")  # fmt: skip
+    async with producer:
+        async with producer.transaction() as tx:
+            await tx.publish(Billed(1))
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with producer.transaction() as tx:
+                await tx.publish(Billed(2), tenant="beta")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with producer.transaction(tenant="beta") as tx:
+                await tx.publish(Billed(3))
+    # By hand, through the same role: no setting lets it write or read another tenant's rows.
+    conn = await asyncpg.connect(as_role(eventbus_dsn, logins.producer["acme"]))
+    s = quote_schema(eventbus_schema)
+    insert = (f"INSERT INTO {s}.eventbus_outbox (id, event_id, tenant, topic, payload) "
+              "VALUES ($1, $1, $2, 'Billed', '{\"n\": 9}')")  # fmt: skip
+    try:
+        for setting in ("acme", "beta", ""):
+            await conn.execute("SELECT set_config('eventbus.tenant', $1, false)", setting)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(insert, new_id(), "beta")
+        await conn.execute("SELECT set_config('eventbus.tenant', 'beta', false)")
+        assert await conn.fetchval(f"SELECT count(*) FROM {s}.eventbus_outbox") == 0
+        await conn.execute("SELECT set_config('eventbus.tenant', 'acme', false)")
+        assert await conn.fetchval(f"SELECT count(*) FROM {s}.eventbus_outbox") == 1
+    finally:
+        await conn.close()
+
+
+async def test_the_relay_delivers_every_tenants_events_with_their_tenant(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins
+) -> None:
+    for tenant in TENANTS:
+        producer = EventBus(as_role(eventbus_dsn, logins.producer[tenant]), schema=eventbus_schema, migrate=False,
+                            relay=False, tenant=tenant)  # fmt: skip
+        async with producer, producer.transaction() as tx:
+            await tx.publish_many([Billed(n) for n in range(5)])
+    seen: list[tuple[str, int]] = []
+    relay = EventBus(as_role(eventbus_dsn, logins.relay), schema=eventbus_schema, migrate=False,
+                     relay_config=RelayConfig(poll_interval=0.05))  # fmt: skip
+
+    @relay.subscribe(name="billing")
+    async def billing(event: Billed, ctx: Context) -> None:
+        seen.append((ctx.tenant, event.n))
+
+    async with relay:
+        with anyio.fail_after(20):
+            while len(seen) < 10:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    assert sorted(seen) == [(t, n) for t in TENANTS for n in range(5)]
+
+
+async def test_an_operator_sees_replays_and_purges_its_tenants_dead_letters_only(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins
+) -> None:
+    await _letters(eventbus_dsn, eventbus_schema)
+    operator = EventBus(as_role(eventbus_dsn, logins.operator["acme"]), schema=eventbus_schema, migrate=False,
+                        relay=False, tenant="acme")  # fmt: skip
+    async with operator:
+        listed = await operator.dead_letters.list()
+        assert {d.tenant for d in listed} == {"acme"} and len(listed) == 3
+        assert await operator.dead_letters.list(DeadLetterFilter(tenant="beta")) == []
+        replayed = await operator.dead_letters.replay()
+        assert replayed.count == 3
+        assert await operator.dead_letters.purge(timedelta(0), include_unreplayed=True) == 3
+    # By hand, through the operator's role, whatever it sets.
+    conn = await asyncpg.connect(as_role(eventbus_dsn, logins.operator["acme"]))
+    s = quote_schema(eventbus_schema)
+    try:
+        for setting in ("beta", "acme", ""):
+            await conn.execute("SELECT set_config('eventbus.tenant', $1, false)", setting)
+            assert await conn.fetchval(f"SELECT count(*) FROM {s}.eventbus_dead_letters WHERE tenant = 'beta'") == 0
+            assert await conn.execute(f"UPDATE {s}.eventbus_dead_letters SET replay_count = 99") == "UPDATE 0"
+            assert await conn.execute(f"DELETE FROM {s}.eventbus_dead_letters") == "DELETE 0"
+    finally:
+        await conn.close()
+    # Beta's letters are all there, untouched, and acme's replays are acme's rows.
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        rows = await conn.fetch(f"SELECT tenant, replay_count FROM {s}.eventbus_dead_letters")
+        assert sorted(tuple(r) for r in rows) == [("beta", 0)] * 3
+        assert await conn.fetchval(f"SELECT array_agg(DISTINCT tenant) FROM {s}.eventbus_outbox") == ["acme"]
+    finally:
+        await conn.close()
+
+
+async def test_the_command_line_acts_as_the_tenant_it_is_given(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eventbus.cli import main
+
+    def run(*argv: str) -> int:
+        return main(list(argv))
+
+    await _letters(eventbus_dsn, eventbus_schema)
+    common = ["--dsn", as_role(eventbus_dsn, logins.operator["beta"]), "--schema", eventbus_schema, "--json"]
+    assert await anyio.to_thread.run_sync(run, "dlq", "list", "--tenant", "beta", *common) == 0
+    letters = msgspec.json.decode(capsys.readouterr().out)
+    assert {d["tenant"] for d in letters["dead_letters"]} == {"beta"} and len(letters["dead_letters"]) == 3
+    assert await anyio.to_thread.run_sync(run, "dlq", "list", "--tenant", "acme", *common) == 0
+    assert msgspec.json.decode(capsys.readouterr().out)["dead_letters"] == []
+    assert await anyio.to_thread.run_sync(run, "status", "--tenant", "beta", *common) == 0
+    status = msgspec.json.decode(capsys.readouterr().out)
+    assert sum(d["count"] for d in status["dead_letters"]) == 3
+
+
+async def test_a_pooled_connection_keeps_no_tenant_after_a_tenant_transaction(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay=False, pool_size=1, tenant="home")
+    read = "SELECT current_setting('eventbus.tenant', true)"
+    async with bus:
+        async with bus.transaction(tenant="acme") as tx:
+            assert await tx.connection.fetchval(read) == "acme"
+            assert tx.tenant == "acme"
+        async with bus.transaction() as tx:
+            assert await tx.connection.fetchval(read) == "home"
+        with pytest.raises(RuntimeError):
+            async with bus.transaction(tenant="beta") as tx:
+                assert await tx.connection.fetchval(read) == "beta"
+                raise RuntimeError("rolled back")
+        async with bus.pool.acquire() as conn:
+            assert await conn.fetchval(read) == "home"
+
+
+@st.composite
+def _operations(draw: st.DrawFn) -> list[tuple[str, str, str]]:
+    """(acting role's tenant, the tenant it claims, what it does) in a random order."""
+    return draw(st.lists(
+        st.tuples(st.sampled_from(TENANTS), st.sampled_from([*TENANTS, "", "gamma"]),
+                  st.sampled_from(["publish", "read", "update", "delete"])),
+        min_size=1, max_size=12,
+    ))  # fmt: skip
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=_operations())
+async def test_random_roles_and_tenants_never_cross(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins, operations: list[tuple[str, str, str]]
+) -> None:
+    """Whatever a producer or an operator role claims to be, it reads and writes its own tenant's rows only."""
+    await _check_operations(eventbus_dsn, eventbus_schema, logins, operations)
+
+
+async def _check_operations(dsn: str, schema: str, logins: Logins, operations: list[tuple[str, str, str]]) -> None:
+    s = quote_schema(schema)
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f"TRUNCATE {s}.eventbus_outbox, {s}.eventbus_dead_letters")
+        await _letters(dsn, schema)
+        before = {r["tenant"]: r["n"] for r in await admin.fetch(
+            f"SELECT tenant, count(*) AS n FROM {s}.eventbus_dead_letters GROUP BY tenant")}  # fmt: skip
+        changed: dict[str, int] = {t: 0 for t in TENANTS}
+        for own, claimed, action in operations:
+            role = logins.producer[own] if action == "publish" else logins.operator[own]
+            conn = await asyncpg.connect(as_role(dsn, role))
+            try:
+                await conn.execute("SELECT set_config('eventbus.tenant', $1, false)", claimed)
+                allowed = claimed == own
+                if action == "publish":
+                    try:
+                        await conn.execute(f"INSERT INTO {s}.eventbus_outbox (id, event_id, tenant, topic, payload) "
+                                           "VALUES ($1, $1, $2, 'Billed', '{}')", new_id(), claimed)  # fmt: skip
+                        assert allowed, f"{own}'s producer wrote a row for {claimed!r}"
+                    except asyncpg.InsufficientPrivilegeError:
+                        assert not allowed, f"{own}'s producer could not write its own row"
+                elif action == "read":
+                    tenants = {r["tenant"] for r in await conn.fetch(f"SELECT tenant FROM {s}.eventbus_dead_letters")}
+                    assert tenants <= ({own} if allowed else set()), f"{own}'s operator read {tenants}"
+                elif action == "update":
+                    status = await conn.execute(f"UPDATE {s}.eventbus_dead_letters SET replay_count = replay_count + 1")
+                    assert allowed or status == "UPDATE 0"
+                else:
+                    status = await conn.execute(f"DELETE FROM {s}.eventbus_dead_letters")
+                    assert allowed or status == "DELETE 0"
+                    changed[own] += int(status.split()[1])
+            finally:
+                await conn.close()
+        after = {r["tenant"]: r["n"] for r in await admin.fetch(
+            f"SELECT tenant, count(*) AS n FROM {s}.eventbus_dead_letters GROUP BY tenant")}  # fmt: skip
+        for tenant in TENANTS:
+            assert after.get(tenant, 0) == before[tenant] - changed[tenant], "only a tenant's own role deletes its rows"
+        foreign = await admin.fetchval(f"SELECT count(*) FROM {s}.eventbus_outbox WHERE tenant NOT IN ('acme', 'beta')")
+        assert foreign == 0
+    finally:
+        await admin.close()
