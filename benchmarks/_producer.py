@@ -151,7 +151,7 @@ async def _eventbus(spec: dict[str, Any]) -> ProducerRun:
     connections = spec["connections"]
     bus = EventBus(
         spec["dsn"], schema=spec["schema"], relay=False, migrate=False, pool_size=connections,
-        notify=bool(spec.get("notify", "1")),
+        notify=bool(spec.get("notify", "1")), tenant=spec.get("tenant", ""),
     )  # fmt: skip
     await bus.start()  # with notify, also the sender of coalesced relay wake-ups
     try:

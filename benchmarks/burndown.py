@@ -99,6 +99,11 @@ async def relay_drain(dsn: str, schema: str, count: int, batch_size: int, **bus_
             "relay_statistics_settled": stats.settled}  # fmt: skip
 
 
+#: The session settings of the relay's own connections (``eventbus._pool.create_pool(jit=False)``), for the
+#: loops that run its statements by hand.
+RELAY_SESSION = {"jit": "off"}
+
+
 def time_limit(count: int) -> float:
     """Seconds a drain of ``count`` events may take before the variant is abandoned (a stuck relay)."""
     return max(30.0, count / 1000)
@@ -115,7 +120,7 @@ async def _raw_sql(dsn: str, schema: str, count: int, batch_size: int, *, custom
     queries = Queries(schema)
     claim, settle = queries.claim, queries.settle
     worker = "bench-raw"
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings=RELAY_SESSION)
     try:
         if custom_plans:
             await conn.execute("SET plan_cache_mode = force_custom_plan")
@@ -147,7 +152,7 @@ def _drained(count: int, settled: int, seconds: float, batches: int) -> dict[str
 
 async def _repository_loop(dsn: str, schema: str, count: int, batch_size: int) -> dict[str, Any]:
     worker = "bench-repo"
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, server_settings=RELAY_SESSION)
     try:
         outbox = OutboxRepository(pool, schema)
         settled = batches = 0

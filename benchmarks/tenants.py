@@ -7,6 +7,12 @@ four connections, for each producer role with the policies in force, and beside 
 unconfined producer with row-level security disabled on the tables (``ALTER TABLE ... DISABLE ROW LEVEL
 SECURITY``); the variants take turns in rounds. Burn-down: the relay role drains 20,000 events (quick) with the
 policies in force, then with them disabled. One schema per variant family; the roles are dropped afterwards.
+
+Fair claims: tenant ``a`` has a backlog of pending events (200,000 quick, 1,000,000 full, copied in before the
+relay starts) and tenant ``b`` publishes 100 events/s from the steady producer's child process; one subscriber
+(a no-op) handles both tenants' events, as one service does for all its tenants; the relay is a superuser here.
+Measured: ``b``'s commit-to-handler latency beside the backlog, against the same without it, and how much of
+``a``'s backlog was still left when ``b``'s last event was handled.
 """
 
 from __future__ import annotations
@@ -19,15 +25,21 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import msgspec
 
+from eventbus import EventBus, RelayConfig
+from eventbus.ids import new_id
 from eventbus.roles import apply_roles
 from eventbus.sql import quote_schema
 
 from ._common import Outcome, Row, Settings, scratch_schema
-from .burndown import fill, relay_drain
+from ._producer import Tick
+from ._steady import Arrivals, latency_report, run_producer
+from .burndown import Item, fill, relay_drain
 from .offer import _ddl, _ours, _timed_loop
 
 NAME = "tenants"
+FAIR_RATE = 100.0  # tenant b's events per second
 CONNECTIONS = 4
 TABLES = ("eventbus_outbox", "eventbus_dead_letters")
 
@@ -81,6 +93,50 @@ async def _offer(dsn: str, schema: str, duration: float, **options: Any) -> floa
     return float(result["tx_per_s"])
 
 
+async def _backlog(dsn: str, schema: str, count: int, tenant: str) -> None:
+    """``count`` pending events of ``tenant`` (older than anything published afterwards), copied in."""
+    payload = msgspec.json.encode(Item(0, "backlog " + "x" * 64)).decode()
+    conn = await asyncpg.connect(dsn)
+    try:
+        for first in range(0, count, 50_000):
+            rows = []
+            for _ in range(min(50_000, count - first)):
+                row_id = new_id()
+                rows.append((row_id, row_id, tenant, "Item", payload))
+            await conn.copy_records_to_table("eventbus_outbox", schema_name=schema, records=rows,
+                                             columns=["id", "event_id", "tenant", "topic", "payload"])  # fmt: skip
+        await conn.execute(f"ANALYZE {quote_schema(schema)}.eventbus_outbox")
+    finally:
+        await conn.close()
+
+
+async def _fairness(dsn: str, backlog: int, rate: float, duration: float) -> dict[str, Any]:
+    """Tenant b's commit-to-handler latency at ``rate`` while the relay works through tenant a's ``backlog``."""
+    async with scratch_schema(dsn, NAME) as schema:
+        if backlog:
+            await _backlog(dsn, schema, backlog, "a")
+        started = Arrivals()
+        drained = 0
+        bus = EventBus(dsn, schema=schema, migrate=False,
+                       relay_config=RelayConfig(use_notify=True, poll_interval=1.0))  # fmt: skip
+
+        @bus.subscribe(name="fair", timeout=5, max_attempts=3, concurrency=8)
+        async def handler(event: Tick | Item) -> None:  # one service's handler, for both tenants
+            nonlocal drained
+            if isinstance(event, Tick):
+                started.record(event.seq)
+            else:
+                drained += 1
+
+        async with bus:
+            run = await run_producer("eventbus", dsn, rate, duration, schema=schema, notify="1", tenant="b")
+            await started.wait_for(len(run.committed), 10.0)
+            left = backlog - drained
+        report = latency_report(run, started.times, {"backlog": backlog})
+        report["backlog_left"] = left
+        return report
+
+
 async def run(settings: Settings) -> Outcome:
     rounds, duration = (3, 2.0) if settings.quick else (5, 5.0)
     count = 20_000 if settings.quick else 100_000
@@ -115,7 +171,13 @@ async def run(settings: Settings) -> Outcome:
                 print(f"  tenants: burn-down of {count}, policies {'on' if policies else 'off'} ...", flush=True)
                 drained = await relay_drain(_as(settings.dsn, logins["relay"]), schema, count, 500)
                 drains["on" if policies else "off"] = drained["events_per_s"]
-    outcome.details.update(offer=by, burndown=drains)
+    backlog = 200_000 if settings.quick else 1_000_000
+    fair_seconds = 5.0 if settings.quick else 15.0
+    fairness: dict[str, dict[str, Any]] = {}
+    for size in (0, backlog):
+        print(f"  tenants: tenant b at {FAIR_RATE:g}/s beside tenant a's backlog of {size:,} ...", flush=True)
+        fairness[str(size)] = await _fairness(settings.dsn, size, FAIR_RATE, fair_seconds)
+    outcome.details.update(offer=by, burndown=drains, fairness=fairness)
     baseline = statistics.median(by["disabled"])
     for variant, label in (("unconfined", "unconfined role, policies on"), ("confined", "role confined to acme")):
         ratios = [x / y for x, y in zip(by[variant], by["disabled"], strict=True)]
@@ -128,4 +190,11 @@ async def run(settings: Settings) -> Outcome:
         NAME, f"burn-down of {count}", "relay role, policies on", drains["on"], "ev/s", drains["off"],
         "relay role, row-level security disabled",
     ))  # fmt: skip
+    alone, beside = fairness["0"]["latency_ms"], fairness[str(backlog)]["latency_ms"]
+    left = fairness[str(backlog)]["backlog_left"]
+    for metric in ("p50", "p99"):
+        outcome.rows.append(Row.compare(
+            NAME, f"tenant b @{FAIR_RATE:g}/s", f"commit->handler {metric}, a's backlog of {backlog:,}", beside[metric],
+            "ms", alone[metric], "no backlog", note=f"a's backlog left at the end: {left:,}" if metric == "p99" else "",
+        ))  # fmt: skip
     return outcome

@@ -163,14 +163,20 @@ async def _reset(connection: asyncpg.Connection) -> None:
 
 async def create_pool(
     dsn: str, *, max_size: int, init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
-    tenant: str = "",
+    tenant: str = "", jit: bool = True,
 ) -> asyncpg.Pool:
     """The bus's pool. Every connection's session has ``tenant`` as its ``eventbus.tenant`` (the row-level
     security policies read it), set in the startup message: no round trip, and the pool's reset (``RESET ALL``)
-    brings it back, so a transaction's own tenant never outlives it."""
+    brings it back, so a transaction's own tenant never outlives it. ``jit=False`` turns PostgreSQL's JIT
+    compilation off for the pool's sessions: the relay's statements touch a few hundred rows, and their cost
+    estimates (a claim over every tenant, a settle of a batch) can pass ``jit_above_cost``, where compiling takes
+    longer than running."""
+    settings = {"eventbus.tenant": tenant}
+    if not jit:
+        settings["jit"] = "off"
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn, min_size=1, max_size=max_size, connection_class=BusConnection, reset=_reset, init=cast(Any, init),
-        server_settings={"eventbus.tenant": tenant},
+        server_settings=settings,
     )  # fmt: skip
     return pool
 

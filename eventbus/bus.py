@@ -418,7 +418,7 @@ class EventBus:
                     # producers and transactional handlers that share the bus's pool cannot starve its leases.
                     relay_pool = await create_pool(
                         await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS, init=self.init_connection,
-                        tenant=self.tenant,
+                        tenant=self.tenant, jit=False,
                     )  # fmt: skip
                     self._relay_pool = relay_pool
                     outbox = OutboxRepository(relay_pool, self.schema, notify=False, metrics=self.metrics)

@@ -19,7 +19,7 @@ import asyncpg
 
 from ._typing import Connection
 from .errors import MigrationLocked, MigrationsMissing
-from .sql import Migration, Queries, migrations
+from .sql import Migration, Queries, contractions, migrations
 
 __all__ = ["check_migrations", "latest_version", "migrate", "pending_migrations", "pending_sql"]
 
@@ -43,24 +43,36 @@ async def pending_migrations(conn: Connection, schema: str = "eventbus") -> list
     return [m.version for m in migrations(schema) if m.version not in applied]
 
 
-async def pending_sql(conn: Connection, schema: str = "eventbus", *, to: int | None = None) -> list[Migration]:
-    """The migrations :func:`migrate` would apply to ``schema`` (up to version ``to``), with their SQL."""
+async def pending_sql(
+    conn: Connection, schema: str = "eventbus", *, to: int | None = None, contract: bool = False
+) -> list[Migration]:
+    """The migrations :func:`migrate` would apply to ``schema`` (up to version ``to``), with their SQL; with
+    ``contract``, then the contract steps it would run."""
     applied = await _applied(conn, Queries(schema))
-    return [m for m in migrations(schema) if m.version not in applied and (to is None or m.version <= to)]
+    wanted = [m for m in migrations(schema) if m.version not in applied and (to is None or m.version <= to)]
+    if contract:
+        will_have = applied | {m.version for m in wanted}
+        wanted += [m for m in contractions(schema) if m.version in will_have and -m.version not in applied]
+    return wanted
 
 
 async def migrate(
     conn: Connection, schema: str = "eventbus", *, to: int | None = None, lock_timeout: float = 2.0,
-    give_up_after: float = 120.0,
+    give_up_after: float = 120.0, contract: bool = False,
 ) -> list[int]:  # fmt: skip
     """Bring ``schema`` up to date (or up to version ``to``); return the versions this call applied (empty when
     already current). Each statement waits at most ``lock_timeout`` seconds for a table lock; a run that could not
-    take one is rolled back and tried again, for at most ``give_up_after`` seconds, then :class:`MigrationLocked`."""
+    take one is rolled back and tried again, for at most ``give_up_after`` seconds, then :class:`MigrationLocked`.
+
+    Migrations only add, so the release before keeps working against the migrated schema during a rolling
+    deploy. ``contract`` then also runs the contract steps of the applied migrations (what they kept for that
+    release; see :func:`eventbus.sql.contractions`), recorded as their version negated: run it once no process
+    of the release before runs."""
     started = time.monotonic()
     tries = 0
     while True:
         try:
-            return await _migrate_once(conn, schema, to, lock_timeout)
+            return await _migrate_once(conn, schema, to, lock_timeout, contract)
         except asyncpg.LockNotAvailableError as exc:
             tries += 1
             pause = min(5.0, 0.25 * 2 ** min(tries, 5))
@@ -77,7 +89,9 @@ async def migrate(
             await anyio.sleep(pause)
 
 
-async def _migrate_once(conn: Connection, schema: str, to: int | None, lock_timeout: float) -> list[int]:
+async def _migrate_once(
+    conn: Connection, schema: str, to: int | None, lock_timeout: float, contract: bool
+) -> list[int]:
     queries = Queries(schema)
     done: list[int] = []
     async with conn.transaction():
@@ -92,6 +106,13 @@ async def _migrate_once(conn: Connection, schema: str, to: int | None, lock_time
             await conn.execute(migration.sql)
             await conn.execute(queries.migrate_record, migration.version, migration.name)
             done.append(migration.version)
+        if contract:
+            have = applied | set(done)
+            for step in contractions(schema):
+                if step.version in have and -step.version not in applied:
+                    await conn.execute(step.sql)
+                    await conn.execute(queries.migrate_record, -step.version, f"{step.name} (contract)")
+                    done.append(-step.version)
     return done
 
 

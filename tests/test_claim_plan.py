@@ -74,8 +74,8 @@ async def test_claim_uses_pending_index_with_large_relayed_backlog(
 
         scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
         assert not any(kind == "Seq Scan" and relation == "eventbus_outbox" for kind, relation, _ in scans), scans
-        assert any(index == "eventbus_outbox_pending_events" for _, _, index in scans), scans
-        picked = [n for n in nodes if n.get("Index Name") == "eventbus_outbox_pending_events"]
+        assert any(index == "eventbus_outbox_pending_tenants" for _, _, index in scans), scans
+        picked = [n for n in nodes if n.get("Index Name") == "eventbus_outbox_pending_tenants"]
         assert all(n["Node Type"] in {"Index Scan", "Index Only Scan", "Bitmap Index Scan"} for n in picked)
 
         # And the claim really takes the oldest pending rows, none of the relayed history.

@@ -47,7 +47,7 @@ def test_missing_migrations_then_migrate_then_status(
     code, applied = _json(capsys, ["migrate", "--json", *common])
     assert code == 0 and applied["applied"] == [  # type: ignore[index]
         "0001_initial", "0002_partitions", "0003_subscriptions", "0004_observability", "0005_broker",
-        "0006_tenants",
+        "0006_tenants", "0007_fair_claims",
     ]
     code, status = _json(capsys, ["status", "--json", *common])
     assert code == 0

@@ -7,6 +7,7 @@ Python model of what each row's status, owner and attempt count should be.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -200,12 +201,20 @@ class OutboxMachine(RuleBasedStateMachine):
     @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 6))
     def claim(self, worker: str, limit: int) -> None:
         self.env.steps += 1
-        due = sorted(r.id for r in self.model.rows.values() if r.status == Status.PENDING and r.due)
-        expected = due[:limit]
+        pending = [r for r in self.model.rows.values() if r.status == Status.PENDING]
+        # Fair across tenants: each tenant with pending rows offers its oldest due rows, up to 2/n of the batch
+        # when n tenants have pending rows, and the batch takes them in turn.
+        tenants = {r.tenant for r in pending}
+        quota = min(limit, max(1, math.ceil(2 * limit / len(tenants)))) if tenants else 0
+        offered = []
+        for tenant in tenants:
+            due = sorted(r.id for r in pending if r.tenant == tenant and r.due)[:quota]
+            offered += [(turn, row_id) for turn, row_id in enumerate(due)]
+        expected = sorted(row_id for _, row_id in sorted(offered)[:limit])
         held_elsewhere = {r.id for r in self.model.rows.values() if r.status == Status.CLAIMED and r.lease_valid}
         claimed: list[Envelope] = self.env.run(self.env.repo.claim, limit, LEASE, worker)
         got = [e.id for e in claimed]
-        assert got == expected, "a claim takes exactly the smallest-id due pending rows, in id order"
+        assert got == expected, "a claim takes each tenant's smallest-id due pending rows in turn, in id order"
         assert not set(got) & self.model.rolled_back, "a rolled-back offer was claimed"
         assert not set(got) & held_elsewhere, "a row was claimed while another lease on it was valid"
         for envelope in claimed:

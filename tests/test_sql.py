@@ -46,6 +46,7 @@ EXPECTED_INDEXES = {
     "eventbus_outbox_in_flight",
     "eventbus_outbox_pending_targets",
     "eventbus_outbox_pending_events",
+    "eventbus_outbox_pending_tenants",
     "eventbus_outbox_pkey",
     "eventbus_partitions_pkey",
     "eventbus_relays_pkey",

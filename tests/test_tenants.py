@@ -5,6 +5,7 @@ hand-written SQL), the relay delivers every tenant's events, and a pooled connec
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from eventbus import Context, DeadLetterFilter, EventBus, RelayConfig
 from eventbus.ids import new_id
 from eventbus.roles import apply_roles
-from eventbus.sql import quote_schema
+from eventbus.sql import Queries, quote_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -279,3 +280,55 @@ async def _check_operations(dsn: str, schema: str, logins: Logins, operations: l
         assert foreign == 0
     finally:
         await admin.close()
+
+
+async def test_a_claim_takes_from_every_tenant_with_due_rows_in_turn(eventbus_dsn: str, eventbus_schema: str) -> None:
+    """Tenant a's backlog is older than tenant b's three new rows; the first claim of 100 takes b's rows too."""
+    s = quote_schema(eventbus_schema)
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        rows = [(new_id(), "a") for _ in range(5000)] + [(new_id(), "b") for _ in range(3)]
+        await conn.executemany(f"INSERT INTO {s}.eventbus_outbox (id, event_id, tenant, topic, payload) "
+                               "VALUES ($1, $1, $2, 'Billed', '{\"n\": 0}')", rows)  # fmt: skip
+        claim = Queries(eventbus_schema).claim
+        claimed = await conn.fetch(claim, 100, "relay-1", 30.0, None, None, None, None, None)
+        by_tenant = Counter(r["tenant"] for r in claimed)
+        assert by_tenant == {"a": 97, "b": 3}
+        oldest_a = [r[0] for r in rows[:97]]
+        assert sorted(r["id"] for r in claimed if r["tenant"] == "a") == oldest_a, "each tenant's oldest rows"
+        again = await conn.fetch(claim, 100, "relay-1", 30.0, None, None, None, None, None)
+        assert Counter(r["tenant"] for r in again) == {"a": 100}, "with one tenant left, a full batch of it"
+    finally:
+        await conn.close()
+
+
+async def test_one_tenants_backlog_does_not_hold_another_tenants_new_events_back(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    s = quote_schema(eventbus_schema)
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        await conn.executemany(f"INSERT INTO {s}.eventbus_outbox (id, event_id, tenant, topic, payload) "
+                               "VALUES ($1, $1, 'a', 'Billed', '{\"n\": 0}')",
+                               [(new_id(),) for _ in range(20_000)])  # fmt: skip
+    finally:
+        await conn.close()
+    handled: dict[str, int] = Counter()
+    b_seen = anyio.Event()
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=RelayConfig(poll_interval=0.05))
+
+    @bus.subscribe(name="billing", concurrency=1)
+    async def billing(event: Billed, ctx: Context) -> None:
+        handled[ctx.tenant] += 1
+        if ctx.tenant == "b":
+            b_seen.set()
+        else:
+            await anyio.sleep(0.001)  # a's backlog takes about 20 s to work through
+
+    async with bus:
+        await anyio.sleep(0.5)
+        async with bus.transaction(tenant="b") as tx:
+            await tx.publish(Billed(1))
+        with anyio.fail_after(5):
+            await b_seen.wait()
+        assert handled["a"] < 15_000, "b's event came long before a's backlog was worked through"

@@ -141,17 +141,21 @@ async def test_a_database_populated_under_migration_1_upgrades_and_keeps_every_r
 TABLES = ("eventbus_outbox", "eventbus_dead_letters", "eventbus_inbox", "eventbus_relays")
 
 
-async def _read_every_table(conn: asyncpg.Connection, schema: str) -> None:
-    for table in TABLES:
-        await conn.fetchval(f"SELECT count(*) FROM {quote_schema(schema)}.{table}")
+async def _write_every_table(conn: asyncpg.Connection, schema: str) -> None:
+    """The lock an INSERT or UPDATE takes, on every eventbus table (a producer's, a relay's), in a transaction."""
+    async with conn.transaction():
+        for table in TABLES:
+            await conn.execute(f"LOCK TABLE {quote_schema(schema)}.{table} IN ROW EXCLUSIVE MODE")
 
 
-async def _hold_a_read_lock(dsn: str, schema: str, held: anyio.Event, release: anyio.Event) -> None:
-    """An open transaction that read every eventbus table: an ALTER TABLE on any must wait for it to end."""
+async def _hold_write_locks(dsn: str, schema: str, held: anyio.Event, release: anyio.Event) -> None:
+    """An open transaction that writes every eventbus table: an ALTER TABLE or a CREATE INDEX on any must wait for
+    it to end."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
-            await _read_every_table(conn, schema)
+            for table in TABLES:
+                await conn.execute(f"LOCK TABLE {quote_schema(schema)}.{table} IN ROW EXCLUSIVE MODE")
             held.set()
             await release.wait()
     finally:
@@ -161,9 +165,9 @@ async def _hold_a_read_lock(dsn: str, schema: str, held: anyio.Event, release: a
 async def test_a_migration_behind_a_long_transaction_never_queues_the_tables_traffic(
     eventbus_dsn: str, old_schema: str
 ) -> None:
-    """A waiting ALTER TABLE blocks every later statement on its table. With a lock timeout the migration gives
-    way and tries again, so a reader (a relay's heartbeat) waits at most that long, and the migration is applied
-    once the long transaction ends."""
+    """A waiting ALTER TABLE or CREATE INDEX blocks every later write to its table. With a lock timeout the
+    migration gives way and tries again, so a writer (a producer, a relay) waits at most that long, and the
+    migration is applied once the long transaction ends."""
     conn = await asyncpg.connect(eventbus_dsn)
     reader = await asyncpg.connect(eventbus_dsn)
     held, release = anyio.Event(), anyio.Event()
@@ -175,13 +179,13 @@ async def test_a_migration_behind_a_long_transaction_never_queues_the_tables_tra
             applied.extend(await migrate(conn, old_schema, lock_timeout=0.2))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_hold_a_read_lock, eventbus_dsn, old_schema, held, release)
+            tg.start_soon(_hold_write_locks, eventbus_dsn, old_schema, held, release)
             await held.wait()
             tg.start_soon(run_migration)
             await anyio.sleep(0.5)
             await reader.execute("SET lock_timeout = '1s'")
             for _ in range(5):  # each would wait for the long transaction behind a queued ALTER TABLE
-                await _read_every_table(reader, old_schema)
+                await _write_every_table(reader, old_schema)
                 await anyio.sleep(0.1)
             assert applied == []
             release.set()
@@ -197,7 +201,7 @@ async def test_a_migration_that_never_gets_its_lock_says_what_holds_it_up(eventb
     try:
         await migrate(conn, old_schema, to=latest_version() - 1)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_hold_a_read_lock, eventbus_dsn, old_schema, held, release)
+            tg.start_soon(_hold_write_locks, eventbus_dsn, old_schema, held, release)
             await held.wait()
             with pytest.raises(MigrationLocked, match="pg_stat_activity"):
                 await migrate(conn, old_schema, lock_timeout=0.1, give_up_after=1.0)
@@ -297,3 +301,33 @@ async def test_the_release_before_keeps_working_beside_this_one_on_the_migrated_
         assert {r["pid"] for r in pids} >= {old_relay.pid}, f"the release before ({commit[:8]}) delivered some"
     finally:
         await conn.close()
+
+
+def test_contract_steps_run_only_when_asked_and_once(
+    eventbus_dsn: str, old_schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a migration keeps for the release before it (0007 keeps the index its relays claim through) goes only
+    with ``eventbus migrate --contract``."""
+
+    async def indexes() -> set[str]:
+        conn = await asyncpg.connect(eventbus_dsn)
+        try:
+            rows = await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", old_schema)
+            return {r["indexname"] for r in rows}
+        finally:
+            await conn.close()
+
+    common = ["--dsn", eventbus_dsn, "--schema", old_schema]
+    assert main(["migrate", *common]) == 0
+    assert "eventbus migrate --contract" in capsys.readouterr().out
+    assert {"eventbus_outbox_pending_events", "eventbus_outbox_pending_tenants"} <= anyio.run(indexes)
+    assert main(["migrate", "--dry-run", "--contract", *common]) == 0
+    shown = capsys.readouterr().out
+    assert "-- 0007_fair_claims (contract)" in shown and "DROP INDEX" in shown
+    assert main(["migrate", "--contract", "--json", *common]) == 0
+    assert msgspec.json.decode(capsys.readouterr().out)["applied"] == ["0007_fair_claims (contract)"]
+    found = anyio.run(indexes)
+    assert "eventbus_outbox_pending_events" not in found and "eventbus_outbox_pending_tenants" in found
+    assert main(["migrate", "--contract", "--json", *common]) == 0
+    assert msgspec.json.decode(capsys.readouterr().out)["applied"] == [], "once"
+    assert main(["status", *common]) == 0, "a contracted schema is up to date"

@@ -3,11 +3,13 @@
 Each subscriber is an :class:`Actor`: a queue of deliveries and ``concurrency`` workers under a supervisor.
 Deliveries are put in synchronously, in the order the relay claimed them, so nothing can overtake on the way in.
 
-- An unordered subscriber's workers take deliveries first in, first out.
-- An ordered subscriber keeps one queue per key. A key is handled by one worker at a time, head first; a
-  delivery that is to be retried in place parks its key until its backoff ends, and the workers go on with the
-  other keys meanwhile. So a key's events are handled one at a time in the order they came, and a key that
-  retries holds up only itself.
+- An unordered subscriber's workers take deliveries first in, first out within a tenant, and the tenants in turn
+  (one delivery of each tenant with deliveries queued, then the next round): one tenant's backlog delays another
+  tenant's events by one delivery per worker, not by the backlog.
+- An ordered subscriber keeps one queue per key of a tenant. A key is handled by one worker at a time, head
+  first; a delivery that is to be retried in place parks its key until its backoff ends, and the workers go on
+  with the other keys meanwhile. So a key's events are handled one at a time in the order they came, and a key
+  that retries holds up only itself. Keys ready to run are taken the tenants in turn, too.
 
 A worker that crashes is restarted by its supervisor with backoff; the delivery it held goes back to the head of
 its key, and nothing it held is lost.
@@ -51,6 +53,65 @@ class Delivery:
     started: bool = False
 
 
+class _Turns:
+    """Items queued per tenant, taken the tenants in turn: first in, first out within a tenant; one item of each
+    tenant with items, then the next round. With one tenant, a plain first-in-first-out queue."""
+
+    __slots__ = ("_by_tenant", "_size", "_turns")
+
+    def __init__(self) -> None:
+        self._by_tenant: dict[str, deque[Any]] = {}
+        self._turns: deque[str] = deque()  # tenants with items, in the order of their next turn
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, tenant: str, item: Any) -> None:
+        queue = self._by_tenant.get(tenant)
+        if queue is None:
+            queue = self._by_tenant[tenant] = deque()
+            self._turns.append(tenant)
+        queue.append(item)
+        self._size += 1
+
+    def appendleft(self, tenant: str, item: Any) -> None:
+        """Put an item back at the head: its tenant's turn comes first."""
+        queue = self._by_tenant.get(tenant)
+        if queue is None:
+            queue = self._by_tenant[tenant] = deque()
+        else:
+            self._turns.remove(tenant)
+        self._turns.appendleft(tenant)
+        queue.appendleft(item)
+        self._size += 1
+
+    def popleft(self) -> Any:
+        tenant = self._turns.popleft()
+        queue = self._by_tenant[tenant]
+        item = queue.popleft()
+        if queue:
+            self._turns.append(tenant)
+        else:
+            del self._by_tenant[tenant]
+        self._size -= 1
+        return item
+
+    def remove(self, tenant: str, item: Any) -> bool:
+        queue = self._by_tenant.get(tenant)
+        if queue is None:
+            return False
+        try:
+            queue.remove(item)
+        except ValueError:
+            return False
+        if not queue:
+            del self._by_tenant[tenant]
+            self._turns.remove(tenant)
+        self._size -= 1
+        return True
+
+
 Attempt = Callable[[Subscription, Delivery], Awaitable[Outcome]]
 Report = Callable[[Delivery, Outcome], None]
 #: Told when an ordered delivery is to be retried in place (for counters).
@@ -66,9 +127,9 @@ class Actor:
     report: Report
     retrying: Retrying = lambda _delivery, _outcome: None
     restart_backoff: float = 0.05
-    _fifo: deque[Delivery] = field(default_factory=deque)  # unordered: first in, first out
+    _fifo: _Turns = field(default_factory=lambda: _Turns())  # unordered: deliveries, the tenants in turn
     _queues: dict[Hashable, deque[Delivery]] = field(default_factory=dict)  # ordered: one queue per key
-    _ready: deque[Hashable] = field(default_factory=deque)  # ordered: keys whose head may run now
+    _ready: _Turns = field(default_factory=lambda: _Turns())  # ordered: keys whose head may run now
     _parked: list[tuple[float, int, Hashable]] = field(default_factory=list)  # ordered: keys backing off
     _queued: int = 0
     _waiting: int = 0  # workers waiting for work
@@ -90,17 +151,17 @@ class Actor:
         if self._closed:
             raise anyio.ClosedResourceError
         self._queued += 1
+        envelope = delivery.envelope
         if not self.subscription.ordered:
-            self._fifo.append(delivery)
+            self._fifo.append(envelope.tenant, delivery)
         else:
-            envelope = delivery.envelope
-            key = envelope.key if envelope.key is not None else envelope.event_id
+            key = (envelope.tenant, envelope.key if envelope.key is not None else envelope.event_id)
             queue = self._queues.get(key)
             if queue is not None:
                 queue.append(delivery)  # behind the key's earlier deliveries; its key is ready, busy or parked
                 return
             self._queues[key] = deque((delivery,))
-            self._ready.append(key)
+            self._ready.append(envelope.tenant, key)
         if self._waiting:
             self._notify()
 
@@ -108,9 +169,7 @@ class Actor:
         """Take an unordered delivery that has not started out of the queue; return whether it was there."""
         if delivery.started or self.subscription.ordered:
             return False
-        try:
-            self._fifo.remove(delivery)
-        except ValueError:
+        if not self._fifo.remove(delivery.envelope.tenant, delivery):
             return False
         self._queued -= 1
         return True
@@ -120,7 +179,7 @@ class Actor:
         longer runs attempts, see ``LocalTransport``), then :meth:`run` returns."""
         self._closed = True
         while self._parked:
-            self._ready.append(heapq.heappop(self._parked)[2])
+            self._unpark(heapq.heappop(self._parked)[2])
         self._notify()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -137,13 +196,16 @@ class Actor:
             self._changed.set()
             self._changed = None
 
+    def _unpark(self, key: Hashable) -> None:
+        self._ready.append(key[0], key)  # type: ignore[index]  # (tenant, key)
+
     def _take_nowait(self) -> tuple[Hashable, Delivery] | None:
         if not self.subscription.ordered:
             return (None, self._fifo.popleft()) if self._fifo else None
         if self._parked and self._parked[0][0] <= anyio.current_time():
             now = anyio.current_time()
             while self._parked and self._parked[0][0] <= now:
-                self._ready.append(heapq.heappop(self._parked)[2])
+                self._unpark(heapq.heappop(self._parked)[2])
         if self._ready:
             key = self._ready.popleft()
             return key, self._queues[key][0]
@@ -184,7 +246,7 @@ class Actor:
             queue = self._queues[key]
             queue.popleft()
             if queue:
-                self._ready.append(key)
+                self._unpark(key)
                 if self._waiting:
                     self._notify()
             else:
@@ -225,9 +287,9 @@ class Actor:
             except BaseException:
                 # The delivery goes back to the head of the queue (of its key) for the next worker.
                 if self.subscription.ordered:
-                    self._ready.appendleft(key)
+                    self._ready.appendleft(key[0], key)  # type: ignore[index]
                 else:
-                    self._fifo.appendleft(delivery)
+                    self._fifo.appendleft(delivery.envelope.tenant, delivery)
                 raise
             if outcome.verdict is Verdict.RETRY and self.subscription.ordered:
                 # An ordered subscriber retries in place: the key's later events wait, the other keys go on.

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "migration never queues the outbox's traffic behind it.",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the SQL that would run; apply nothing")
+    p.add_argument("--contract", action="store_true",
+                   help="then remove what the migrations kept for the release before them (run it once no process "
+                        "of that release runs)")
     p.add_argument("--roles", nargs="*", metavar="TENANT", default=None,
                    help="then create the schema's roles: <schema>_relay and <schema>_consumer (every tenant), and a "
                         "<schema>_producer_<tenant> and <schema>_operator_<tenant> per TENANT (that tenant only)")

@@ -7,11 +7,15 @@ import argparse
 from .._driver import connect
 from ..migrations import migrate, pending_sql
 from ..roles import apply_roles, role_sql, roles_for
-from ..sql import migrations
+from ..sql import Migration, contractions, migrations
 from ._common import EXIT_OK, new_bus, schema_of
 from ._output import Output
 
 __all__ = ["cmd_migrate"]
+
+
+def _name(migration: Migration, names: dict[int, str]) -> str:
+    return names[-migration.version if migration.contract else migration.version]
 
 
 async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
@@ -19,18 +23,19 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     conn = await connect(await new_bus(args, schema=schema).resolve_dsn())
     try:
         if args.dry_run:
-            pending = await pending_sql(conn, schema)
+            pending = await pending_sql(conn, schema, contract=args.contract)
         else:
-            applied = await migrate(conn, schema, lock_timeout=args.lock_timeout)
+            applied = await migrate(conn, schema, lock_timeout=args.lock_timeout, contract=args.contract)
             if args.roles is not None:
                 await apply_roles(conn, schema, args.roles)
     finally:
         await conn.close()
     roles = [] if args.roles is None else roles_for(schema, args.roles)
     names = {m.version: f"{m.version:04d}_{m.name}" for m in migrations(schema)}
+    names.update({-m.version: f"{m.version:04d}_{m.name} (contract)" for m in contractions(schema)})
     if args.dry_run:
         if args.json:
-            out.json({"schema": schema, "pending": [{"name": names[m.version], "sql": m.sql} for m in pending],
+            out.json({"schema": schema, "pending": [{"name": _name(m, names), "sql": m.sql} for m in pending],
                       "roles": [] if args.roles is None else role_sql(schema, args.roles)})  # fmt: skip
             return EXIT_OK
         elif pending:
@@ -38,7 +43,7 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
                      f"transaction, each statement waiting at most {args.lock_timeout:g} s for its lock:")
             for m in pending:
                 out.line()
-                out.line(f"-- {names[m.version]}")
+                out.line(f"-- {_name(m, names)}")
                 out.line(m.sql.rstrip())
         else:
             out.line(f"-- schema {schema!r} is up to date (migration {names[max(names)]}): no migration would run")
@@ -56,6 +61,9 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
         out.line(f"applied to schema {schema!r}: {', '.join(names[v] for v in applied)}")
     else:
         out.line(f"schema {schema!r} is up to date (migration {names[max(names)]})")
+    if not args.contract and any(step.version in applied for step in contractions(schema)):
+        out.line("once no process of the release before runs: `eventbus migrate --contract` removes what these "
+                 "migrations kept for it")  # fmt: skip
     for r in roles:
         scope = "every tenant" if r.tenant is None else f"tenant {r.tenant!r} only"
         out.line(f"role {r.name}: {r.kind}, {scope}")

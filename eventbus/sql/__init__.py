@@ -13,7 +13,7 @@ from importlib import resources
 
 from ..errors import ConfigurationError
 
-__all__ = ["Migration", "Queries", "Query", "migrations", "quote_schema"]
+__all__ = ["Migration", "Queries", "Query", "contractions", "migrations", "quote_schema"]
 
 _PLACEHOLDER = "__schema__"
 #: At most 54 characters: the wake-up channel ``eventbus_<schema>`` must fit PostgreSQL's 63-byte identifiers (a
@@ -47,6 +47,8 @@ class Migration:
     version: int
     name: str
     sql: str
+    #: A contract step (see :func:`contractions`), recorded as ``-version``.
+    contract: bool = False
 
 
 def _package_text(*parts: str) -> str:
@@ -81,10 +83,10 @@ def _parse_queries() -> dict[str, Query]:
 
 
 @functools.cache
-def _migration_files() -> tuple[Migration, ...]:
+def _migration_files(suffix: str = "") -> tuple[Migration, ...]:
     found = []
     for entry in resources.files(__package__).joinpath("migrations").iterdir():
-        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        match = re.fullmatch(rf"(\d{{4}})_(\w+){re.escape(suffix)}\.sql", entry.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
@@ -95,6 +97,17 @@ def migrations(schema: str) -> list[Migration]:
     """The package's migrations in version order, rendered for ``schema``."""
     quoted = quote_schema(schema)
     return [Migration(m.version, m.name, m.sql.replace(_PLACEHOLDER, quoted)) for m in _migration_files()]
+
+
+def contractions(schema: str) -> list[Migration]:
+    """The contract steps of the package's migrations (``NNNN_name.contract.sql``), rendered for ``schema``: what
+    a migration leaves in place for the release before it (an index its claims use, say) and a later
+    ``eventbus migrate --contract`` removes, once no process of that release runs."""
+    quoted = quote_schema(schema)
+    return [
+        Migration(m.version, m.name, m.sql.replace(_PLACEHOLDER, quoted), contract=True)
+        for m in _migration_files(".contract")
+    ]
 
 
 class Queries:

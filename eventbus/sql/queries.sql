@@ -84,8 +84,11 @@ WITH inserted AS (
 SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken FROM wake) AS w;
 
 -- name: claim
--- Lease up to $1 due pending rows to worker $2 for $3 seconds, in event id order, counting the attempt now; keyed
--- rows only from partitions $2 owns, recording the partition's epoch on the row.
+-- Lease up to $1 due pending rows to worker $2 for $3 seconds, counting the attempt now; keyed rows only from
+-- partitions $2 owns, recording the partition's epoch on the row. Fair across tenants: every tenant with pending
+-- rows offers its oldest due rows (in event id order, up to 2/n of the batch each when n tenants have rows), and
+-- the batch takes them in turn (each tenant's first, then each one's second, ...), so one tenant's backlog never
+-- holds another's new events back; with one tenant, it is that tenant's oldest due rows.
 -- $1 limit int
 -- $2 worker text
 -- $3 lease_seconds float8
@@ -95,29 +98,45 @@ SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken F
 -- $7 carried_names text[] (with $8: the subscriber and topic pairs $2 delivers; NULL: take targeted rows whatever
 --    the subscriptions say)
 -- $8 carried_topics text[]
-WITH picked AS (
-    SELECT id FROM __schema__.eventbus_outbox AS r
-    WHERE status = 0 AND available_at <= now()
-      AND ($4::smallint[] IS NULL OR partition IS NULL OR partition = ANY($4::smallint[]))
-      AND ($5::text[] IS NULL OR target IS NULL OR NOT target = ANY($5::text[]))
-      AND ($6::text[] IS NULL OR target IS NOT NULL OR NOT topic = ANY($6::text[]))
-      -- A row targeted at a paused subscriber waits; one targeted at an active subscriber, of a topic it is
-      -- registered with, waits for a relay that carries it with that topic. Other targeted rows are taken
-      -- (retired or unknown subscribers, topics they do not take: HandlerMissing, unless carried here after all).
-      AND ($7::text[] IS NULL OR target IS NULL OR NOT EXISTS (
-          SELECT 1 FROM __schema__.eventbus_subscriptions AS s
-          WHERE s.name = r.target AND (s.state = 'paused' OR (
-              s.state = 'active' AND r.topic = ANY(s.topics) AND NOT EXISTS (
-                  SELECT 1 FROM unnest($7::text[], $8::text[]) AS c(name, topic)
-                  WHERE c.name = r.target AND c.topic = r.topic)))))
-      -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them). The shared
-      -- lock keeps a takeover from committing before this claim does.
-      AND (partition IS NULL OR partition = ANY(ARRAY(
-          SELECT p.partition FROM __schema__.eventbus_partitions AS p WHERE p.owner = $2 AND p.lease_until > now()
-          FOR SHARE)))
-    ORDER BY event_id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
+WITH RECURSIVE tenants AS (
+    -- The tenants with pending rows, one index probe each (a loose index scan).
+    (SELECT o.tenant FROM __schema__.eventbus_outbox AS o WHERE o.status = 0 ORDER BY o.tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT o.tenant FROM __schema__.eventbus_outbox AS o
+            WHERE o.status = 0 AND o.tenant > t.tenant ORDER BY o.tenant LIMIT 1)
+    FROM tenants AS t WHERE t.tenant IS NOT NULL
+), due AS (
+    SELECT tenant, count(*) OVER () AS n FROM tenants WHERE tenant IS NOT NULL
+), owned AS (
+    -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them). The shared
+    -- lock keeps a takeover from committing before this claim does.
+    SELECT ARRAY(SELECT p.partition FROM __schema__.eventbus_partitions AS p
+                 WHERE p.owner = $2 AND p.lease_until > now() FOR SHARE) AS partitions
+), offered AS (
+    SELECT c.id, c.event_id, row_number() OVER (PARTITION BY c.tenant ORDER BY c.event_id) AS turn
+    FROM due CROSS JOIN owned CROSS JOIN LATERAL (
+        SELECT r.id, r.event_id, r.tenant FROM __schema__.eventbus_outbox AS r
+        WHERE r.status = 0 AND r.tenant = due.tenant AND r.available_at <= now()
+          AND ($4::smallint[] IS NULL OR r.partition IS NULL OR r.partition = ANY($4::smallint[]))
+          AND ($5::text[] IS NULL OR r.target IS NULL OR NOT r.target = ANY($5::text[]))
+          AND ($6::text[] IS NULL OR r.target IS NOT NULL OR NOT r.topic = ANY($6::text[]))
+          -- A row targeted at a paused subscriber waits; one targeted at an active subscriber, of a topic it is
+          -- registered with, waits for a relay that carries it with that topic. Other targeted rows are taken
+          -- (retired or unknown subscribers, topics they do not take: HandlerMissing, unless carried here after
+          -- all).
+          AND ($7::text[] IS NULL OR r.target IS NULL OR NOT EXISTS (
+              SELECT 1 FROM __schema__.eventbus_subscriptions AS s
+              WHERE s.name = r.target AND (s.state = 'paused' OR (
+                  s.state = 'active' AND r.topic = ANY(s.topics) AND NOT EXISTS (
+                      SELECT 1 FROM unnest($7::text[], $8::text[]) AS c(name, topic)
+                      WHERE c.name = r.target AND c.topic = r.topic)))))
+          AND (r.partition IS NULL OR r.partition = ANY(owned.partitions))
+        ORDER BY r.event_id
+        LIMIT least($1, greatest(1, ceil(2.0 * $1 / due.n)))::int
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+), picked AS (
+    SELECT id FROM offered ORDER BY turn, event_id LIMIT $1
 )
 UPDATE __schema__.eventbus_outbox AS o
 SET status = 1, claimed_by = $2, claimed_until = now() + make_interval(secs => $3), attempts = o.attempts + 1,
