@@ -66,10 +66,6 @@ class RelayConfig:
     #: How many batches' worth of rows may wait for their subscribers at once (rows detached from a laggard and
     #: rows targeted at one subscriber do not count: a subscriber's own backlog bounds those).
     max_batches_in_flight: int = 3
-    #: The claim's size while several tenants have rows (a claim took more than one tenant's in the last
-    #: second): a claim takes every tenant's rows in turn, and a smaller one comes round sooner, so a tenant
-    #: beside another's backlog waits for less of it.
-    tenant_batch_size: int = 100
     reclaim_interval: float = 5.0
     heartbeat_interval: float = 2.0
     #: Delete relayed and dead outbox rows, replayed dead letters and inbox rows older than this (None: keep
@@ -103,10 +99,6 @@ class RelayStatistics:
     partitions_ready: int
     listening: bool
     purged: int
-
-
-#: How long after a claim took several tenants' rows claims stay of ``tenant_batch_size`` (seconds).
-SEVERAL_TENANTS_FOR = 1.0
 
 
 class _Wakeup:
@@ -155,7 +147,6 @@ class Relay:
         self.config = config or RelayConfig()
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wakeup = _Wakeup()
-        self._several_tenants_until = -math.inf  # claims are of tenant_batch_size until then
         self._stopping = False
         self._stopped = anyio.Event()
         self._unsettled: dict[uuid.UUID, Envelope] = {}
@@ -296,13 +287,10 @@ class Relay:
                                 self.worker, exc, delay)  # fmt: skip
                     await self._wakeup.wait(delay)
                     continue
-            batch = config.batch_size
-            if anyio.current_time() < self._several_tenants_until:
-                batch = min(batch, config.tenant_batch_size)
-            room = min(batch, capacity - len(self._load))
+            room = min(config.batch_size, capacity - len(self._load))
             # A claim waits for room for half a batch, or for nothing to be in hand: many small claims would cost
             # a statement each.
-            if room <= 0 or (room < batch // 2 and self._load):
+            if room <= 0 or (room < config.batch_size // 2 and self._load):
                 self._progress_at = anyio.current_time()  # busy, not stuck
                 self.transport.make_room()
                 self._room = anyio.Event()
@@ -335,8 +323,6 @@ class Relay:
                     # As the claim saw them: a pause holds back the very rows claimed after it, in order.
                     self.transport.hold(rows.paused)
                 await self.transport.deliver(rows, self._report)
-            if rows and any(row.tenant != rows[0].tenant for row in rows):
-                self._several_tenants_until = anyio.current_time() + SEVERAL_TENANTS_FOR
             if len(rows) == room:
                 follow_up = False
                 continue
