@@ -75,6 +75,19 @@ async def _logins(dsn: str, schema: str) -> AsyncIterator[dict[str, str]]:
         await conn.close()
 
 
+@asynccontextmanager
+async def _schema_with_logins(dsn: str) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    """A scratch schema with the offer benchmark's tables, and the run's login roles on it."""
+    async with scratch_schema(dsn, NAME) as schema:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(_ddl(schema))
+        finally:
+            await conn.close()
+        async with _logins(dsn, schema) as logins:
+            yield schema, logins
+
+
 async def _security(dsn: str, schema: str, on: bool) -> None:
     conn = await asyncpg.connect(dsn)
     try:
@@ -142,35 +155,22 @@ async def run(settings: Settings) -> Outcome:
     count = 20_000 if settings.quick else 100_000
     outcome = Outcome(details={"rounds": rounds, "seconds_per_round": duration, "events": count})
     by: dict[str, list[float]] = {"unconfined": [], "confined": [], "disabled": []}
-    async with scratch_schema(settings.dsn, NAME) as schema:
-        conn = await asyncpg.connect(settings.dsn)
-        try:
-            await conn.execute(_ddl(schema))
-        finally:
-            await conn.close()
-        async with _logins(settings.dsn, schema) as logins:
-            for r in range(rounds):
-                print(f"  tenants: offer round {r + 1} of {rounds} ...", flush=True)
-                await _security(settings.dsn, schema, True)
-                by["unconfined"].append(await _offer(_as(settings.dsn, logins["producer"]), schema, duration))
-                by["confined"].append(await _offer(_as(settings.dsn, logins["acme"]), schema, duration, tenant="acme"))
-                await _security(settings.dsn, schema, False)
-                by["disabled"].append(await _offer(_as(settings.dsn, logins["producer"]), schema, duration))
+    async with _schema_with_logins(settings.dsn) as (schema, logins):
+        for r in range(rounds):
+            print(f"  tenants: offer round {r + 1} of {rounds} ...", flush=True)
             await _security(settings.dsn, schema, True)
+            by["unconfined"].append(await _offer(_as(settings.dsn, logins["producer"]), schema, duration))
+            by["confined"].append(await _offer(_as(settings.dsn, logins["acme"]), schema, duration, tenant="acme"))
+            await _security(settings.dsn, schema, False)
+            by["disabled"].append(await _offer(_as(settings.dsn, logins["producer"]), schema, duration))
     drains: dict[str, float] = {}
     for policies in (True, False):
-        async with scratch_schema(settings.dsn, NAME) as schema:
-            conn = await asyncpg.connect(settings.dsn)
-            try:
-                await conn.execute(_ddl(schema))
-            finally:
-                await conn.close()
-            async with _logins(settings.dsn, schema) as logins:
-                await fill(settings.dsn, schema, count)
-                await _security(settings.dsn, schema, policies)
-                print(f"  tenants: burn-down of {count}, policies {'on' if policies else 'off'} ...", flush=True)
-                drained = await relay_drain(_as(settings.dsn, logins["relay"]), schema, count, 500)
-                drains["on" if policies else "off"] = drained["events_per_s"]
+        async with _schema_with_logins(settings.dsn) as (schema, logins):
+            await fill(settings.dsn, schema, count)
+            await _security(settings.dsn, schema, policies)
+            print(f"  tenants: burn-down of {count}, policies {'on' if policies else 'off'} ...", flush=True)
+            drained = await relay_drain(_as(settings.dsn, logins["relay"]), schema, count, 500)
+            drains["on" if policies else "off"] = drained["events_per_s"]
     backlog = 200_000 if settings.quick else 1_000_000
     fair_seconds = 5.0 if settings.quick else 15.0
     fairness: dict[str, dict[str, Any]] = {}
