@@ -37,7 +37,10 @@ _COMMIT = "COMMIT;"
 
 
 def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+    """``text`` as an escape-string literal: the same meaning whatever ``standard_conforming_strings`` says."""
+    if "\x00" in text:
+        raise ValueError("a NUL character cannot reach PostgreSQL in a text value")
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 class BusConnection(asyncpg.Connection):

@@ -73,7 +73,7 @@ async def migrate(
     while True:
         try:
             return await _migrate_once(conn, schema, to, lock_timeout, contract)
-        except asyncpg.LockNotAvailableError as exc:
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             tries += 1
             pause = min(5.0, 0.25 * 2 ** min(tries, 5))
             waited = time.monotonic() - started

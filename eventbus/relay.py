@@ -323,7 +323,7 @@ class Relay:
                     # As the claim saw them: a pause holds back the very rows claimed after it, in order.
                     self.transport.hold(rows.paused)
                 await self.transport.deliver(rows, self._report)
-            if len(rows) == room:
+            if len(rows) == room or rows.more:  # a full batch, or a tenant's full share: claim again at once
                 follow_up = False
                 continue
             # A claim that found rows is followed by one more at once, for the rows committed while it ran: without

@@ -24,6 +24,7 @@ from .sql import Queries, quote_schema
 __all__ = ["Role", "apply_roles", "role_sql", "roles_for"]
 
 _UNSAFE = re.compile(r"[^a-z0-9_]")
+_PLAIN = re.compile(r"[a-z0-9_]{1,24}")
 
 _TABLES = ("eventbus_outbox", "eventbus_dead_letters", "eventbus_inbox", "eventbus_relays", "eventbus_partitions",
            "eventbus_subscriptions", "eventbus_migrations", "eventbus_tenant_roles")  # fmt: skip
@@ -41,11 +42,12 @@ class Role:
 
 
 def _token(tenant: str) -> str:
-    """A tenant as a role-name part: its usable characters, and a hash when that is not all of it."""
-    plain = _UNSAFE.sub("_", tenant.lower())[:24]
-    if plain == tenant and plain:
-        return plain
-    return f"{plain}_{hashlib.blake2b(tenant.encode(), digest_size=3).hexdigest()}"
+    """A tenant as a role-name part: itself when it is 1-24 lowercase letters, digits and underscores without a
+    double underscore; else its usable characters, ``__`` and a 64-bit hash of it (which no plain name has)."""
+    if _PLAIN.fullmatch(tenant) and "__" not in tenant:
+        return tenant
+    plain = _UNSAFE.sub("_", tenant.lower())[:16].rstrip("_")
+    return f"{plain}__{hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()}"
 
 
 def roles_for(schema: str, tenants: list[str]) -> list[Role]:
@@ -71,6 +73,9 @@ def roles_for(schema: str, tenants: list[str]) -> list[Role]:
             "eventbus_relays": "SELECT", "eventbus_subscriptions": "SELECT", "eventbus_migrations": "SELECT",
             "eventbus_tenant_roles": "SELECT",
         }))  # fmt: skip
+    names = [role.name for role in roles]
+    if len(set(names)) != len(names):
+        raise ValueError("two tenants map to the same role name: list each tenant once")
     for role in roles:
         if len(role.name) > 63:
             raise ValueError(f"role name {role.name!r} is longer than PostgreSQL's 63 bytes: use a shorter schema name")
@@ -99,6 +104,11 @@ async def apply_roles(conn: Connection, schema: str, tenants: list[str]) -> list
     queries = Queries(schema)
     async with conn.transaction():
         for role in roles:
+            if role.tenant is not None:
+                listed = await conn.fetchval(queries.tenant_role_other, role.name, role.tenant)
+                if listed is not None:
+                    raise ValueError(f"role {role.name} acts for tenant {listed!r} already: it cannot be "
+                                     f"{role.tenant!r}'s too")  # fmt: skip
             for statement in _statements(schema, role):
                 await conn.execute(statement)
             if role.tenant is not None:

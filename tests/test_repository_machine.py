@@ -203,9 +203,9 @@ class OutboxMachine(RuleBasedStateMachine):
         self.env.steps += 1
         pending = [r for r in self.model.rows.values() if r.status == Status.PENDING]
         # Fair across tenants: each tenant with pending rows offers its oldest due rows, up to 2/n of the batch
-        # when n tenants have pending rows, and the batch takes them in turn.
+        # (at least 50) when n tenants have pending rows, and the batch takes them in turn.
         tenants = {r.tenant for r in pending}
-        quota = min(limit, max(1, math.ceil(2 * limit / len(tenants)))) if tenants else 0
+        quota = min(limit, max(50, math.ceil(2 * limit / len(tenants)))) if tenants else 0
         offered = []
         for tenant in tenants:
             due = sorted(r.id for r in pending if r.tenant == tenant and r.due)[:quota]

@@ -332,3 +332,52 @@ async def test_one_tenants_backlog_does_not_hold_another_tenants_new_events_back
         with anyio.fail_after(5):
             await b_seen.wait()
         assert handled["a"] < 15_000, "b's event came long before a's backlog was worked through"
+
+
+def test_no_two_tenants_share_a_role_name() -> None:
+    from eventbus.roles import roles_for
+
+    tenants = ["acme", "Acme", "acme_", "a" * 30, "a" * 31, "ac me", "ac_me", "ac__me"]
+    names = [role.name for role in roles_for("orders", tenants)]
+    assert len(names) == len(set(names))
+    assert "orders_producer_acme" in names and "orders_producer_ac_me" in names
+
+
+async def test_a_tenant_with_quotes_and_backslashes_is_one_literal(eventbus_dsn: str) -> None:
+    """Set with the BEGIN as an escape-string literal: the same text whatever standard_conforming_strings says."""
+    from eventbus._pool import bus_connection, create_pool
+
+    tenant = "x\\'); SELECT 1; --"
+    read = "SELECT current_setting('standard_conforming_strings'), current_setting('eventbus.tenant', true)"
+    pool = await create_pool(eventbus_dsn, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            folded = bus_connection(conn)
+            assert folded is not None
+            for strings in ("off", "on"):
+                await conn.execute(f"SET standard_conforming_strings = {strings}")
+                folded.begin_as(tenant)
+                async with conn.transaction():
+                    assert tuple(await conn.fetchrow(read)) == (strings, tenant)
+    finally:
+        await pool.close()
+
+
+async def test_many_tenants_with_nothing_due_leave_a_backlog_a_share_and_say_there_is_more(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """100 tenants with one event each, not yet due, and tenant a's backlog: the claim still takes at least 50 of
+    a's rows, and says a tenant offered its full share (the relay then claims again at once)."""
+    s = quote_schema(eventbus_schema)
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        await conn.executemany(f"INSERT INTO {s}.eventbus_outbox (id, event_id, tenant, topic, payload, available_at) "
+                               "VALUES ($1, $1, $2, 'Billed', '{\"n\": 0}', now() + interval '1 hour')",
+                               [(new_id(), f"t{i}") for i in range(100)])  # fmt: skip
+        await conn.executemany(f"INSERT INTO {s}.eventbus_outbox (id, event_id, tenant, topic, payload) "
+                               "VALUES ($1, $1, 'a', 'Billed', '{\"n\": 0}')", [(new_id(),) for _ in range(2000)])
+        rows = await conn.fetch(Queries(eventbus_schema).claim, 500, "relay-1", 30.0, None, None, None, None, None)
+        assert len(rows) == 50 and {r["tenant"] for r in rows} == {"a"}
+        assert rows[0]["more"] is True
+    finally:
+        await conn.close()

@@ -185,6 +185,8 @@ class Claimed(list[Envelope]):
     them (their shares of these rows are to wait: see ``Transport.hold``)."""
 
     paused: frozenset[str] = frozenset()
+    #: A tenant offered the claim as many rows as its share allowed: it may have more due now.
+    more: bool = False
 
 
 def envelope_from_row(row: asyncpg.Record) -> Envelope:
@@ -313,6 +315,7 @@ class OutboxRepository:
         claimed = Claimed()
         if rows:
             claimed.paused = frozenset(rows[0]["paused"] or ())
+            claimed.more = bool(rows[0]["more"])
         unreadable = Settlement()
         for row in rows:
             try:

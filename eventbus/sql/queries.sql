@@ -86,9 +86,10 @@ SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken F
 -- name: claim
 -- Lease up to $1 due pending rows to worker $2 for $3 seconds, counting the attempt now; keyed rows only from
 -- partitions $2 owns, recording the partition's epoch on the row. Fair across tenants: every tenant with pending
--- rows offers its oldest due rows (in event id order, up to 2/n of the batch each when n tenants have rows), and
--- the batch takes them in turn (each tenant's first, then each one's second, ...), so one tenant's backlog never
--- holds another's new events back; with one tenant, it is that tenant's oldest due rows.
+-- rows offers its oldest due rows (in event id order, up to 2/n of the batch each when n tenants have rows, and at
+-- least 50), and the batch takes them in turn (each tenant's first, then each one's second, ...), so one tenant's
+-- backlog never holds another's new events back; with one tenant, it is that tenant's oldest due rows. "more"
+-- says a tenant offered as many rows as it could: it may have more due now, so the relay claims again at once.
 -- $1 limit int
 -- $2 worker text
 -- $3 lease_seconds float8
@@ -106,14 +107,17 @@ WITH RECURSIVE tenants AS (
             WHERE o.status = 0 AND o.tenant > t.tenant ORDER BY o.tenant LIMIT 1)
     FROM tenants AS t WHERE t.tenant IS NOT NULL
 ), due AS (
-    SELECT tenant, count(*) OVER () AS n FROM tenants WHERE tenant IS NOT NULL
+    SELECT tenant, least($1, greatest(50, ceil(2.0 * $1 / count(*) OVER ())))::int AS quota
+    FROM tenants WHERE tenant IS NOT NULL
 ), owned AS (
     -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them). The shared
     -- lock keeps a takeover from committing before this claim does.
     SELECT ARRAY(SELECT p.partition FROM __schema__.eventbus_partitions AS p
                  WHERE p.owner = $2 AND p.lease_until > now() FOR SHARE) AS partitions
 ), offered AS (
-    SELECT c.id, c.event_id, row_number() OVER (PARTITION BY c.tenant ORDER BY c.event_id) AS turn
+    SELECT c.id, c.event_id, due.quota,
+           row_number() OVER (PARTITION BY c.tenant ORDER BY c.event_id) AS turn,
+           count(*) OVER (PARTITION BY c.tenant) AS offered
     FROM due CROSS JOIN owned CROSS JOIN LATERAL (
         SELECT r.id, r.event_id, r.tenant FROM __schema__.eventbus_outbox AS r
         WHERE r.status = 0 AND r.tenant = due.tenant AND r.available_at <= now()
@@ -132,7 +136,7 @@ WITH RECURSIVE tenants AS (
                       WHERE c.name = r.target AND c.topic = r.topic)))))
           AND (r.partition IS NULL OR r.partition = ANY(owned.partitions))
         ORDER BY r.event_id
-        LIMIT least($1, greatest(1, ceil(2.0 * $1 / due.n)))::int
+        LIMIT due.quota
         FOR UPDATE SKIP LOCKED
     ) AS c
 ), picked AS (
@@ -147,7 +151,8 @@ RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text 
           o.attempts, o.created_at,
           -- Which of $2's subscribers are paused, as this claim saw them: their shares of these rows wait.
           ARRAY(SELECT s.name FROM __schema__.eventbus_subscriptions AS s
-                WHERE s.state = 'paused' AND s.name = ANY($7::text[])) AS paused;
+                WHERE s.state = 'paused' AND s.name = ANY($7::text[])) AS paused,
+          EXISTS (SELECT FROM offered WHERE offered.offered >= offered.quota) AS more;
 
 -- name: settle
 -- Settle claimed rows in one statement: set their status, insert targeted retry rows and dead letters.
@@ -549,6 +554,12 @@ SELECT worker, hostname, pid, started_at, heartbeat_at, partitions, broker_unrea
 FROM __schema__.eventbus_relays
 WHERE heartbeat_at >= now() - make_interval(secs => $1)
 ORDER BY worker;
+
+-- name: tenant_role_other
+-- Another tenant role $1 is listed for than $2, if any.
+-- $1 role name
+-- $2 tenant text
+SELECT tenant FROM __schema__.eventbus_tenant_roles WHERE role = $1 AND tenant <> $2 LIMIT 1;
 
 -- name: tenant_role_add
 -- Confine role $1 to tenant $2 (and the session's eventbus.tenant within its tenants).

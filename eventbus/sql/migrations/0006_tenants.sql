@@ -18,7 +18,8 @@ ALTER TABLE __schema__.eventbus_inbox ADD COLUMN tenant text NOT NULL DEFAULT ''
 -- FORCE: the tables' owner is held to the policies too (it bypasses them otherwise); it is listed nowhere, so it
 -- still sees every tenant, unless it is given tenants itself. Both subqueries of the policy are uncorrelated:
 -- each runs once per statement, not once per row. A role that was dropped drops out through the join with
--- pg_roles (pg_has_role would raise on its name).
+-- pg_roles (pg_has_role would raise on its name). USAGE, not MEMBER: a membership that does not inherit (the one
+-- PostgreSQL 16 gives the non-superuser who created a role) does not confine.
 DO $migration$
 DECLARE
     t text;
@@ -29,12 +30,12 @@ BEGIN
         EXECUTE format($policy$
             CREATE POLICY eventbus_tenant ON __schema__.%I USING (
                 NOT EXISTS (SELECT FROM __schema__.eventbus_tenant_roles AS g JOIN pg_catalog.pg_roles AS r
-                            ON r.rolname = g.role WHERE pg_catalog.pg_has_role(r.oid, 'MEMBER'))
+                            ON r.rolname = g.role WHERE pg_catalog.pg_has_role(r.oid, 'USAGE'))
                 OR (tenant = current_setting('eventbus.tenant', true)
                     AND EXISTS (SELECT FROM __schema__.eventbus_tenant_roles AS g JOIN pg_catalog.pg_roles AS r
                                 ON r.rolname = g.role
                                 WHERE g.tenant = current_setting('eventbus.tenant', true)
-                                  AND pg_catalog.pg_has_role(r.oid, 'MEMBER'))))
+                                  AND pg_catalog.pg_has_role(r.oid, 'USAGE'))))
         $policy$, t);
     END LOOP;
 END
