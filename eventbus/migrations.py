@@ -48,7 +48,12 @@ async def pending_sql(
 ) -> list[Migration]:
     """The migrations :func:`migrate` would apply to ``schema`` (up to version ``to``), with their SQL; with
     ``contract``, then the contract steps it would run."""
-    applied = await _applied(conn, Queries(schema))
+    return _planned(await _applied(conn, Queries(schema)), schema, to, contract)
+
+
+def _planned(applied: set[int], schema: str, to: int | None, contract: bool) -> list[Migration]:
+    """What a run applies, in order: the migrations missing (up to ``to``), then, with ``contract``, the contract
+    steps of the migrations applied by then that have not run (recorded as ``-version``)."""
     wanted = [m for m in migrations(schema) if m.version not in applied and (to is None or m.version <= to)]
     if contract:
         will_have = applied | {m.version for m in wanted}
@@ -79,8 +84,9 @@ async def migrate(
             waited = time.monotonic() - started
             if waited + pause > give_up_after:
                 raise MigrationLocked(
-                    f"migrating schema {schema!r}: no lock on an eventbus table within {lock_timeout:g} s, {tries} "
-                    f"times in {waited:.0f} s ({exc}). A long transaction holds a conflicting lock: find it with "
+                    f"migrating schema {schema!r}: no lock on an eventbus table within {lock_timeout:g} s (or a "
+                    f"deadlock), {tries} times in {waited:.0f} s ({exc}). A long transaction holds a conflicting lock: "
+                    "find it with "
                     "`SELECT pid, state, xact_start, query FROM pg_stat_activity WHERE xact_start < now() - "
                     "interval '1 minute'`, let it end, and run `eventbus migrate` again"
                 ) from exc
@@ -99,20 +105,12 @@ async def _migrate_once(
         # After the advisory lock: migrators of the same schema wait for each other, as long as it takes.
         await conn.execute(queries.migrate_lock_timeout, f"{max(1, round(lock_timeout * 1000))}ms")
         await conn.execute(queries.migrate_prepare)
-        applied = await _applied(conn, queries)
-        for migration in migrations(schema):
-            if migration.version in applied or (to is not None and migration.version > to):
-                continue
+        for migration in _planned(await _applied(conn, queries), schema, to, contract):
             await conn.execute(migration.sql)
-            await conn.execute(queries.migrate_record, migration.version, migration.name)
-            done.append(migration.version)
-        if contract:
-            have = applied | set(done)
-            for step in contractions(schema):
-                if step.version in have and -step.version not in applied:
-                    await conn.execute(step.sql)
-                    await conn.execute(queries.migrate_record, -step.version, f"{step.name} (contract)")
-                    done.append(-step.version)
+            version = -migration.version if migration.contract else migration.version
+            name = f"{migration.name} (contract)" if migration.contract else migration.name
+            await conn.execute(queries.migrate_record, version, name)
+            done.append(version)
     return done
 
 

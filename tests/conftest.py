@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import asyncpg
 import pytest
 from listening import Listener
@@ -56,3 +58,20 @@ async def nats_stream(nats_url: str, eventbus_schema: str) -> AsyncIterator[str]
     """``nats_url``, and the test schema's stream deleted afterwards (on a shared server, nothing is left)."""
     yield nats_url
     await drop_stream(nats_url, eventbus_schema)
+
+
+@pytest.fixture
+def unmigrated_schema(eventbus_dsn: str) -> Iterator[str]:
+    """A schema name that does not exist yet, dropped afterwards whatever the test made of it (a sync fixture:
+    the command line's tests run ``main`` in the test's own thread)."""
+    name = f"s_{uuid.uuid4().hex[:12]}"
+    yield name
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(eventbus_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+    anyio.run(drop)

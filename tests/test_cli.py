@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import anyio
-import asyncpg
 import msgspec
 import pytest
 
@@ -18,18 +16,8 @@ class Ping(msgspec.Struct, frozen=True):
 
 
 @pytest.fixture
-def schema(eventbus_dsn: str) -> Iterator[str]:
-    name = f"cli_{uuid.uuid4().hex[:10]}"
-    yield name
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(eventbus_dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await conn.close()
-
-    anyio.run(drop)
+def schema(unmigrated_schema: str) -> str:
+    return unmigrated_schema
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, object]:

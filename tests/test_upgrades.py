@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +34,8 @@ class Upgraded(msgspec.Struct, frozen=True):
 
 
 @pytest.fixture
-def old_schema(eventbus_dsn: str) -> Iterator[str]:
-    """A schema name that does not exist yet (dropped afterwards); sync, for the command line's tests too."""
-    schema = f"u_{uuid.uuid4().hex[:12]}"
-    yield schema
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(eventbus_dsn)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_schema(schema)} CASCADE")
-        finally:
-            await conn.close()
-
-    anyio.run(drop)
+def old_schema(unmigrated_schema: str) -> str:
+    return unmigrated_schema
 
 
 async def _populate_version_1(conn: asyncpg.Connection, schema: str) -> dict[str, Any]:

@@ -770,13 +770,13 @@ class NatsConsumer:
         stream = stream_name(self.schema)
         failures = 0
 
-        def paused() -> bool:
-            return sub.name in self.paused
+        def held_back() -> bool:  # a stop, or a pause: request nothing more
+            return self._closing.is_set() or sub.name in self.paused
 
         async with anyio.create_task_group() as handling:
             while not self._closing.is_set():
                 generation, changed = connection.generation, connection.changed
-                flow = _Flow(client, stream, durable, limit, self.transport.fetch_batch, held_back=paused)
+                flow = _Flow(client, stream, durable, limit, self.transport.fetch_batch, held_back=held_back)
 
                 async def arrived(message: nats.aio.msg.Msg, flow: _Flow = flow) -> None:
                     if not message.reply:  # a status of the pull requests, not a message of the stream
@@ -788,8 +788,7 @@ class NatsConsumer:
                     else:
                         with contextlib.suppress(Exception):
                             await message.nak()  # to the flow that replaced this one
-                    if not self._closing.is_set():
-                        await flow.top_up()
+                    await flow.top_up()
 
                 subscription: Any = None
                 try:
@@ -833,8 +832,7 @@ class NatsConsumer:
             if not self._running:
                 self._idle.set()
             flow.held -= 1
-        if not self._closing.is_set():
-            await flow.top_up()
+        await flow.top_up()
 
     async def _handle(self, sub: Subscription, message: nats.aio.msg.Msg) -> None:
         headers = dict(message.headers or {})
