@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 import asyncpg
 
-from . import burndown, fanout, isolation, latency, nats, offer, peer, purge, telemetry, tenants
+from . import burndown, fanout, isolation, latency, nats, offer, peer, purge, scale, telemetry, tenants
 from ._common import Outcome, Row, Settings, format_table, machine_info, redact_dsn, row_dicts
 
 Benchmark = Callable[[Settings], Awaitable[Outcome]]
@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, float, float]] = {
     telemetry.NAME: (telemetry.run, 240, 600),
     nats.NAME: (nats.run, 120, 400),
     tenants.NAME: (tenants.run, 120, 400),
+    scale.NAME: (scale.run, 240, 7200),
 }
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"

@@ -166,17 +166,21 @@ async def _reset(connection: asyncpg.Connection) -> None:
 
 async def create_pool(
     dsn: str, *, max_size: int, init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
-    tenant: str = "", jit: bool = True,
+    tenant: str = "", jit: bool = True, custom_plans: bool = False,
 ) -> asyncpg.Pool:
     """The bus's pool. Every connection's session has ``tenant`` as its ``eventbus.tenant`` (the row-level
     security policies read it), set in the startup message: no round trip, and the pool's reset (``RESET ALL``)
     brings it back, so a transaction's own tenant never outlives it. ``jit=False`` turns PostgreSQL's JIT
     compilation off for the pool's sessions: the relay's statements touch a few hundred rows, and their cost
     estimates (a claim over every tenant, a settle of a batch) can pass ``jit_above_cost``, where compiling takes
-    longer than running."""
+    longer than running. ``custom_plans`` plans every statement for its parameters (``plan_cache_mode``): over a
+    partitioned outbox, a cached generic plan of the settle cannot leave partitions out, and took 5.6 ms per 100
+    rows against 3.5 ms planned each time."""
     settings = {"eventbus.tenant": tenant}
     if not jit:
         settings["jit"] = "off"
+    if custom_plans:
+        settings["plan_cache_mode"] = "force_custom_plan"
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn, min_size=1, max_size=max_size, connection_class=BusConnection, reset=_reset, init=cast(Any, init),
         server_settings=settings,

@@ -29,7 +29,7 @@ from ._typing import Connection
 from .errors import ConfigurationError, DatabaseUnavailable, RegistrationError
 from .events import EventFields, Registry
 from .handlers import AttemptRunner, PublishOptions, SubscribeOptions, Subscription, subscription_for
-from .migrations import check_migrations, migrate
+from .migrations import Partitioning, check_migrations, migrate
 from .observability.http import serve_http
 from .observability.metrics import Metrics
 from .observability.tracing import Tracing
@@ -176,7 +176,9 @@ class EventBus:
     ``dsn``: a PostgreSQL URL. Without one, ``EVENTBUS_DSN`` is used, else an embedded PostgreSQL server is
     started in ``data_dir`` (default ``.eventbus`` in the current directory, or ``EVENTBUS_DATA_DIR``).
     ``schema`` holds eventbus's tables; ``migrate`` applies missing migrations on start (else start fails
-    with a message saying how to apply them). ``transport`` hands claimed events to the subscribers: ``"local"``
+    with a message saying how to apply them); with ``partitioning`` (``"daily"`` or ``"hourly"``), that migration
+    also converts the outbox to the partitioned layout (see :func:`eventbus.migrations.migrate`; the default,
+    None, leaves the layout as it is). ``transport`` hands claimed events to the subscribers: ``"local"``
     (the default) runs them in this process. ``notify=False`` sends no wake-up at commit: relays then find new
     events by polling (``RelayConfig.poll_interval``). It saves the wake-up: for :meth:`transaction`, a short
     transaction after the COMMIT, at most one per ``wake_spacing`` seconds in a started bus (see
@@ -199,6 +201,7 @@ class EventBus:
         tenant: str = "",
         data_dir: str | os.PathLike[str] | None = None,
         migrate: bool = True,
+        partitioning: Partitioning | None = None,
         pool_size: int = 10,
         registry: Registry | None = None,
         relay: bool | None = None,
@@ -241,6 +244,7 @@ class EventBus:
         self.tenant = tenant
         self.data_dir = data_dir
         self.migrate = migrate
+        self.partitioning: Partitioning | None = partitioning
         self.pool_size = pool_size
         self.init_connection = init_connection
         self.registry = registry or Registry()
@@ -355,7 +359,7 @@ class EventBus:
         try:
             async with pool.acquire() as conn:
                 if self.migrate:
-                    await migrate(conn, self.schema)
+                    await migrate(conn, self.schema, partitioning=self.partitioning)
                 else:
                     await check_migrations(conn, self.schema)
         except BaseException:
@@ -418,7 +422,7 @@ class EventBus:
                     # producers and transactional handlers that share the bus's pool cannot starve its leases.
                     relay_pool = await create_pool(
                         await self.resolve_dsn(), max_size=_RELAY_CONNECTIONS, init=self.init_connection,
-                        tenant=self.tenant, jit=False,
+                        tenant=self.tenant, jit=False, custom_plans=await self.outbox.partitioned(),
                     )  # fmt: skip
                     self._relay_pool = relay_pool
                     outbox = OutboxRepository(relay_pool, self.schema, notify=False, metrics=self.metrics)

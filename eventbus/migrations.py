@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import anyio
 import asyncpg
 
 from ._typing import Connection
-from .errors import MigrationLocked, MigrationsMissing
-from .sql import Migration, Queries, contractions, migrations
+from .errors import ConfigurationError, MigrationLocked, MigrationsMissing
+from .roles import partitioned_grants
+from .sql import Migration, Queries, contractions, migrations, partitioned_layout, quote_schema
 
-__all__ = ["check_migrations", "latest_version", "migrate", "pending_migrations", "pending_sql"]
+__all__ = ["Partitioning", "check_migrations", "latest_version", "migrate", "pending_migrations", "pending_sql"]
+
+#: The partitioned outbox layout, by the span of its settled partitions (see ``eventbus/sql/partitioned.sql``).
+Partitioning = Literal["daily", "hourly"]
+_PERIODS: dict[str, str] = {"daily": "day", "hourly": "hour"}
 
 log = logging.getLogger("eventbus.migrations")
 
@@ -44,11 +50,31 @@ async def pending_migrations(conn: Connection, schema: str = "eventbus") -> list
 
 
 async def pending_sql(
-    conn: Connection, schema: str = "eventbus", *, to: int | None = None, contract: bool = False
-) -> list[Migration]:
+    conn: Connection, schema: str = "eventbus", *, to: int | None = None, contract: bool = False,
+    partitioning: Partitioning | None = None,
+) -> list[Migration]:  # fmt: skip
     """The migrations :func:`migrate` would apply to ``schema`` (up to version ``to``), with their SQL; with
-    ``contract``, then the contract steps it would run."""
-    return _planned(await _applied(conn, Queries(schema)), schema, to, contract)
+    ``contract``, then the contract steps it would run; with ``partitioning``, then the conversion of the outbox
+    (version 0), unless it has that layout already."""
+    queries = Queries(schema)
+    planned = _planned(await _applied(conn, queries), schema, to, contract)
+    if partitioning is not None and await _layout(conn, queries) is None:
+        planned.append(_conversion(schema, partitioning))
+    return planned
+
+
+def _conversion(schema: str, partitioning: Partitioning) -> Migration:
+    if partitioning not in _PERIODS:
+        raise ConfigurationError(f"partitioning {partitioning!r} is not one of 'daily', 'hourly' (or None: plain)")
+    return Migration(0, f"partitioned_outbox ({partitioning})", partitioned_layout(schema, _PERIODS[partitioning]))
+
+
+async def _layout(conn: Connection, queries: Queries) -> str | None:
+    """The period of ``queries.schema``'s partitioned outbox ('day', 'hour'), or None for the plain layout."""
+    table = f"{quote_schema(queries.schema)}.eventbus_outbox"
+    if not await conn.fetchval(queries.outbox_partitioned, table):
+        return None
+    return str(await conn.fetchval(queries.outbox_layout))
 
 
 def _planned(applied: set[int], schema: str, to: int | None, contract: bool) -> list[Migration]:
@@ -63,7 +89,7 @@ def _planned(applied: set[int], schema: str, to: int | None, contract: bool) -> 
 
 async def migrate(
     conn: Connection, schema: str = "eventbus", *, to: int | None = None, lock_timeout: float = 2.0,
-    give_up_after: float = 120.0, contract: bool = False,
+    give_up_after: float = 120.0, contract: bool = False, partitioning: Partitioning | None = None,
 ) -> list[int]:  # fmt: skip
     """Bring ``schema`` up to date (or up to version ``to``); return the versions this call applied (empty when
     already current). Each statement waits at most ``lock_timeout`` seconds for a table lock; a run that could not
@@ -72,12 +98,20 @@ async def migrate(
     Migrations only add, so the release before keeps working against the migrated schema during a rolling
     deploy. ``contract`` then also runs the contract steps of the applied migrations (what they kept for that
     release; see :func:`eventbus.sql.contractions`), recorded as their version negated: run it once no process
-    of the release before runs."""
+    of the release before runs.
+
+    ``partitioning`` (``"daily"`` or ``"hourly"``) then converts a plain outbox to the partitioned layout, in
+    the same transaction, recorded as version 0 in what this returns (see ``eventbus/sql/partitioned.sql``: the
+    conversion holds the outbox for as long as it takes to read it once); an outbox partitioned already only takes
+    the period for the partitions made from then on. The conversion needs every producer and relay to run this
+    release or a later one (the release before names a unique index the layout lacks)."""
+    if partitioning is not None:
+        _conversion(schema, partitioning)  # refuse a bad value before any lock is taken
     started = time.monotonic()
     tries = 0
     while True:
         try:
-            return await _migrate_once(conn, schema, to, lock_timeout, contract)
+            return await _migrate_once(conn, schema, to, lock_timeout, contract, partitioning)
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             tries += 1
             pause = min(5.0, 0.25 * 2 ** min(tries, 5))
@@ -96,8 +130,9 @@ async def migrate(
 
 
 async def _migrate_once(
-    conn: Connection, schema: str, to: int | None, lock_timeout: float, contract: bool
-) -> list[int]:
+    conn: Connection, schema: str, to: int | None, lock_timeout: float, contract: bool,
+    partitioning: Partitioning | None,
+) -> list[int]:  # fmt: skip
     queries = Queries(schema)
     done: list[int] = []
     async with conn.transaction():
@@ -111,6 +146,15 @@ async def _migrate_once(
             name = f"{migration.name} (contract)" if migration.contract else migration.name
             await conn.execute(queries.migrate_record, version, name)
             done.append(version)
+        if partitioning is not None:
+            period = await _layout(conn, queries)
+            if period is None:
+                await conn.execute(_conversion(schema, partitioning).sql)
+                await conn.execute(queries.outbox_extend)
+                await conn.execute(partitioned_grants(schema))
+                done.append(0)
+            elif period != _PERIODS[partitioning]:
+                await conn.execute(queries.outbox_set_period, _PERIODS[partitioning])
     return done
 
 

@@ -222,8 +222,7 @@ class Relay:
                 background.start_soon(self._session_loop)
                 background.start_soon(self._maintenance_loop)
                 background.start_soon(self._gauge_loop)
-                if self.config.retention is not None or self.config.inbox_retention is not None:
-                    background.start_soon(self._retention_loop)
+                background.start_soon(self._retention_loop)
                 async with anyio.create_task_group() as settling:
                     await settling.start(self._settler.run)
                     async with anyio.create_task_group() as work:
@@ -556,14 +555,24 @@ class Relay:
 
     async def _retention_loop(self) -> None:
         """On the one relay holding the retention lock, purge old relayed rows and replayed dead letters
-        in small batches with pauses, so claims never wait behind a long delete."""
+        in small batches with pauses, so claims never wait behind a long delete; with the partitioned outbox,
+        make its settled partitions ahead and drop those past retention. Returns at once when there is nothing
+        to do (no retention, the plain layout)."""
         config = self.config
+        retains = config.retention is not None or config.inbox_retention is not None
+        partitioned: bool | None = None
         while True:
             try:
+                if partitioned is None:
+                    partitioned = await self.outbox.partitioned()
+                    if not (partitioned or retains):
+                        return
                 session = self._session
                 if session is not None and not self._retention_leader:
                     async with self._session_lock:
                         self._retention_leader = await self.relays.lead_retention(session)
+                if self._retention_leader and partitioned:
+                    await self.outbox.extend()
                 if self._retention_leader and config.retention is not None:
                     self._purged += await self.outbox.purge(
                         config.retention, batch=config.retention_batch, pause=config.retention_pause

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ._typing import Connection
 from .sql import Queries, quote_schema
 
-__all__ = ["Role", "apply_roles", "role_sql", "roles_for"]
+__all__ = ["partitioned_grants", "Role", "apply_roles", "role_sql", "roles_for"]
 
 _UNSAFE = re.compile(r"[^a-z0-9_]")
 _PLAIN = re.compile(r"[a-z0-9_]{1,24}")
@@ -90,7 +90,24 @@ def _statements(schema: str, role: Role) -> list[str]:
         f"GRANT USAGE ON SCHEMA {quoted} TO {name}",
     ]
     made += [f"GRANT {privileges} ON {quoted}.{table} TO {name}" for table, privileges in role.privileges.items()]
+    if role.kind == "relay":
+        made.append(partitioned_grants(schema))
     return made
+
+
+def partitioned_grants(schema: str) -> str:
+    """What the relay role needs of the partitioned outbox layout, granted when the schema has it (by the
+    conversion, and with the roles): its partition upkeep, and the purge of what it drops in batches."""
+    quoted, name = quote_schema(schema), f'"{schema}_relay"'
+    return (
+        f"DO $$BEGIN IF to_regclass('{quoted}.eventbus_layout') IS NOT NULL AND EXISTS (SELECT FROM "
+        f"pg_catalog.pg_roles WHERE rolname = '{schema}_relay') THEN "
+        f"GRANT SELECT ON {quoted}.eventbus_layout TO {name}; "
+        f"GRANT SELECT, UPDATE, DELETE ON {quoted}.eventbus_idempotency_keys, "
+        f"{quoted}.eventbus_outbox_settled_default TO {name}; "
+        f"GRANT EXECUTE ON FUNCTION {quoted}.eventbus_outbox_extend(timestamptz), "
+        f"{quoted}.eventbus_outbox_drop_settled(timestamptz) TO {name}; END IF; END$$"
+    )
 
 
 def role_sql(schema: str, tenants: list[str]) -> list[str]:

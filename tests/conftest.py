@@ -8,9 +8,11 @@ import anyio
 import asyncpg
 import pytest
 from listening import Listener
+from logins import TENANTS, Logins
 from nats_server import OwnNats, drop_stream
 
 from eventbus import EventBus
+from eventbus.roles import apply_roles
 
 
 @pytest.fixture
@@ -75,3 +77,31 @@ def unmigrated_schema(eventbus_dsn: str) -> Iterator[str]:
             await conn.close()
 
     anyio.run(drop)
+
+
+@pytest.fixture
+async def logins(eventbus_dsn: str, eventbus_schema: str) -> AsyncIterator[Logins]:
+    conn = await asyncpg.connect(eventbus_dsn)
+    prefix = f"l_{uuid.uuid4().hex[:8]}"
+    made: list[str] = []
+    try:
+        groups = await apply_roles(conn, eventbus_schema, TENANTS)
+        by_kind = {(g.kind, g.tenant): g.name for g in groups}
+
+        async def login(name: str, group: str) -> str:
+            await conn.execute(f'CREATE ROLE "{name}" LOGIN IN ROLE "{group}"')
+            made.append(name)
+            return name
+
+        result = Logins(
+            relay=await login(f"{prefix}_relay", by_kind[("relay", None)]),
+            producer={t: await login(f"{prefix}_prod_{t}", by_kind[("producer", t)]) for t in TENANTS},
+            operator={t: await login(f"{prefix}_op_{t}", by_kind[("operator", t)]) for t in TENANTS},
+        )
+        made += [g.name for g in groups]
+        yield result
+    finally:
+        for name in made:  # logins first, then the groups they were members of
+            await conn.execute(f'DROP OWNED BY "{name}"')
+            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+        await conn.close()

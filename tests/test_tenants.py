@@ -4,12 +4,8 @@ hand-written SQL), the relay delivers every tenant's events, and a pooled connec
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -17,63 +13,16 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from logins import TENANTS, Logins, as_role
 
 from eventbus import Context, DeadLetterFilter, EventBus, RelayConfig
 from eventbus.ids import new_id
-from eventbus.roles import apply_roles
 from eventbus.sql import Queries, quote_schema
 
 pytestmark = pytest.mark.anyio
 
-TENANTS = ["acme", "beta"]
-
-
 class Billed(msgspec.Struct, frozen=True):
     n: int
-
-
-def as_role(dsn: str, role: str) -> str:
-    """``dsn`` with ``role`` as its user (the servers the tests use trust local connections)."""
-    parts = urlsplit(dsn)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
-
-
-@dataclass
-class Logins:
-    """Login roles made for one test, each a member of one of the schema's group roles."""
-
-    relay: str
-    producer: dict[str, str]
-    operator: dict[str, str]
-
-
-@pytest.fixture
-async def logins(eventbus_dsn: str, eventbus_schema: str) -> AsyncIterator[Logins]:
-    conn = await asyncpg.connect(eventbus_dsn)
-    prefix = f"l_{uuid.uuid4().hex[:8]}"
-    made: list[str] = []
-    try:
-        groups = await apply_roles(conn, eventbus_schema, TENANTS)
-        by_kind = {(g.kind, g.tenant): g.name for g in groups}
-
-        async def login(name: str, group: str) -> str:
-            await conn.execute(f'CREATE ROLE "{name}" LOGIN IN ROLE "{group}"')
-            made.append(name)
-            return name
-
-        result = Logins(
-            relay=await login(f"{prefix}_relay", by_kind[("relay", None)]),
-            producer={t: await login(f"{prefix}_prod_{t}", by_kind[("producer", t)]) for t in TENANTS},
-            operator={t: await login(f"{prefix}_op_{t}", by_kind[("operator", t)]) for t in TENANTS},
-        )
-        made += [g.name for g in groups]
-        yield result
-    finally:
-        for name in made:  # logins first, then the groups they were members of
-            await conn.execute(f'DROP OWNED BY "{name}"')
-            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-        await conn.close()
 
 
 async def _letters(dsn: str, schema: str) -> None:

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contract", action="store_true",
                    help="then remove what the migrations kept for the release before them (run it once no process "
                         "of that release runs)")
+    p.add_argument("--partitioning", choices=("daily", "hourly"), default=None,
+                   help="then convert the outbox to the partitioned layout (settled rows in daily or hourly "
+                        "partitions that retention drops; claims read only what is pending); the outbox is locked "
+                        "while it is read once. Every producer and relay must run this release or a later one")
     p.add_argument("--roles", nargs="*", metavar="TENANT", default=None,
                    help="then create the schema's roles: <schema>_relay and <schema>_consumer (every tenant), and a "
                         "<schema>_producer_<tenant> and <schema>_operator_<tenant> per TENANT (that tenant only)")

@@ -23,9 +23,10 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     conn = await connect(await new_bus(args, schema=schema).resolve_dsn())
     try:
         if args.dry_run:
-            pending = await pending_sql(conn, schema, contract=args.contract)
+            pending = await pending_sql(conn, schema, contract=args.contract, partitioning=args.partitioning)
         else:
-            applied = await migrate(conn, schema, lock_timeout=args.lock_timeout, contract=args.contract)
+            applied = await migrate(conn, schema, lock_timeout=args.lock_timeout, contract=args.contract,
+                                    partitioning=args.partitioning)
             if args.roles is not None:
                 await apply_roles(conn, schema, args.roles)
     finally:
@@ -33,6 +34,8 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     roles = [] if args.roles is None else roles_for(schema, args.roles)
     names = {m.version: f"{m.version:04d}_{m.name}" for m in migrations(schema)}
     names.update({-m.version: f"{m.version:04d}_{m.name} (contract)" for m in contractions(schema)})
+    latest = names[max(names)]
+    names[0] = f"partitioned outbox ({args.partitioning})"
     if args.dry_run:
         if args.json:
             out.json({"schema": schema, "pending": [{"name": _name(m, names), "sql": m.sql} for m in pending],
@@ -46,7 +49,7 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
                 out.line(f"-- {_name(m, names)}")
                 out.line(m.sql.rstrip())
         else:
-            out.line(f"-- schema {schema!r} is up to date (migration {names[max(names)]}): no migration would run")
+            out.line(f"-- schema {schema!r} is up to date (migration {latest}): no migration would run")
         if args.roles is not None:
             out.line()
             out.line("-- then the roles (and each tenant role's row in eventbus_tenant_roles):")
@@ -60,7 +63,7 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     if applied:
         out.line(f"applied to schema {schema!r}: {', '.join(names[v] for v in applied)}")
     else:
-        out.line(f"schema {schema!r} is up to date (migration {names[max(names)]})")
+        out.line(f"schema {schema!r} is up to date (migration {latest})")
     if not args.contract and any(step.version in applied for step in contractions(schema)):
         out.line("once no process of the release before runs: `eventbus migrate --contract` removes what these "
                  "migrations kept for it")  # fmt: skip

@@ -27,7 +27,7 @@ from ..ids import min_id_for, new_id
 from ..observability import logs
 from ..observability.metrics import Metrics
 from ..observability.tracing import trace_id_of
-from ..sql import Queries
+from ..sql import Queries, quote_schema
 from ._rows import Reason, cap_error, headers_decoder, json_encoder
 from .subscriptions import Carried, pairs
 
@@ -224,6 +224,7 @@ class OutboxRepository:
         self.notify = notify
         #: Coalesces the wake-ups of bus transactions; a started bus runs it (see :mod:`eventbus._waker`).
         self.waker = Waker(self.channel, self.queries.wake, spacing=wake_spacing)
+        self._partitioned: bool | None = None
 
     async def offer(self, connection: Connection, events: Sequence[NewEvent]) -> OfferResult:
         """Insert ``events`` in the caller's transaction, in one round trip.
@@ -401,11 +402,33 @@ class OutboxRepository:
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
         """Delete relayed rows older than ``older_than`` in batches of ``batch`` (short transactions that
-        never block claims), pausing ``pause`` seconds between them; return how many."""
+        never block claims), pausing ``pause`` seconds between them; return how many.
+
+        With the partitioned layout, the settled partitions whose rows are all older are dropped instead (the
+        count is the statistics' estimate of their rows), and only the default partition is purged in batches,
+        with the idempotency keys taken before then."""
+        query = self.queries.outbox_purge
+        total = 0
+        if await self.partitioned():
+            seconds = older_than.total_seconds()
+            try:
+                total += int(await pooled.fetchval(self.pool, self.queries.outbox_drop_settled, seconds) or 0)
+            except asyncpg.LockNotAvailableError:
+                # Settles held the settled partitions for 200 ms: dropping waits for the next purge.
+                log.info("schema %r: old settled partitions stay until the next purge (busy)", self.schema)
+            await self._purge_batches(self.queries.idempotency_purge, seconds, batch, pause, None)
+            query = self.queries.outbox_purge_default
+        if on_batch is not None and total:
+            on_batch(total)
         bound = min_id_for(datetime.now(UTC) - older_than)
+        return total + await self._purge_batches(query, bound, batch, pause, on_batch)
+
+    async def _purge_batches(
+        self, query: str, bound: object, batch: int, pause: float, on_batch: Callable[[int], None] | None
+    ) -> int:
         total = 0
         while True:
-            status = await pooled.execute(self.pool, self.queries.outbox_purge, bound, batch)
+            status = await pooled.execute(self.pool, query, bound, batch)
             deleted = int(status.split()[-1])
             total += deleted
             if on_batch is not None:
@@ -414,6 +437,20 @@ class OutboxRepository:
                 return total
             if pause:
                 await anyio.sleep(pause)
+
+    async def partitioned(self) -> bool:
+        """Whether the outbox has the partitioned layout (``eventbus migrate --partitioning``); asked once."""
+        if self._partitioned is None:
+            table = f"{quote_schema(self.schema)}.eventbus_outbox"
+            self._partitioned = bool(await pooled.fetchval(self.pool, self.queries.outbox_partitioned, table))
+        return self._partitioned
+
+    async def extend(self) -> int:
+        """With the partitioned layout, make the settled partitions of the next two periods; return how many
+        were made (0 with the plain layout)."""
+        if not await self.partitioned():
+            return 0
+        return int(await pooled.fetchval(self.pool, self.queries.outbox_extend) or 0)
 
     async def get(self, row_id: uuid.UUID) -> asyncpg.Record | None:
         return await pooled.fetchrow(self.pool, self.queries.outbox_get, row_id)

@@ -13,7 +13,7 @@ from importlib import resources
 
 from ..errors import ConfigurationError
 
-__all__ = ["Migration", "Queries", "Query", "contractions", "migrations", "quote_schema"]
+__all__ = ["Migration", "Queries", "Query", "contractions", "migrations", "partitioned_layout", "quote_schema"]
 
 _PLACEHOLDER = "__schema__"
 #: At most 54 characters: the wake-up channel ``eventbus_<schema>`` must fit PostgreSQL's 63-byte identifiers (a
@@ -108,6 +108,14 @@ def contractions(schema: str) -> list[Migration]:
         Migration(m.version, m.name, m.sql.replace(_PLACEHOLDER, quoted), contract=True)
         for m in _migration_files(".contract")
     ]
+
+
+def partitioned_layout(schema: str, period: str) -> str:
+    """The conversion to the partitioned outbox layout (``partitioned.sql``) for ``schema``, with settled
+    partitions spanning ``period`` ('day' or 'hour')."""
+    if period not in ("day", "hour"):
+        raise ConfigurationError(f"period {period!r} is not 'day' or 'hour'")
+    return _package_text("partitioned.sql").replace(_PLACEHOLDER, quote_schema(schema)).replace("__period__", period)
 
 
 class Queries:

@@ -3,6 +3,8 @@
 
 -- name: offer
 -- Insert a batch of events in the caller's transaction; skip repeated idempotency keys; wake relays on commit.
+-- (No conflict target: the partitioned layout has no unique index on (tenant, idempotency_key) to name; its
+-- trigger skips a taken key, and the plain layout's unique index does.)
 -- $1 ids uuid[]
 -- $2 event_ids uuid[]
 -- $3 tenants text[]
@@ -25,7 +27,7 @@ WITH rows AS (
     SELECT id, event_id, tenant, topic, key, partition, target, payload::jsonb, headers::jsonb,
            CASE WHEN delay > 0 THEN now() + make_interval(secs => delay) ELSE now() END, idempotency_key
     FROM rows
-    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id, available_at
 ), wake AS (
     -- Identical notifications within one transaction are folded into one by PostgreSQL, and none is sent
@@ -55,7 +57,7 @@ INSERT INTO __schema__.eventbus_outbox
     (id, event_id, tenant, topic, key, partition, target, payload, headers, available_at, idempotency_key)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb,
         CASE WHEN $10::float8 > 0 THEN now() + make_interval(secs => $10::float8) ELSE now() END, $11)
-ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
+ON CONFLICT DO NOTHING;
 
 -- name: offer_one_waking
 -- offer_one, waking relays on commit when the row is due (for transactions that are not the bus's own).
@@ -76,7 +78,7 @@ WITH inserted AS (
         (id, event_id, tenant, topic, key, partition, target, payload, headers, available_at, idempotency_key)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb,
             CASE WHEN $10::float8 > 0 THEN now() + make_interval(secs => $10::float8) ELSE now() END, $11)
-    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id, available_at
 ), wake AS (
     SELECT pg_notify($12, '') FROM inserted WHERE available_at <= now()
@@ -146,7 +148,8 @@ UPDATE __schema__.eventbus_outbox AS o
 SET status = 1, claimed_by = $2, claimed_until = now() + make_interval(secs => $3), attempts = o.attempts + 1,
     claimed_epoch = (SELECT p.epoch FROM __schema__.eventbus_partitions AS p WHERE p.partition = o.partition)
 -- An id array, not a join with picked: the primary key serves it whatever the plan guesses of the batch size.
-WHERE o.id = ANY(ARRAY(SELECT id FROM picked))
+-- status = 0: the rows are locked as pending, and the partitioned layout's plan touches the live partition only.
+WHERE o.id = ANY(ARRAY(SELECT id FROM picked)) AND o.status = 0
 RETURNING o.id, o.event_id, o.tenant, o.topic, o.key, o.target, o.payload::text AS payload, o.headers::text AS headers,
           o.attempts, o.created_at,
           -- Which of $2's subscribers are paused, as this claim saw them: their shares of these rows wait.
@@ -214,7 +217,9 @@ WITH absent AS (
     FROM unnest($2::uuid[], $3::int[], $4::smallint[], $5::float8[], $6::text[],
                 array_fill($1::text, ARRAY[cardinality($2::uuid[])]), $24::bool[])
         AS u(id, attempts, status, delay, error, worker, refund)
-    WHERE o.id = u.id AND o.attempts = u.attempts AND o.claimed_by = u.worker
+    -- o.id = ANY($2) besides the join: each partition of the partitioned layout is read through its primary key
+    -- for these ids, whatever its statistics say (unanalyzed, a hash join read every partition whole).
+    WHERE o.id = ANY($2::uuid[]) AND o.id = u.id AND o.attempts = u.attempts AND o.claimed_by = u.worker
       -- A keyed row settles only while its worker still owns the partition at the epoch it claimed it under.
       AND (o.partition IS NULL OR EXISTS (
           SELECT 1 FROM __schema__.eventbus_partitions AS p
@@ -566,6 +571,53 @@ SELECT tenant FROM __schema__.eventbus_tenant_roles WHERE role = $1 AND tenant <
 -- $1 role name
 -- $2 tenant text
 INSERT INTO __schema__.eventbus_tenant_roles (role, tenant) VALUES ($1, $2) ON CONFLICT DO NOTHING;
+
+-- name: outbox_partitioned
+-- Whether the outbox has the partitioned layout (see partitioned.sql).
+-- $1 outbox text (schema-qualified eventbus_outbox)
+SELECT coalesce((SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = to_regclass($1)), false) AS partitioned;
+
+-- name: outbox_layout
+-- The partitioned layout's period ('day' or 'hour') and how far its settled partitions reach.
+SELECT period, settled_upto FROM __schema__.eventbus_layout;
+
+-- name: outbox_set_period
+-- Make the settled partitions made from now on span period $1 ('day' or 'hour').
+-- $1 period text
+UPDATE __schema__.eventbus_layout SET period = $1;
+
+-- name: outbox_extend
+-- Make the settled partitions of the next two periods (the partitioned layout); returns how many were made.
+SELECT __schema__.eventbus_outbox_extend(now() + 2 * ('1 ' || period)::interval) AS made
+FROM __schema__.eventbus_layout;
+
+-- name: outbox_drop_settled
+-- Drop the settled partitions whose rows are all older than $1 seconds (the partitioned layout); returns about
+-- how many rows they held.
+-- $1 older_than_seconds float8
+SELECT __schema__.eventbus_outbox_drop_settled(now() - make_interval(secs => $1)) AS dropped;
+
+-- name: outbox_purge_default
+-- Delete up to $2 rows older than id $1 from the default settled partition (ids outside every period made).
+-- $1 before_id uuid
+-- $2 limit int
+WITH doomed AS (
+    SELECT id FROM __schema__.eventbus_outbox_settled_default WHERE id < $1 ORDER BY id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM __schema__.eventbus_outbox_settled_default AS o USING doomed WHERE o.id = doomed.id;
+
+-- name: idempotency_purge
+-- Delete up to $2 idempotency keys taken more than $1 seconds ago (the partitioned layout).
+-- $1 older_than_seconds float8
+-- $2 limit int
+WITH doomed AS (
+    SELECT tenant, idempotency_key FROM __schema__.eventbus_idempotency_keys
+    WHERE created_at < now() - make_interval(secs => $1) LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM __schema__.eventbus_idempotency_keys AS k USING doomed
+WHERE k.tenant = doomed.tenant AND k.idempotency_key = doomed.idempotency_key;
 
 -- name: migrate_lock_timeout
 -- Let each statement of this migration transaction wait at most $1 for a table lock.

@@ -1,0 +1,289 @@
+"""The partitioned outbox layout (``eventbus migrate --partitioning``): the conversion of a populated outbox,
+with producers and a relay running; idempotency keys across partitions; settled partitions made ahead by the
+relay and dropped by retention; claims that never read the settled history."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from datetime import timedelta
+
+import anyio
+import asyncpg
+import msgspec
+import pytest
+from logins import Logins, as_role
+
+from eventbus import Context, EventBus, NewEvent, OutboxRepository, RelayConfig, Settlement, Status
+from eventbus.migrations import migrate, pending_sql
+from eventbus.sql import quote_schema
+
+pytestmark = pytest.mark.anyio
+
+
+class Order(msgspec.Struct, frozen=True):
+    n: int
+
+
+def _history_sql(schema: str, rows: int) -> str:
+    """``rows`` relayed rows with UUIDv7 ids from a day ago."""
+    return f"""
+        INSERT INTO {quote_schema(schema)}.eventbus_outbox (id, event_id, topic, payload, status, attempts,
+                                                           idempotency_key)
+        SELECT u, u, 'Order', '{{"n": 0}}'::jsonb, 2, 1, CASE WHEN i % 1000 = 0 THEN 'old-' || i END
+        FROM (SELECT i, (lpad(to_hex((extract(epoch FROM now() - interval '1 day') * 1000)::bigint + i / 10), 12, '0')
+                         || '7' || substr(md5(i::text), 1, 3) || '8' || substr(md5(i::text), 4, 15))::uuid AS u
+              FROM generate_series(1, {rows}) AS i) AS ids
+    """
+
+
+async def _where(conn: asyncpg.Connection, schema: str) -> Counter[tuple[str, int]]:
+    """Rows by (partition, status)."""
+    rows = await conn.fetch(f"SELECT tableoid::regclass::text AS t, status FROM {quote_schema(schema)}.eventbus_outbox")
+    return Counter((row["t"].split(".")[-1], row["status"]) for row in rows)
+
+
+async def _leaves(conn: asyncpg.Connection, schema: str) -> dict[str, str]:
+    rows = await conn.fetch(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound FROM pg_inherits AS i "
+        "JOIN pg_class AS c ON c.oid = i.inhrelid WHERE i.inhparent = $1::regclass",
+        f"{quote_schema(schema)}.eventbus_outbox_settled",
+    )
+    return {row["relname"]: row["bound"] for row in rows}
+
+
+async def test_conversion_moves_what_is_live_and_keeps_keys_taken(eventbus_dsn: str, eventbus_schema: str) -> None:
+    conn = await asyncpg.connect(eventbus_dsn)
+    pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=2)
+    try:
+        await conn.execute(_history_sql(eventbus_schema, 2000))
+        outbox = OutboxRepository(pool, eventbus_schema)
+        async with pool.acquire() as c, c.transaction():
+            await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}', idempotency_key=f"k{i}")
+                                   for i in range(6)])  # fmt: skip
+        claimed = await outbox.claim(2, 30.0, "w1")
+        assert len(claimed) == 2
+        plan = await pending_sql(conn, eventbus_schema, partitioning="daily")
+        assert [m.version for m in plan] == [0] and "ATTACH PARTITION" in plan[0].sql
+
+        assert await migrate(conn, eventbus_schema, partitioning="daily") == [0]
+        assert await migrate(conn, eventbus_schema, partitioning="daily") == []
+        assert await pending_sql(conn, eventbus_schema, partitioning="daily") == []
+
+        where = await _where(conn, eventbus_schema)
+        assert where == {("eventbus_outbox_history", 2): 2000, ("eventbus_outbox_live", 1): 2,
+                         ("eventbus_outbox_live", 0): 4}  # fmt: skip
+        leaves = await _leaves(conn, eventbus_schema)
+        assert "eventbus_outbox_settled_default" in leaves and len(leaves) == 4  # history, default, two days ahead
+
+        # The claimed rows keep their lease: the relay that holds them settles them.
+        done = Settlement()
+        for envelope in claimed:
+            done.mark(envelope, Status.RELAYED)
+        assert await outbox.settle("w1", done) == 2
+        assert (await _where(conn, eventbus_schema))[("eventbus_outbox_live", 1)] == 0
+
+        # A key is taken whether its row is pending, settled before the conversion, or settled after it.
+        async with pool.acquire() as c, c.transaction():
+            again = await outbox.offer(c, [
+                NewEvent(topic="Order", payload=b'{"n": 2}', idempotency_key=key)
+                for key in ("k0", "k5", "old-1000", "new")
+            ])  # fmt: skip
+        assert [row_id is not None for row_id in again.ids] == [False, False, False, True]
+        assert await outbox.partitioned()
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def test_claims_read_only_the_live_partition(eventbus_dsn: str, eventbus_schema: str) -> None:
+    """On 200,000 settled rows: the claim's plan scans the live partition's index and nothing else."""
+    conn = await asyncpg.connect(eventbus_dsn, server_settings={"jit": "off"})
+    pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=2)
+    try:
+        await conn.execute(_history_sql(eventbus_schema, 200_000))
+        await migrate(conn, eventbus_schema, partitioning="hourly")
+        outbox = OutboxRepository(pool, eventbus_schema)
+        async with pool.acquire() as c, c.transaction():
+            await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}') for _ in range(500)])
+        for _ in range(3):  # settled rows in the hour's partition too
+            batch = await outbox.claim(100, 30.0, "w1")
+            done = Settlement()
+            for envelope in batch:
+                done.mark(envelope, Status.RELAYED)
+            await outbox.settle("w1", done)
+        await conn.execute(f"ANALYZE {quote_schema(eventbus_schema)}.eventbus_outbox")
+        async with conn.transaction():
+            plan = "\n".join(
+                row[0] for row in await conn.fetch(
+                    "EXPLAIN (ANALYZE, COSTS OFF) " + outbox.queries.claim, 100, "w1", 30.0, None, None, None, None,
+                    None,
+                )
+            )  # fmt: skip
+            await conn.execute("ROLLBACK; BEGIN")
+        scans = [line for line in plan.splitlines() if " Scan " in line and " on " in line]
+        scanned = {line.split(" on ")[1].split()[0] for line in scans}
+        assert {t for t in scanned if t.startswith("eventbus_outbox")} == {"eventbus_outbox_live"}, plan
+        assert "eventbus_outbox_live_pending_tenants" in plan
+        assert (await _where(conn, eventbus_schema))[("eventbus_outbox_live", 0)] == 200
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def test_conversion_with_producers_and_a_relay_running(eventbus_dsn: str, eventbus_schema: str) -> None:
+    """Producers publish and a relay delivers while the outbox is converted: every event is handled once."""
+    conn = await asyncpg.connect(eventbus_dsn)
+    await conn.execute(_history_sql(eventbus_schema, 50_000))
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=RelayConfig(poll_interval=0.05))
+    handled: Counter[int] = Counter()
+
+    @bus.subscribe(name="orders")
+    async def record(event: Order) -> None:
+        await anyio.sleep(0.001)
+        handled[event.n] += 1
+
+    published: list[int] = []
+    stop = anyio.Event()
+
+    async def produce(first: int) -> None:
+        n = first
+        while not stop.is_set():
+            async with bus.transaction() as tx:
+                await tx.publish(Order(n), idempotency_key=f"p{n}" if n % 3 == 0 else None)
+                await tx.publish(Order(n + 1))
+            published.extend((n, n + 1))
+            n += 2
+            await anyio.sleep(0.002)
+
+    try:
+        async with bus:
+            async with anyio.create_task_group() as producers:
+                producers.start_soon(produce, 0)
+                producers.start_soon(produce, 1_000_000)
+                await anyio.sleep(1.0)
+                before = len(published)
+                assert await migrate(conn, eventbus_schema, partitioning="daily") == [0]
+                await anyio.sleep(1.0)
+                stop.set()
+            assert len(published) > before + 20  # producers went on after the conversion
+            await bus.drain(timeout=60)
+        assert set(handled) == set(published)
+        assert [n for n, times in handled.items() if times != 1] == []
+        where = await _where(conn, eventbus_schema)
+        assert where[("eventbus_outbox_live", 0)] == where[("eventbus_outbox_live", 1)] == 0
+        # Until the day's end, rows settle into the history, whose range reaches the first boundary after now.
+        assert where[("eventbus_outbox_history", 2)] == 50_000 + len(published)
+    finally:
+        await conn.close()
+
+
+async def test_relay_makes_partitions_ahead_and_retention_drops_old_ones(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    conn = await asyncpg.connect(eventbus_dsn)
+    schema = quote_schema(eventbus_schema)
+    try:
+        await conn.execute(_history_sql(eventbus_schema, 1000))
+        await migrate(conn, eventbus_schema, partitioning="hourly")
+        # Undo what the conversion made ahead: the relay makes it again.
+        for name in await _leaves(conn, eventbus_schema):
+            if name.startswith("eventbus_outbox_settled_2"):
+                await conn.execute(f"DROP TABLE {schema}.{name}")
+        await conn.execute(f"UPDATE {schema}.eventbus_layout SET settled_upto = settled_upto - interval '2 hours'")
+        # A relayed row whose id lies beyond every partition made lands in the default partition.
+        stray = uuid.UUID(int=(int((await conn.fetchval("SELECT extract(epoch FROM now())")) * 1000 + 30 * 3600_000)
+                               << 80) | (0x7 << 76) | (0x2 << 62))  # fmt: skip
+        await conn.execute(f"INSERT INTO {schema}.eventbus_outbox (id, event_id, topic, payload, status) "
+                           "VALUES ($1, $1, 'Order', '{}', 2)", stray)  # fmt: skip
+
+        config = RelayConfig(poll_interval=0.05, retention_interval=0.1)
+        bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=config)
+        handled: list[int] = []
+
+        @bus.subscribe(name="orders")
+        async def record(event: Order) -> None:
+            handled.append(event.n)
+
+        async def made_ahead() -> int:
+            return len([n for n in await _leaves(conn, eventbus_schema) if n.startswith("eventbus_outbox_settled_2")])
+
+        async with bus:
+            with anyio.fail_after(20):
+                while await made_ahead() < 2:  # noqa: ASYNC110 (the relay's upkeep announces nothing)
+                    await anyio.sleep(0.05)
+            async with bus.transaction() as tx:
+                await tx.publish_many([Order(n) for n in range(10)])
+            await bus.drain(timeout=30)
+        assert sorted(handled) == list(range(10))
+        where = await _where(conn, eventbus_schema)
+        assert where[("eventbus_outbox_settled_default", 2)] == 1
+        assert where[("eventbus_outbox_history", 2)] == 1000 + 10  # its range reaches the next hour
+
+        # Retention: partitions all older than the cutoff go whole (here: a cutoff 3 hours ahead, so the history
+        # and this hour's partition are past it); the default partition is purged row by row.
+        pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=2)
+        try:
+            outbox = OutboxRepository(pool, eventbus_schema)
+            await conn.execute(f"ANALYZE {schema}.eventbus_outbox")
+            await outbox.purge(timedelta(hours=-3))
+            await outbox.purge(timedelta(hours=-40))
+        finally:
+            await pool.close()
+        left = await _leaves(conn, eventbus_schema)
+        assert "eventbus_outbox_history" not in left and "eventbus_outbox_settled_default" in left
+        assert await _where(conn, eventbus_schema) == Counter()
+        assert await conn.fetchval(f"SELECT count(*) FROM {schema}.eventbus_idempotency_keys") == 0
+    finally:
+        await conn.close()
+
+
+async def test_roles_keep_their_rights_and_limits_after_the_conversion(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins
+) -> None:
+    """Roles made before the conversion: a producer still writes its own tenant's rows only (and takes keys it
+    has no privilege on the key table for); the relay delivers every tenant and runs the partitions' upkeep."""
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        await migrate(conn, eventbus_schema, partitioning="daily")
+    finally:
+        await conn.close()
+    producer = EventBus(as_role(eventbus_dsn, logins.producer["acme"]), schema=eventbus_schema, migrate=False,
+                        relay=False, tenant="acme")  # fmt: skip
+    async with producer:
+        async with producer.transaction() as tx:
+            assert await tx.publish(Order(1), idempotency_key="once") is not None
+        async with producer.transaction() as tx:
+            assert await tx.publish(Order(2), idempotency_key="once") is None
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with producer.transaction() as tx:
+                await tx.publish(Order(3), tenant="beta")
+    by_hand = await asyncpg.connect(as_role(eventbus_dsn, logins.producer["acme"]))
+    try:
+        await by_hand.execute("SELECT set_config('eventbus.tenant', 'beta', false)")
+        assert await by_hand.fetchval(f"SELECT count(*) FROM {quote_schema(eventbus_schema)}.eventbus_outbox") == 0
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await by_hand.fetchval(f"SELECT count(*) FROM {quote_schema(eventbus_schema)}.eventbus_outbox_live")
+    finally:
+        await by_hand.close()
+
+    relay = EventBus(as_role(eventbus_dsn, logins.relay), schema=eventbus_schema, migrate=False)
+    seen: list[tuple[str, int]] = []
+
+    @relay.subscribe(name="orders")
+    async def record(event: Order, ctx: Context) -> None:
+        seen.append((ctx.tenant, event.n))
+
+    async with relay:
+        async with relay.transaction(tenant="beta") as tx:
+            await tx.publish(Order(4))
+        await relay.drain(timeout=30)
+        assert await relay.outbox.extend() == 0  # made ahead already
+        await relay.outbox.purge(timedelta(days=-2))  # drops the history, with the rows just settled
+    assert sorted(seen) == [("acme", 1), ("beta", 4)]
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        assert await _where(conn, eventbus_schema) == Counter()
+        assert "eventbus_outbox_history" not in await _leaves(conn, eventbus_schema)
+    finally:
+        await conn.close()
