@@ -102,15 +102,18 @@ SELECT inserted.id, w.woken FROM inserted CROSS JOIN (SELECT count(*) AS woken F
 --    the subscriptions say)
 -- $8 carried_topics text[]
 WITH RECURSIVE tenants AS (
-    -- The tenants with pending rows, one index probe each (a loose index scan).
-    (SELECT o.tenant FROM __schema__.eventbus_outbox AS o WHERE o.status = 0 ORDER BY o.tenant LIMIT 1)
+    -- The tenants with pending rows, one index probe each (a loose index scan), with each one's first pending
+    -- event id: the tenant's claim starts there, past the index entries of its rows settled since the last
+    -- vacuum, which the probe walked once already.
+    (SELECT o.tenant, o.event_id FROM __schema__.eventbus_outbox AS o WHERE o.status = 0
+     ORDER BY o.tenant, o.event_id LIMIT 1)
     UNION ALL
-    SELECT (SELECT o.tenant FROM __schema__.eventbus_outbox AS o
-            WHERE o.status = 0 AND o.tenant > t.tenant ORDER BY o.tenant LIMIT 1)
-    FROM tenants AS t WHERE t.tenant IS NOT NULL
+    SELECT n.tenant, n.event_id FROM tenants AS t CROSS JOIN LATERAL (
+        SELECT o.tenant, o.event_id FROM __schema__.eventbus_outbox AS o
+        WHERE o.status = 0 AND o.tenant > t.tenant ORDER BY o.tenant, o.event_id LIMIT 1) AS n
 ), due AS (
-    SELECT tenant, least($1, greatest(50, ceil(2.0 * $1 / count(*) OVER ())))::int AS quota
-    FROM tenants WHERE tenant IS NOT NULL
+    SELECT tenant, event_id AS first, least($1, greatest(50, ceil(2.0 * $1 / count(*) OVER ())))::int AS quota
+    FROM tenants
 ), owned AS (
     -- Keyed rows only from partitions $2 owns now (the fence; $4 is the relay's own view of them). The shared
     -- lock keeps a takeover from committing before this claim does.
@@ -122,7 +125,7 @@ WITH RECURSIVE tenants AS (
            count(*) OVER (PARTITION BY c.tenant) AS offered
     FROM due CROSS JOIN owned CROSS JOIN LATERAL (
         SELECT r.id, r.event_id, r.tenant FROM __schema__.eventbus_outbox AS r
-        WHERE r.status = 0 AND r.tenant = due.tenant AND r.available_at <= now()
+        WHERE r.status = 0 AND r.tenant = due.tenant AND r.event_id >= due.first AND r.available_at <= now()
           AND ($4::smallint[] IS NULL OR r.partition IS NULL OR r.partition = ANY($4::smallint[]))
           AND ($5::text[] IS NULL OR r.target IS NULL OR NOT r.target = ANY($5::text[]))
           AND ($6::text[] IS NULL OR r.target IS NOT NULL OR NOT r.topic = ANY($6::text[]))
