@@ -40,16 +40,23 @@ def _backlog_sql(schema: str, rows: int) -> str:
     """
 
 
+async def claim_once(repo: OutboxRepository, settle_as: Status = Status.PENDING, batch: int = CLAIM) -> float:
+    """Claim ``batch`` rows as worker ``bench`` and settle them as ``settle_as`` (pending: handed back, so the set
+    stays the same); return the claim's seconds."""
+    started = perf_counter()
+    rows = await repo.claim(batch, 30.0, "bench")
+    took = perf_counter() - started
+    out = Settlement()
+    for row in rows:
+        out.mark(row, settle_as)
+    await repo.settle("bench", out)
+    return took
+
+
 async def _claim_loop(repo: OutboxRepository, until: float) -> list[float]:
     timings: list[float] = []
     while perf_counter() < until:
-        started = perf_counter()
-        rows = await repo.claim(CLAIM, 30.0, "bench")
-        timings.append(perf_counter() - started)
-        back = Settlement()
-        for row in rows:
-            back.mark(row, Status.PENDING)
-        await repo.settle("bench", back)
+        timings.append(await claim_once(repo))
     return sorted(timings)
 
 

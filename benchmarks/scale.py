@@ -29,12 +29,13 @@ from typing import Any
 import anyio
 import asyncpg
 
-from eventbus import NewEvent, OutboxRepository, RelayConfig, Settlement, Status
+from eventbus import NewEvent, OutboxRepository, RelayConfig, Status
 from eventbus._pool import create_pool
 from eventbus.migrations import migrate
 from eventbus.sql import quote_schema
 
 from ._common import Outcome, Row, Settings, percentile, scratch_schema
+from .purge import claim_once
 
 NAME = "scale"
 PENDING = 20_000
@@ -45,16 +46,7 @@ LAYOUTS = ("plain", "partitioned")
 
 async def _claims(repo: OutboxRepository, count: int) -> list[float]:
     """Claim ``CLAIM`` rows and settle them as relayed, ``count`` times; the claims' seconds, sorted."""
-    timings: list[float] = []
-    for _ in range(count):
-        started = perf_counter()
-        rows = await repo.claim(CLAIM, 30.0, "bench")
-        timings.append(perf_counter() - started)
-        out = Settlement()
-        for row in rows:
-            out.mark(row, Status.RELAYED)
-        await repo.settle("bench", out)
-    return sorted(timings)
+    return sorted([await claim_once(repo, Status.RELAYED, CLAIM) for _ in range(count)])
 
 
 async def _offer_pending(repo: OutboxRepository, pool: asyncpg.Pool) -> None:
@@ -65,13 +57,7 @@ async def _offer_pending(repo: OutboxRepository, pool: asyncpg.Pool) -> None:
 
 async def _claim_back_loop(repo: OutboxRepository, until: anyio.Event, into: list[float]) -> None:
     while not until.is_set():
-        started = perf_counter()
-        rows = await repo.claim(CLAIM, 30.0, "bench")
-        into.append(perf_counter() - started)
-        back = Settlement()
-        for row in rows:
-            back.mark(row, Status.PENDING)
-        await repo.settle("bench", back)
+        into.append(await claim_once(repo))
 
 
 async def _size(conn: asyncpg.Connection, schema: str) -> int:

@@ -42,6 +42,26 @@ def test_missing_migrations_then_migrate_then_status(
     assert status["outbox"]["pending"] == 0 and status["dead_letters"] == []  # type: ignore[index]
 
 
+def test_migrate_converts_to_the_partitioned_layout_and_status_says_so(
+    eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--dsn", eventbus_dsn, "--schema", schema]
+    assert main(["migrate", *common]) == 0
+    capsys.readouterr()
+    assert main(["migrate", "--dry-run", "--partitioning", "hourly", *common]) == 0
+    dry = capsys.readouterr().out
+    assert "-- partitioned outbox (hourly)" in dry and "ATTACH PARTITION" in dry
+    assert main(["status", *common]) == 0
+    assert "layout" not in capsys.readouterr().out  # the dry run changed nothing
+    assert main(["migrate", "--partitioning", "hourly", *common]) == 0
+    assert "partitioned outbox (hourly)" in capsys.readouterr().out
+    assert main(["status", *common]) == 0
+    assert "layout     partitioned (hourly), settled partitions made up to " in capsys.readouterr().out
+    code, status = _json(capsys, ["status", "--json", *common])
+    assert code == 0 and status["layout"]["partitioning"] == "hourly"  # type: ignore[index]
+    assert main(["migrate", "--partitioning", "weekly", *common]) == 2
+
+
 def make_letters(dsn: str, schema: str, publish: Callable[[Transaction], Awaitable[object]]) -> None:
     """Dead letters of a subscriber that always fails, for the events ``publish`` publishes."""
 

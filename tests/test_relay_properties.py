@@ -1,7 +1,7 @@
 """Property tests of the delivery guarantees (docs/architecture.md) over random histories, against a real PostgreSQL.
 
-A history is a list of steps: commit or roll back a few events (each with random keys and a per-subscriber
-fault plan: raise, hang past the timeout, or meet a cancelled future on given attempts; one subscriber is a
+A history is a list of steps: commit or roll back a few events (each with random keys, for one of two tenants in
+turn, and a per-subscriber fault plan: raise, hang past the timeout, or meet a cancelled future on given attempts; one subscriber is a
 plain ``def`` handler whose hung threads are abandoned), start or gracefully stop an extra relay (up to
 three EventBus instances on the same schema; an "old" one, as in a rolling deploy, lacks the ordered subscriber,
 which the relays started first carry), crash a relay (its task group is
@@ -17,8 +17,11 @@ every subscriber drains the outbox, and the invariants are checked:
    relay handled (rollout catch-up);
 2. nothing from a rolled-back transaction was delivered (or even stored);
 3. the transactional subscriber has exactly one effect row per handled event (none for a dead-lettered one);
-4. the ordered subscriber's first successful handlings of each key are in publish (event id) order, and it never
-   handled two events of one key at the same time, across relays.
+4. the ordered subscriber's first successful handlings of each (tenant, key) are in publish (event id) order,
+   each with its event's tenant, and it never handled two events of one (tenant, key) at the same time, across
+   relays.
+
+The same runs over the partitioned outbox layout (fewer examples).
 
 Without crashes the check is exact: each subscriber saw attempts 1, 2, ... once each, stopped at its first
 success, and was dead-lettered after exactly max_attempts failures.
@@ -43,6 +46,7 @@ from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from eventbus import Backoff, Context, EventBus, LocalTransport, NewEvent, Reason, RelayConfig, migrate
+from eventbus.migrations import Partitioning
 from eventbus.sql import quote_schema
 
 pytestmark = pytest.mark.slow  # about a minute with the default 30 examples
@@ -71,6 +75,12 @@ History = tuple[int, list[tuple[Any, ...]]]
 class Item(msgspec.Struct, frozen=True):
     n: int
     key: str | None
+
+
+def tenant_of(n: int) -> str:
+    """Events take turns between two tenants (the default one and "t2"), so every history mixes tenants: each
+    key then runs in both, and its order holds per tenant (claims and queues take tenants in turn)."""
+    return "t2" if n % 2 else ""
 
 
 class Boom(Exception):
@@ -123,10 +133,11 @@ class World:
     rolled_back: set[int] = field(default_factory=set)
     #: (subscriber, n) -> one [attempt, outcome] per run, outcome "ok", "raise" or "hang" (never finished)
     runs: defaultdict[tuple[str, int], list[list[Any]]] = field(default_factory=lambda: defaultdict(list))
-    ordered_first: list[tuple[str | None, int]] = field(default_factory=list)
+    #: ((tenant, key), n) of the ordered subscriber's first successful handlings, in handling order
+    ordered_first: list[tuple[tuple[str, str | None], int]] = field(default_factory=list)
     ordered_done: set[int] = field(default_factory=set)
-    ordered_running: dict[str, int] = field(default_factory=dict)  # key -> event being handled now
-    overlaps: list[tuple[str, int, int]] = field(default_factory=list)
+    ordered_running: dict[tuple[str, str], int] = field(default_factory=dict)  # (tenant, key) -> event handled now
+    overlaps: list[tuple[tuple[str, str], int, int]] = field(default_factory=list)
     crashed: int = 0
     most_relays: int = 0
     old_relays: int = 0
@@ -142,15 +153,17 @@ class World:
 
 async def behave(world: World, sub: str, event: Item, ctx: Context) -> None:
     if sub == "ordered" and event.key is not None:
-        other = world.ordered_running.get(event.key)
+        # Order is per tenant and key: the same key of two tenants is two keys.
+        ordered_key = (ctx.tenant, event.key)
+        other = world.ordered_running.get(ordered_key)
         if other is not None:
-            world.overlaps.append((event.key, other, event.n))
-        world.ordered_running[event.key] = event.n
+            world.overlaps.append((ordered_key, other, event.n))
+        world.ordered_running[ordered_key] = event.n
         try:
             await _behave(world, sub, event, ctx)
         finally:
-            if world.ordered_running.get(event.key) == event.n:
-                del world.ordered_running[event.key]
+            if world.ordered_running.get(ordered_key) == event.n:
+                del world.ordered_running[ordered_key]
     else:
         try:
             await _behave(world, sub, event, ctx)
@@ -205,7 +218,7 @@ def _errored(world: World, sub: str, event: Item, ctx: Context) -> None:
         runs[-1][1] = "error"
     if sub == "ordered" and event.n not in world.ordered_done:
         world.ordered_done.add(event.n)
-        world.ordered_first.append((event.key, event.n))
+        world.ordered_first.append(((ctx.tenant, event.key), event.n))
 
 
 def build_bus(dsn: str, schema: str, world: World, *, old: bool = False, **kwargs: Any) -> EventBus:
@@ -312,11 +325,13 @@ class Outcome:
     unsettled: int
 
 
-async def run_history(dsn: str, history: History) -> tuple[World, Outcome]:
+async def run_history(
+    dsn: str, history: History, partitioning: Partitioning | None = None
+) -> tuple[World, Outcome]:
     schema = f"p_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(dsn)
     try:
-        await migrate(conn, schema)
+        await migrate(conn, schema, partitioning=partitioning)
         world = World(effects_table=f"{quote_schema(schema)}.effects")
         await conn.execute(f"CREATE TABLE {world.effects_table} (event_id uuid NOT NULL, n int NOT NULL)")
         publisher = EventBus(dsn, schema=schema, relay=False, migrate=False, pool_size=2)
@@ -359,7 +374,7 @@ async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: Ta
                     for key, plan in step[1]:
                         n = world.new_n()
                         world.plans[n], world.keys[n] = plan, key
-                        event_id = await tx.publish(Item(n, key), key=key)
+                        event_id = await tx.publish(Item(n, key), key=key, tenant=tenant_of(n))
                         assert event_id is not None
                         world.committed[n] = event_id
             elif kind == "rollback":
@@ -369,7 +384,7 @@ async def _play(dsn: str, schema: str, world: World, publisher: EventBus, tg: Ta
                         for key in step[1]:
                             n = world.new_n()
                             doomed.append(n)
-                            await tx.publish(Item(n, key), key=key)
+                            await tx.publish(Item(n, key), key=key, tenant=tenant_of(n))
                         raise Rollback
                 except Rollback:
                     world.rolled_back.update(doomed)
@@ -484,11 +499,12 @@ def check_invariants(world: World, out: Outcome) -> None:
             else:
                 check_exactly(sub, runs, plan, letter, out.effects.get(n, 0), where)
 
-    # 4. Per key, first successful handlings by the ordered subscriber are in commit (= publish) order.
-    by_key: defaultdict[str, list[int]] = defaultdict(list)
-    for key, n in world.ordered_first:
+    # 4. Per tenant and key, first successful handlings by the ordered subscriber are in commit (= publish) order.
+    by_key: defaultdict[tuple[str, str], list[int]] = defaultdict(list)
+    for (tenant, key), n in world.ordered_first:
+        assert tenant == tenant_of(n), f"event {n} handled as tenant {tenant!r}"
         if key is not None:
-            by_key[key].append(n)
+            by_key[tenant, key].append(n)
     for key, ns in by_key.items():
         assert ns == sorted(ns), f"key {key!r} handled out of publish order: {ns}"
     assert not world.overlaps, f"two events of one key handled at once: {world.overlaps}"
@@ -624,6 +640,25 @@ def test_delivery_invariants_hold_over_random_histories(eventbus_dsn: str, histo
     check_invariants(world, outcome)
 
 
+@settings(
+    max_examples=max(3, EXAMPLES // 3),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+)
+@given(history=histories)
+@example(history=(1, [("commit", HEALTHY), ("crash", 0, True, 0.02), ("start",)]))
+@example(history=(2, [
+    ("commit", [("a", {"ordered": {1: "raise"}}), ("a", {}), ("b", {"ordered": {1: "timeout"}}), ("b", {})]),
+    ("stop", 0), ("poison", "headers"), ("commit", [("a", {}), ("b", {}), (None, {"tx": {1: "raise"}})]), ("start",),
+]))  # fmt: skip
+def test_delivery_invariants_hold_on_the_partitioned_outbox(eventbus_dsn: str, history: History) -> None:
+    """The same invariants with the outbox partitioned: settles move rows out of the live partition, keys are
+    taken through its trigger, and claims read it alone."""
+    world, outcome = anyio.run(run_history, eventbus_dsn, history, "hourly", backend="asyncio")
+    check_invariants(world, outcome)
+
+
 def test_the_checker_catches_broken_histories() -> None:
     """The invariant checks can fail: feed them outcomes that break each invariant."""
     event_id = uuid.uuid4()
@@ -651,11 +686,14 @@ def test_the_checker_catches_broken_histories() -> None:
     rolled.rolled_back.add(1)
     broken.append((rolled, good))
     out_of_order = world_with(healthy)
-    out_of_order.ordered_first = [("a", 3), ("a", 2)]
+    out_of_order.ordered_first = [(("", "a"), 4), (("", "a"), 2)]
     broken.append((out_of_order, good))
     overlapping = world_with(healthy)
-    overlapping.overlaps = [("a", 1, 2)]
+    overlapping.overlaps = [(("", "a"), 1, 2)]
     broken.append((overlapping, good))
+    wrong_tenant = world_with(healthy)
+    wrong_tenant.ordered_first = [(("t2", "a"), 2)]  # event 2 is the default tenant's
+    broken.append((wrong_tenant, good))
     for world, outcome in broken:
         with pytest.raises(AssertionError):
             check_invariants(world, outcome)

@@ -21,6 +21,7 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     schema = schema_of(args)
     async with connected(args, schema) as bus:
         counts = await bus.outbox.counts()
+        layout = await bus.outbox.layout()
         dead = await bus.dead_letters.count()
         relays = await bus.relays.alive(within=RelayConfig().heartbeat_interval * 3)
         dsn = redact_dsn(await bus.resolve_dsn())
@@ -30,6 +31,7 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
             "dsn": dsn,
             "schema": schema,
             "outbox": counts,
+            "layout": layout,
             "dead_letters": [
                 {"reason": reason, "subscriber": subscriber, "count": n} for (reason, subscriber), n in dead_rows
             ],
@@ -44,6 +46,9 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
         + (f" (oldest due {age(oldest)} ago)" if oldest is not None else "")
         + f", {counts['claimed']} claimed, {counts['relayed']} relayed, {counts['dead']} dead"
     )
+    if layout is not None:
+        out.line(f"layout     partitioned ({layout['partitioning']}), settled partitions made up to "
+                 f"{layout['settled_upto']:%Y-%m-%d %H:%M %Z}")  # fmt: skip
     out.line(f"dead       {count(sum(dead.values()), 'dead letter')} not yet replayed")
     out.line(f"relays     {len(relays)} alive")
     for r in relays:

@@ -445,6 +445,15 @@ class OutboxRepository:
             self._partitioned = bool(await pooled.fetchval(self.pool, self.queries.outbox_partitioned, table))
         return self._partitioned
 
+    async def layout(self) -> dict[str, Any] | None:
+        """The partitioned layout's ``partitioning`` ("daily", "hourly") and how far its settled partitions reach
+        (``settled_upto``); None for the plain layout."""
+        if not await self.partitioned():
+            return None
+        row = await pooled.fetchrow(self.pool, self.queries.outbox_layout)
+        assert row is not None
+        return {"partitioning": {"day": "daily", "hour": "hourly"}[row["period"]], "settled_upto": row["settled_upto"]}
+
     async def extend(self) -> int:
         """With the partitioned layout, make the settled partitions of the next two periods; return how many
         were made (0 with the plain layout)."""
