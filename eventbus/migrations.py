@@ -23,7 +23,10 @@ from .errors import ConfigurationError, MigrationLocked, MigrationsMissing
 from .roles import partitioned_grants
 from .sql import Migration, Queries, contractions, migrations, partitioned_layout, quote_schema
 
-__all__ = ["Partitioning", "check_migrations", "latest_version", "migrate", "pending_migrations", "pending_sql"]
+__all__ = [
+    "Partitioning", "check_migrations", "latest_version", "migrate", "pending_migrations", "pending_sql",
+    "schemas_found",
+]  # fmt: skip
 
 #: The partitioned outbox layout, by the span of its settled partitions (see ``eventbus/sql/partitioned.sql``).
 Partitioning = Literal["daily", "hourly"]
@@ -156,6 +159,13 @@ async def _migrate_once(
             elif period != _PERIODS[partitioning]:
                 await conn.execute(queries.outbox_set_period, _PERIODS[partitioning])
     return done
+
+
+async def schemas_found(conn: Connection, schema: str) -> tuple[bool, list[str]]:
+    """Whether ``schema`` exists, and the names of the schemas that hold eventbus tables."""
+    row = await conn.fetchrow(Queries(schema).schemas_found, schema)
+    assert row is not None
+    return bool(row["exists"]), list(row["found"])
 
 
 async def check_migrations(conn: Connection, schema: str = "eventbus") -> None:

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import asyncpg
 import msgspec
 import pytest
 
@@ -30,7 +33,11 @@ def test_missing_migrations_then_migrate_then_status(
     eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     common = ["--dsn", eventbus_dsn, "--schema", schema]
-    assert main(["status", *common]) == 4
+    assert main(["status", *common]) == 2  # no such schema: "not found", never "migrate it"
+    err = capsys.readouterr().err
+    assert "not found" in err and "migrate" not in err
+    _sql(eventbus_dsn, f'CREATE SCHEMA "{schema}"')
+    assert main(["status", *common]) == 4  # it exists, without eventbus tables: migrating it is the advice
     assert "eventbus migrate" in capsys.readouterr().err
     code, applied = _json(capsys, ["migrate", "--json", *common])
     assert code == 0 and applied["applied"] == [  # type: ignore[index]
@@ -60,6 +67,61 @@ def test_migrate_converts_to_the_partitioned_layout_and_status_says_so(
     code, status = _json(capsys, ["status", "--json", *common])
     assert code == 0 and status["layout"]["partitioning"] == "hourly"  # type: ignore[index]
     assert main(["migrate", "--partitioning", "weekly", *common]) == 2
+
+
+def _sql(dsn: str, *statements: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    anyio.run(run)
+
+
+def test_a_mistyped_schema_is_not_found_with_the_nearest_names(
+    eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--dsn", eventbus_dsn, "--schema", schema]) == 0
+    capsys.readouterr()
+    typo = schema[:-1] + ("x" if schema[-1] != "x" else "y")
+    assert main(["dlq", "list", "--dsn", eventbus_dsn, "--schema", typo]) == 2
+    err = capsys.readouterr().err
+    assert f"schema {typo!r} not found" in err and "migrate" not in err
+    assert f"try `eventbus dlq list --schema {schema}" in err
+    code, document = _json(capsys, ["status", "--json", "--dsn", eventbus_dsn, "--schema", typo])
+    assert code == 2 and document["error"]["type"] == "ConfigurationError"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("bad", ["", "pg_catalog", "pg_toast", "information_schema"])
+def test_empty_and_system_schemas_are_refused(eventbus_dsn: str, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["status"], ["migrate"], ["dlq", "list"]):
+        assert main([*command, "--dsn", eventbus_dsn, "--schema", bad]) == 2
+        err = capsys.readouterr().err
+        assert ("is empty" if bad == "" else "PostgreSQL's own") in err, err
+
+
+def test_status_without_a_schema_lists_the_eventbus_schemas_when_the_default_has_none(
+    eventbus_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a database of its own, where eventbus tables live in ``orders`` and ``quickstart`` only."""
+    database = f"d_{uuid.uuid4().hex[:10]}"
+    _sql(eventbus_dsn, f'CREATE DATABASE "{database}"')
+    dsn = urlunsplit(urlsplit(eventbus_dsn)._replace(path=f"/{database}"))
+    try:
+        assert main(["status", "--dsn", dsn]) == 4  # nothing anywhere: migrating is the advice
+        assert "eventbus migrate" in capsys.readouterr().err
+        for name in ("orders", "quickstart"):
+            assert main(["migrate", "--dsn", dsn, "--schema", name]) == 0
+        capsys.readouterr()
+        assert main(["status", "--dsn", dsn]) == 2
+        err = capsys.readouterr().err
+        assert "'eventbus' (the default) holds no eventbus tables; schemas that do: orders, quickstart" in err
+        assert main(["status", "--dsn", dsn, "--schema", "orders"]) == 0
+    finally:
+        _sql(eventbus_dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def make_letters(dsn: str, schema: str, publish: Callable[[Transaction], Awaitable[object]]) -> None:

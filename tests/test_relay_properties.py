@@ -1,12 +1,12 @@
 """Property tests of the delivery guarantees (docs/architecture.md) over random histories, against a real PostgreSQL.
 
 A history is a list of steps: commit or roll back a few events (each with random keys, for one of two tenants in
-turn, and a per-subscriber fault plan: raise, hang past the timeout, or meet a cancelled future on given attempts; one subscriber is a
-plain ``def`` handler whose hung threads are abandoned), start or gracefully stop an extra relay (up to
-three EventBus instances on the same schema; an "old" one, as in a rolling deploy, lacks the ordered subscriber,
-which the relays started first carry), crash a relay (its task group is
-cancelled with no graceful hand-back and its pool terminated, so its claimed rows stay leased until the short
-lease runs out), kill a relay's database connections (pg_terminate_backend of its pool and LISTEN session, as a
+turn, and a per-subscriber fault plan: raise, hang past the timeout, or meet a cancelled future on given
+attempts; one subscriber is a plain ``def`` handler whose hung threads are abandoned), start or gracefully stop
+an extra relay (up to three EventBus instances on the same schema; an "old" one, as in a rolling deploy, lacks
+the ordered subscriber, which the relays started first carry), crash a relay (its task group is cancelled with
+no graceful hand-back and its pool terminated, so its claimed rows stay leased until the short lease runs out),
+kill a relay's database connections (pg_terminate_backend of its pool and LISTEN session, as a
 network failure would), and pauses. Relays have room for two batches of four rows and detach laggards after
 0.2 s, so backlogs outgrow what a relay holds, several batches are in flight, ordered keys retry while others go
 on, and shares travel on in continuation rows. After the old relays stopped (the rollout is over), a relay with

@@ -115,10 +115,11 @@ def _worker_options(p: argparse.ArgumentParser) -> None:
 class _Commands:
     """Adds commands and command groups to a parser, each taking the options every command takes."""
 
-    def __init__(self, parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    def __init__(self, parser: argparse.ArgumentParser, common: argparse.ArgumentParser, prefix: str = "") -> None:
         self.parser = parser
         self.subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
         self.common = common
+        self.prefix = prefix  # a group's name and a space
 
     def command(
         self, name: str, run: Command | None, help: str, description: str | None = None
@@ -126,14 +127,14 @@ class _Commands:
         parser: argparse.ArgumentParser = self.subparsers.add_parser(
             name, parents=[self.common], help=help, description=description
         )
-        parser.set_defaults(command=run)
+        parser.set_defaults(command=run, command_name=self.prefix + name)
         return parser
 
     def group(self, name: str, help: str) -> _Commands:
         """A command group (``eventbus NAME COMMAND``); without a command it prints its help."""
         parser = self.command(name, None, help)
         parser.set_defaults(help_parser=parser)
-        return _Commands(parser, self.common)
+        return _Commands(parser, self.common, f"{self.prefix}{name} ")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from .._driver import redact_dsn
 from ..bus import EventBus
+from ..errors import ConfigurationError, MigrationsMissing
+from ..migrations import schemas_found
 from ..repositories import DeadLetter, DeadLetterFilter, Reason
 
 __all__ = [
@@ -149,7 +153,10 @@ def dead_letter_filter(args: argparse.Namespace, *, include_replayed: bool = Fal
 
 
 def schema_of(args: argparse.Namespace, default: str = DEFAULT_SCHEMA) -> str:
-    return str(args.schema) if args.schema else default
+    """``--schema``, else ``default``; an empty ``--schema ''`` is an error, not the default."""
+    if args.schema == "":
+        raise ConfigurationError(f"--schema is empty: name a schema, or leave the option out for {default!r}")
+    return str(args.schema) if args.schema is not None else default
 
 
 def tenant_of(args: argparse.Namespace) -> str | None:
@@ -169,11 +176,41 @@ def new_bus(args: argparse.Namespace, *, schema: str, migrate: bool = False, **o
 async def connected(args: argparse.Namespace, schema: str) -> AsyncIterator[EventBus]:
     """A connected bus (no relay) for one command, closed afterwards."""
     bus = new_bus(args, schema=schema)
-    await bus.connect()
+    try:
+        await bus.connect()
+    except MigrationsMissing:
+        await _schema_not_found(args, bus, schema)
+        raise
     try:
         yield bus
     finally:
         await bus.close()
+
+
+async def _schema_not_found(args: argparse.Namespace, bus: EventBus, schema: str) -> None:
+    """Raise a :class:`ConfigurationError` naming the schemas that hold eventbus tables (the nearest to ``schema``
+    first) when ``schema`` is not one a user could mean to migrate: a ``--schema`` that does not exist (a typo),
+    or the default when it holds no eventbus tables but other schemas do. Return otherwise: then the advice to
+    migrate it stands."""
+    conn = await asyncpg.connect(await bus.resolve_dsn())
+    try:
+        exists, found = await schemas_found(conn, schema)
+    finally:
+        await conn.close()
+    if (args.schema is None and (not found or schema in found)) or (args.schema is not None and exists):
+        return
+    nearest = difflib.get_close_matches(schema, found, n=3, cutoff=0.5)
+    names = nearest + [name for name in found if name not in nearest]
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "") or "none yet"
+    hint = f"; try `{command_hint(args, getattr(args, 'command_name', 'status'), nearest[0])}`" if nearest else ""
+    if args.schema is None:
+        raise ConfigurationError(
+            f"schema {schema!r} (the default) holds no eventbus tables; schemas that do: {listed}. Name one with "
+            f"--schema{hint}"
+        )
+    raise ConfigurationError(
+        f"schema {schema!r} not found in this database; schemas with eventbus tables: {listed}{hint}"
+    )
 
 
 def command_hint(args: argparse.Namespace, command: str, schema: str) -> str:

@@ -25,6 +25,11 @@ _PARAM_LINE = re.compile(r"^-- \$(\d+) ")
 
 def quote_schema(name: str) -> str:
     """Validate a schema name and return it quoted for SQL. The one place identifiers enter SQL text."""
+    if isinstance(name, str) and (name.startswith("pg_") or name == "information_schema"):
+        raise ConfigurationError(
+            f"schema {name!r} is one of PostgreSQL's own: eventbus keeps its tables in a schema of its own "
+            "(for example 'eventbus', the default)"
+        )
     if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
         raise ConfigurationError(
             f"schema name {name!r} is not allowed: use 1-54 lowercase letters, digits or underscores, "

@@ -622,6 +622,14 @@ WITH doomed AS (
 DELETE FROM __schema__.eventbus_idempotency_keys AS k USING doomed
 WHERE k.tenant = doomed.tenant AND k.idempotency_key = doomed.idempotency_key;
 
+-- name: schemas_found
+-- Whether schema $1 exists, and the schemas that hold eventbus tables (a version table), by name.
+-- $1 schema text
+SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = $1) AS exists,
+       ARRAY(SELECT n.nspname::text FROM pg_catalog.pg_namespace AS n JOIN pg_catalog.pg_class AS c
+             ON c.relnamespace = n.oid
+             WHERE c.relname = 'eventbus_migrations' AND c.relkind = 'r' ORDER BY 1) AS found;
+
 -- name: migrate_lock_timeout
 -- Let each statement of this migration transaction wait at most $1 for a table lock.
 -- $1 lock_timeout text (e.g. '2000ms')
