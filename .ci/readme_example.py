@@ -4,6 +4,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from runnable import ROOT, blocks  # noqa: E402
+from runnable import ROOT, blocks
 
 print(blocks(ROOT / "README.md")[0], end="")

@@ -22,6 +22,7 @@ partitioned layout; the time is how long the outbox is locked.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from time import perf_counter
 from typing import Any
@@ -42,6 +43,8 @@ PENDING = 20_000
 CLAIM = 100
 CLAIMS = 150
 LAYOUTS = ("plain", "partitioned")
+#: ``EVENTBUS_BENCH_SCALE_LAYOUTS=partitioned`` reruns one layout (and the conversion) alone.
+_ONLY = os.environ.get("EVENTBUS_BENCH_SCALE_LAYOUTS")
 
 
 async def _claims(repo: OutboxRepository, count: int) -> list[float]:
@@ -215,7 +218,7 @@ async def run(settings: Settings) -> Outcome:
     finally:
         await conn.close()
     baseline: dict[str, float] = {}
-    for layout in LAYOUTS:
+    for layout in _ONLY.split(",") if _ONLY else LAYOUTS:
         for settled in sizes:
             outcome.details.update(
                 await _case(settings, layout, settled, baseline, outcome.rows, retention=settled == sizes[-1])

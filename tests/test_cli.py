@@ -199,6 +199,7 @@ def test_dead_letter_filters_by_tenant_and_time(
 
 
 def test_errors_are_json_with_json(eventbus_dsn: str, schema: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _sql(eventbus_dsn, f'CREATE SCHEMA "{schema}"')  # there, without eventbus tables
     code, document = _json(capsys, ["status", "--json", "--dsn", eventbus_dsn, "--schema", schema])
     assert code == 4
     assert document == {"error": {"message": document["error"]["message"], "type": "MigrationsMissing",  # type: ignore[index]
