@@ -630,6 +630,25 @@ SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = $1) AS exists
              ON c.relnamespace = n.oid
              WHERE c.relname = 'eventbus_migrations' AND c.relkind = 'r' ORDER BY 1) AS found;
 
+-- name: replay_leftovers
+-- The statements that drop what is not eventbus's in this schema (the tables, views and sequences a replay test's
+-- setup made), one per row.
+SELECT format('DROP %s IF EXISTS %I.%I CASCADE',
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE'
+                             WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+              n.nspname, c.relname) AS statement
+FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.oid = '__schema__'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND NOT c.relispartition
+  AND c.relname NOT LIKE 'eventbus\_%'
+ORDER BY c.relkind = 'S';
+
+-- name: replay_reset
+-- Make a migrated schema as a fresh one for the next replay example (what replay_leftovers lists dropped first):
+-- empty eventbus's tables and free every key partition.
+TRUNCATE __schema__.eventbus_outbox, __schema__.eventbus_dead_letters, __schema__.eventbus_inbox,
+    __schema__.eventbus_relays, __schema__.eventbus_subscriptions;
+UPDATE __schema__.eventbus_partitions SET owner = NULL, lease_until = NULL;
+
 -- name: migrate_lock_timeout
 -- Let each statement of this migration transaction wait at most $1 for a table lock.
 -- $1 lock_timeout text (e.g. '2000ms')
