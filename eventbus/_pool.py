@@ -11,7 +11,8 @@ trip of its own. Two cases make that round trip unnecessary:
   transaction commits asynchronously (it writes nothing worth keeping) and skips the notification when the
   queue is half full, so it cannot fail once the user's COMMIT has succeeded.
 - The bus's own single statements (claims, settlements, heartbeats) change no session state, so the connection
-  goes back to the pool as it came.
+  goes back to the pool as it came. Each runs in a transaction of its own, so one that failed to serialize
+  wrote nothing and is run again.
 
 Whenever the shortcut did not run (an exception, a failed COMMIT, a connection a user acquired), the full reset
 runs as asyncpg would run it.
@@ -19,11 +20,13 @@ runs as asyncpg would run it.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
+import anyio
 import asyncpg
 
 if TYPE_CHECKING:
@@ -196,27 +199,45 @@ async def _statement(pool: asyncpg.Pool) -> AsyncIterator[Any]:
         _clean(conn)
 
 
+#: How often a statement that failed to serialize is run again before the failure is the caller's.
+SERIALIZATION_TRIES = 8
+
+
+async def _run(pool: asyncpg.Pool, method: str, query: str, args: tuple[Any, ...]) -> Any:
+    """One statement in a transaction of its own, run again when it fails to serialize (SQLSTATE 40001).
+
+    With the partitioned outbox, a settle moves its rows out of the live partition; a statement that read such a
+    row before that commit and then locks it (a renew, a reclaim, a claim) cannot follow it to its new
+    partition, and PostgreSQL fails the statement instead. It wrote nothing then, and running it again reads
+    the rows as they are now: the same as having run a moment later."""
+    for tries in range(1, SERIALIZATION_TRIES + 1):
+        try:
+            async with _statement(pool) as conn:
+                return await getattr(conn, method)(query, *args)
+        except asyncpg.SerializationError:
+            if tries == SERIALIZATION_TRIES:
+                raise
+            await anyio.sleep(random.uniform(0, 0.001 * 2**tries))
+    raise AssertionError("unreachable")
+
+
 async def fetch(pool: asyncpg.Pool, query: str, *args: Any) -> list[asyncpg.Record]:
-    async with _statement(pool) as conn:
-        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
-        return rows
+    rows: list[asyncpg.Record] = await _run(pool, "fetch", query, args)
+    return rows
 
 
 async def fetchrow(pool: asyncpg.Pool, query: str, *args: Any) -> asyncpg.Record | None:
-    async with _statement(pool) as conn:
-        row: asyncpg.Record | None = await conn.fetchrow(query, *args)
-        return row
+    row: asyncpg.Record | None = await _run(pool, "fetchrow", query, args)
+    return row
 
 
 async def fetchval(pool: asyncpg.Pool, query: str, *args: Any) -> Any:
-    async with _statement(pool) as conn:
-        return await conn.fetchval(query, *args)
+    return await _run(pool, "fetchval", query, args)
 
 
 async def execute(pool: asyncpg.Pool, query: str, *args: Any) -> str:
-    async with _statement(pool) as conn:
-        status: str = await conn.execute(query, *args)
-        return status
+    status: str = await _run(pool, "execute", query, args)
+    return status
 
 
 def _clean(conn: object) -> None:

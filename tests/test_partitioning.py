@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import anyio
@@ -14,7 +15,7 @@ import msgspec
 import pytest
 from logins import Logins, as_role
 
-from eventbus import Context, EventBus, NewEvent, OutboxRepository, RelayConfig, Settlement, Status
+from eventbus import Context, Envelope, EventBus, NewEvent, OutboxRepository, RelayConfig, Settlement, Status
 from eventbus.migrations import migrate, pending_sql
 from eventbus.sql import quote_schema
 
@@ -286,4 +287,66 @@ async def test_roles_keep_their_rights_and_limits_after_the_conversion(
         assert await _where(conn, eventbus_schema) == Counter()
         assert "eventbus_outbox_history" not in await _leaves(conn, eventbus_schema)
     finally:
+        await conn.close()
+
+
+async def test_statements_meeting_rows_moved_by_a_settle_are_tried_again(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """A settle moves its rows out of the live partition; a renew or reclaim that read them before that commit
+    finds them gone to another partition, which PostgreSQL reports as a serialization failure (SQLSTATE 40001).
+    Several relays renewing, reclaiming and settling the same rows at once: no call fails, every row settles."""
+    conn = await asyncpg.connect(eventbus_dsn)
+    pool = await asyncpg.create_pool(eventbus_dsn, min_size=4, max_size=12)
+    try:
+        await migrate(conn, eventbus_schema, partitioning="daily")
+        outbox = OutboxRepository(pool, eventbus_schema)
+        total = 6000
+        async with pool.acquire() as c, c.transaction():
+            for _ in range(total // 1000):
+                await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}') for _ in range(1000)])
+        failures: list[BaseException] = []
+
+        async def guarded(call: Awaitable[object]) -> None:
+            try:
+                await call
+            except Exception as exc:  # anything: the test counts them
+                failures.append(exc)
+
+        async def race_settle(worker: str, lease: float, batch: list[Envelope]) -> None:
+            """Renews and reclaims of ``batch``'s rows, over and over, while they settle."""
+            settled = anyio.Event()
+            done = Settlement()
+            for envelope in batch:
+                done.mark(envelope, Status.RELAYED)
+
+            async def race(call: Callable[[], Awaitable[object]]) -> None:
+                while not settled.is_set():
+                    await guarded(call())
+
+            async def settle() -> None:
+                await anyio.sleep(0.002)
+                await guarded(outbox.settle(worker, done))
+                settled.set()
+
+            async with anyio.create_task_group() as racing:
+                for _ in range(2):
+                    racing.start_soon(race, lambda: outbox.renew(worker, [e.id for e in batch], lease))
+                    racing.start_soon(race, outbox.reclaim)
+                racing.start_soon(settle)
+
+        async def relay(worker: str, lease: float) -> None:
+            while batch := await outbox.claim(50, lease, worker):
+                await race_settle(worker, lease, batch)
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as relays:
+                for n in range(4):
+                    relays.start_soon(relay, f"w{n}", 0.01 if n % 2 else 30.0)  # short leases: reclaims race settles
+        assert failures == []
+        where = await _where(conn, eventbus_schema)
+        assert where[("eventbus_outbox_live", 0)] == where[("eventbus_outbox_live", 1)] == 0
+        assert sum(where.values()) == total
+    finally:
+        await pool.close()
         await conn.close()
