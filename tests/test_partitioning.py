@@ -4,6 +4,7 @@ relay and dropped by retention; claims that never read the settled history."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -349,4 +350,37 @@ async def test_statements_meeting_rows_moved_by_a_settle_are_tried_again(
         assert sum(where.values()) == total
     finally:
         await pool.close()
+        await conn.close()
+
+
+async def test_partitions_are_made_in_utc_whatever_the_session_time_zone(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """Days are UTC days: a session in a zone that changes to summer time (Europe/Berlin, 28 March 2027) makes
+    the same contiguous partitions as one in UTC."""
+    conn = await asyncpg.connect(eventbus_dsn, server_settings={"timezone": "Europe/Berlin"})
+    schema = quote_schema(eventbus_schema)
+    try:
+        await migrate(conn, eventbus_schema, partitioning="daily")
+        for name in await _leaves(conn, eventbus_schema):
+            if name.startswith("eventbus_outbox_settled_2"):
+                await conn.execute(f"DROP TABLE {schema}.{name}")
+        upto = "2027-03-27 00:00:00+00"
+        await conn.execute(f"ALTER TABLE {schema}.eventbus_outbox_settled DETACH PARTITION "
+                           f"{schema}.eventbus_outbox_history")  # fmt: skip
+        await conn.execute(f"ALTER TABLE {schema}.eventbus_outbox_settled ATTACH PARTITION "
+                           f"{schema}.eventbus_outbox_history FOR VALUES FROM (MINVALUE) TO "
+                           f"({schema}.eventbus_min_id('{upto}'))")  # fmt: skip
+        await conn.execute(f"UPDATE {schema}.eventbus_layout SET settled_upto = '{upto}'")
+        assert await conn.fetchval(f"SELECT {schema}.eventbus_outbox_extend('2027-03-30 12:00+00')") == 4
+        leaves = await _leaves(conn, eventbus_schema)
+        bounds = {name: leaves[name] for name in leaves if name.startswith("eventbus_outbox_settled_2")}
+        assert sorted(bounds) == [f"eventbus_outbox_settled_202703{day}" for day in (27, 28, 29, 30)]
+        starts = [await conn.fetchval(f"SELECT {schema}.eventbus_min_id('2027-03-{day} 00:00+00')")
+                  for day in (27, 28, 29, 30, 31)]  # fmt: skip
+        for day, (start, stop) in zip((27, 28, 29, 30), itertools.pairwise(starts), strict=True):
+            assert bounds[f"eventbus_outbox_settled_202703{day}"] == f"FOR VALUES FROM ('{start}') TO ('{stop}')"
+        assert str(await conn.fetchval(f"SELECT settled_upto AT TIME ZONE 'UTC' FROM {schema}.eventbus_layout")) == (
+            "2027-03-31 00:00:00")
+    finally:
         await conn.close()

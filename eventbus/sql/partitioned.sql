@@ -74,9 +74,11 @@ ALTER TABLE __schema__.eventbus_outbox_settled_default ADD PRIMARY KEY (id);
 -- The history holds every id before the first boundary after both now and its newest row (one scan proves it).
 DO $convert$
 DECLARE
-    upto timestamptz := date_trunc('__period__', greatest(now(), (
+    -- In UTC (timestamp arithmetic, whatever the session's time zone): a day is 24 hours.
+    upto timestamptz := (date_trunc('__period__', greatest(now(), (
         SELECT to_timestamp(('x' || substr(replace(id::text, '-', ''), 1, 12))::bit(48)::bigint / 1000.0)
-        FROM __schema__.eventbus_outbox_history ORDER BY id DESC LIMIT 1)), 'UTC') + '1 __period__'::interval;
+        FROM __schema__.eventbus_outbox_history ORDER BY id DESC LIMIT 1)) AT TIME ZONE 'UTC')
+        + '1 __period__'::interval) AT TIME ZONE 'UTC';
 BEGIN
     EXECUTE format('ALTER TABLE __schema__.eventbus_outbox_settled ATTACH PARTITION __schema__.eventbus_outbox_history '
                    'FOR VALUES FROM (MINVALUE) TO (%L)', __schema__.eventbus_min_id(upto));
@@ -140,12 +142,14 @@ CREATE TRIGGER eventbus_idempotency BEFORE INSERT ON __schema__.eventbus_outbox_
     FOR EACH ROW WHEN (NEW.idempotency_key IS NOT NULL) EXECUTE FUNCTION __schema__.eventbus_take_idempotency_key();
 
 -- Partition upkeep, for the elected relay (owner's rights: the relay's role owns nothing; EXECUTE is granted to
--- the relay role only). Each waits at most 200 ms for a lock and otherwise leaves the work to its next run.
+-- the relay role only). Each waits at most 200 ms for a lock and otherwise leaves the work to its next run, and
+-- runs in UTC whatever the caller's time zone (periods are UTC days and hours; a local day can last 23 hours).
 
 -- Make settled partitions, one per period, until they cover `upto`; returns how many were made. Each is made
 -- apart and attached (a lock that lets settles go on; the default partition is read, and is nearly always empty).
 CREATE FUNCTION __schema__.eventbus_outbox_extend(upto timestamptz) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '200ms'
+    SET timezone = 'UTC'
 AS $function$
 DECLARE
     layout record;
@@ -182,6 +186,7 @@ $function$;
 -- dropped (retention deletes from it in batches).
 CREATE FUNCTION __schema__.eventbus_outbox_drop_settled(before timestamptz) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '200ms'
+    SET timezone = 'UTC'
 AS $function$
 DECLARE
     part record;
