@@ -384,3 +384,20 @@ async def test_partitions_are_made_in_utc_whatever_the_session_time_zone(
             "2027-03-31 00:00:00")
     finally:
         await conn.close()
+
+
+async def test_an_operator_reads_the_status_of_a_partitioned_outbox(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eventbus.cli import main
+
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        await migrate(conn, eventbus_schema, partitioning="hourly")
+    finally:
+        await conn.close()
+    argv = ["status", "--dsn", as_role(eventbus_dsn, logins.operator["acme"]), "--schema", eventbus_schema,
+            "--tenant", "acme", "--json"]  # fmt: skip
+    assert await anyio.to_thread.run_sync(main, argv) == 0
+    status = msgspec.json.decode(capsys.readouterr().out)
+    assert status["layout"]["partitioning"] == "hourly"

@@ -27,6 +27,8 @@ CREATE TABLE __schema__.eventbus_layout (
     settled_upto timestamptz NOT NULL,
     converted_at timestamptz NOT NULL DEFAULT now()
 );
+-- Nothing of a tenant's: every role that reads the outbox (an operator's `eventbus status`) may read it.
+GRANT SELECT ON __schema__.eventbus_layout TO PUBLIC;
 
 -- The smallest UUIDv7 of a moment (eventbus.ids.min_id_for): its milliseconds over the first 48 bits.
 CREATE FUNCTION __schema__.eventbus_min_id(moment timestamptz) RETURNS uuid
