@@ -556,37 +556,43 @@ class Relay:
     async def _retention_loop(self) -> None:
         """On the one relay holding the retention lock, purge old relayed rows and replayed dead letters
         in small batches with pauses, so claims never wait behind a long delete; with the partitioned outbox,
-        make its settled partitions ahead and drop those past retention. Returns at once when there is nothing
-        to do (no retention, the plain layout)."""
+        make its settled partitions ahead and drop those past retention. The layout is asked each round until it
+        is partitioned: an outbox converted while relays run gets its partitions made by one of them."""
         config = self.config
-        retains = config.retention is not None or config.inbox_retention is not None
-        partitioned: bool | None = None
         while True:
             try:
-                if partitioned is None:
-                    partitioned = await self.outbox.partitioned()
-                    if not (partitioned or retains):
-                        return
-                session = self._session
-                if session is not None and not self._retention_leader:
-                    async with self._session_lock:
-                        self._retention_leader = await self.relays.lead_retention(session)
-                if self._retention_leader and partitioned:
-                    await self.outbox.extend()
-                if self._retention_leader and config.retention is not None:
-                    self._purged += await self.outbox.purge(
-                        config.retention, batch=config.retention_batch, pause=config.retention_pause
-                    )
-                    if self.dead_letters is not None:
-                        await self.dead_letters.purge(config.retention, batch=config.retention_batch)
-                inbox_window = config.inbox_retention or config.retention
-                if self._retention_leader and inbox_window is not None:
-                    self._purged += await self.inbox.purge(
-                        self.outbox.pool, inbox_window, batch=config.retention_batch, pause=config.retention_pause
-                    )
+                partitioned = await self.outbox.partitioned()
+                if partitioned or config.retention is not None or config.inbox_retention is not None:
+                    await self._upkeep(partitioned)
             except Exception as exc:
                 log.warning("relay %s: retention purge failed (%s); will retry", self.worker, exc)
             await anyio.sleep(config.retention_interval)
+
+    async def _upkeep(self, partitioned: bool) -> None:
+        config = self.config
+        session = self._session
+        if session is not None and not self._retention_leader:
+            async with self._session_lock:
+                self._retention_leader = await self.relays.lead_retention(session)
+        if not self._retention_leader:
+            return
+        if partitioned:
+            try:
+                await self.outbox.extend()
+            except Exception as exc:  # the purges below do not depend on it
+                log.warning("relay %s: making the outbox's settled partitions ahead failed (%s); will retry",
+                            self.worker, exc)  # fmt: skip
+        if config.retention is not None:
+            self._purged += await self.outbox.purge(
+                config.retention, batch=config.retention_batch, pause=config.retention_pause
+            )
+            if self.dead_letters is not None:
+                await self.dead_letters.purge(config.retention, batch=config.retention_batch)
+        inbox_window = config.inbox_retention or config.retention
+        if inbox_window is not None:
+            self._purged += await self.inbox.purge(
+                self.outbox.pool, inbox_window, batch=config.retention_batch, pause=config.retention_pause
+            )
 
     async def _gauge_loop(self) -> None:
         """While an SDK meter provider is in use: on the one relay of the schema holding the metrics lock, read

@@ -54,6 +54,11 @@ async def _leaves(conn: asyncpg.Connection, schema: str) -> dict[str, str]:
     return {row["relname"]: row["bound"] for row in rows}
 
 
+async def _made_ahead(conn: asyncpg.Connection, schema: str) -> int:
+    """How many settled partitions of a period there are."""
+    return len([name for name in await _leaves(conn, schema) if name.startswith("eventbus_outbox_settled_2")])
+
+
 async def test_conversion_moves_what_is_live_and_keeps_keys_taken(eventbus_dsn: str, eventbus_schema: str) -> None:
     conn = await asyncpg.connect(eventbus_dsn)
     pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=2)
@@ -207,12 +212,9 @@ async def test_relay_makes_partitions_ahead_and_retention_drops_old_ones(
         async def record(event: Order) -> None:
             handled.append(event.n)
 
-        async def made_ahead() -> int:
-            return len([n for n in await _leaves(conn, eventbus_schema) if n.startswith("eventbus_outbox_settled_2")])
-
         async with bus:
             with anyio.fail_after(20):
-                while await made_ahead() < 2:  # noqa: ASYNC110 (the relay's upkeep announces nothing)
+                while await _made_ahead(conn, eventbus_schema) < 2:  # noqa: ASYNC110 (the relay's upkeep announces nothing)
                     await anyio.sleep(0.05)
             async with bus.transaction() as tx:
                 await tx.publish_many([Order(n) for n in range(10)])
@@ -401,3 +403,30 @@ async def test_an_operator_reads_the_status_of_a_partitioned_outbox(
     assert await anyio.to_thread.run_sync(main, argv) == 0
     status = msgspec.json.decode(capsys.readouterr().out)
     assert status["layout"]["partitioning"] == "hourly"
+
+
+async def test_a_relay_running_through_the_conversion_keeps_the_partitions_made(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """A relay started on the plain layout learns of the conversion and makes the settled partitions ahead."""
+    conn = await asyncpg.connect(eventbus_dsn)
+    schema = quote_schema(eventbus_schema)
+    bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=RelayConfig(retention_interval=0.1))
+
+    @bus.subscribe(name="orders")
+    async def record(event: Order) -> None:
+        pass
+
+    try:
+        async with bus:
+            await anyio.sleep(0.3)  # the relay's upkeep has looked at the plain layout
+            await migrate(conn, eventbus_schema, partitioning="hourly")
+            for name in await _leaves(conn, eventbus_schema):
+                if name.startswith("eventbus_outbox_settled_2"):
+                    await conn.execute(f"DROP TABLE {schema}.{name}")
+            await conn.execute(f"UPDATE {schema}.eventbus_layout SET settled_upto = settled_upto - interval '2 hours'")
+            with anyio.fail_after(20):
+                while await _made_ahead(conn, eventbus_schema) < 2:  # noqa: ASYNC110 (the upkeep announces nothing)
+                    await anyio.sleep(0.05)
+    finally:
+        await conn.close()

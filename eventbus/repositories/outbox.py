@@ -224,7 +224,7 @@ class OutboxRepository:
         self.notify = notify
         #: Coalesces the wake-ups of bus transactions; a started bus runs it (see :mod:`eventbus._waker`).
         self.waker = Waker(self.channel, self.queries.wake, spacing=wake_spacing)
-        self._partitioned: bool | None = None
+        self._partitioned = False
 
     async def offer(self, connection: Connection, events: Sequence[NewEvent]) -> OfferResult:
         """Insert ``events`` in the caller's transaction, in one round trip.
@@ -439,8 +439,9 @@ class OutboxRepository:
                 await anyio.sleep(pause)
 
     async def partitioned(self) -> bool:
-        """Whether the outbox has the partitioned layout (``eventbus migrate --partitioning``); asked once."""
-        if self._partitioned is None:
+        """Whether the outbox has the partitioned layout (``eventbus migrate --partitioning``): asked each time
+        until it has (an outbox can be converted while the bus runs, never back)."""
+        if not self._partitioned:
             table = f"{quote_schema(self.schema)}.eventbus_outbox"
             self._partitioned = bool(await pooled.fetchval(self.pool, self.queries.outbox_partitioned, table))
         return self._partitioned
