@@ -8,7 +8,7 @@ import itertools
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import asyncpg
@@ -52,6 +52,12 @@ async def _leaves(conn: asyncpg.Connection, schema: str) -> dict[str, str]:
         f"{quote_schema(schema)}.eventbus_outbox_settled",
     )
     return {row["relname"]: row["bound"] for row in rows}
+
+
+def _periodic(where: Counter[tuple[str, int]]) -> int:
+    """How many relayed rows lie in the history and the partitions of a period (not the default partition)."""
+    return sum(n for (table, status), n in where.items()
+               if status == 2 and table.startswith(("eventbus_outbox_history", "eventbus_outbox_settled_2")))
 
 
 async def _made_ahead(conn: asyncpg.Connection, schema: str) -> int:
@@ -179,8 +185,9 @@ async def test_conversion_with_producers_and_a_relay_running(eventbus_dsn: str, 
         assert [n for n, times in handled.items() if times != 1] == []
         where = await _where(conn, eventbus_schema)
         assert where[("eventbus_outbox_live", 0)] == where[("eventbus_outbox_live", 1)] == 0
-        # Until the day's end, rows settle into the history, whose range reaches the first boundary after now.
-        assert where[("eventbus_outbox_history", 2)] == 50_000 + len(published)
+        # Rows settle into the history, whose range reaches the first boundary after now, and past that boundary
+        # (a test running over midnight, UTC) into the partitions made ahead.
+        assert _periodic(where) == 50_000 + len(published)
     finally:
         await conn.close()
 
@@ -198,11 +205,15 @@ async def test_relay_makes_partitions_ahead_and_retention_drops_old_ones(
             if name.startswith("eventbus_outbox_settled_2"):
                 await conn.execute(f"DROP TABLE {schema}.{name}")
         await conn.execute(f"UPDATE {schema}.eventbus_layout SET settled_upto = settled_upto - interval '2 hours'")
-        # A relayed row whose id lies beyond every partition made lands in the default partition.
-        stray = uuid.UUID(int=(int((await conn.fetchval("SELECT extract(epoch FROM now())")) * 1000 + 30 * 3600_000)
-                               << 80) | (0x7 << 76) | (0x2 << 62))  # fmt: skip
-        await conn.execute(f"INSERT INTO {schema}.eventbus_outbox (id, event_id, topic, payload, status) "
-                           "VALUES ($1, $1, 'Order', '{}', 2)", stray)  # fmt: skip
+        # Relayed rows whose ids lie beyond every partition made land in the default partition: one 30 hours
+        # ahead stays there, one 90 minutes ahead moves to its hour's partition when the relay makes it.
+        now_ms = int((await conn.fetchval("SELECT extract(epoch FROM now())")) * 1000)
+        strays = [uuid.UUID(int=((now_ms + ahead) << 80) | (0x7 << 76) | (0x2 << 62)) for ahead in (30 * 3600_000,
+                                                                                                   90 * 60_000)]
+        for stray in strays:
+            await conn.execute(f"INSERT INTO {schema}.eventbus_outbox (id, event_id, topic, payload, status) "
+                               "VALUES ($1, $1, 'Order', '{}', 2)", stray)  # fmt: skip
+        assert (await _where(conn, eventbus_schema))[("eventbus_outbox_settled_default", 2)] == 2
 
         config = RelayConfig(poll_interval=0.05, retention_interval=0.1)
         bus = EventBus(eventbus_dsn, schema=eventbus_schema, relay_config=config)
@@ -222,7 +233,9 @@ async def test_relay_makes_partitions_ahead_and_retention_drops_old_ones(
         assert sorted(handled) == list(range(10))
         where = await _where(conn, eventbus_schema)
         assert where[("eventbus_outbox_settled_default", 2)] == 1
-        assert where[("eventbus_outbox_history", 2)] == 1000 + 10  # its range reaches the next hour
+        hour = datetime.fromtimestamp(now_ms / 1000 + 90 * 60, UTC).strftime("%Y%m%d%H")
+        assert where[(f"eventbus_outbox_settled_{hour}", 2)] == 1
+        assert _periodic(where) == 1000 + 10 + 1
 
         # Retention: partitions all older than the cutoff go whole (here: a cutoff 3 hours ahead, so the history
         # and this hour's partition are past it); the default partition is purged row by row.

@@ -148,7 +148,8 @@ CREATE TRIGGER eventbus_idempotency BEFORE INSERT ON __schema__.eventbus_outbox_
 -- runs in UTC whatever the caller's time zone (periods are UTC days and hours; a local day can last 23 hours).
 
 -- Make settled partitions, one per period, until they cover `upto`; returns how many were made. Each is made
--- apart and attached (a lock that lets settles go on; the default partition is read, and is nearly always empty).
+-- apart and attached (a lock that lets settles go on; the default partition is locked and read, and is nearly
+-- always empty).
 CREATE FUNCTION __schema__.eventbus_outbox_extend(upto timestamptz) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '200ms'
     SET timezone = 'UTC'
@@ -168,7 +169,10 @@ BEGIN
         EXECUTE format('CREATE TABLE __schema__.%I (LIKE __schema__.eventbus_outbox_settled INCLUDING DEFAULTS '
                        'INCLUDING CONSTRAINTS)', name);
         EXECUTE format('ALTER TABLE __schema__.%I ADD PRIMARY KEY (id)', name);
-        -- Rows settled into the default partition while this period had none (no relay made it in time).
+        -- Rows settled into the default partition while this period had none (no relay made it in time). The
+        -- default partition is locked first, as the ATTACH below would lock it: a row settled into it between the
+        -- move and the ATTACH would fail the ATTACH. Only settles of rows outside every period made wait.
+        LOCK TABLE __schema__.eventbus_outbox_settled_default IN ACCESS EXCLUSIVE MODE;
         EXECUTE format('WITH strays AS (DELETE FROM __schema__.eventbus_outbox_settled_default WHERE id >= %L '
                        'AND id < %L RETURNING *) INSERT INTO __schema__.%I SELECT * FROM strays',
                        __schema__.eventbus_min_id(layout.settled_upto), __schema__.eventbus_min_id(stop), name);
