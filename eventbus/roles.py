@@ -92,6 +92,10 @@ def _statements(schema: str, role: Role) -> list[str]:
     made += [f"GRANT {privileges} ON {quoted}.{table} TO {name}" for table, privileges in role.privileges.items()]
     if role.kind == "relay":
         made.append(partitioned_grants(schema))
+    elif "INSERT" in role.privileges.get("eventbus_outbox", ""):
+        # An outbox row offered with an idempotency key takes it, as the role offering it (partitioned layout).
+        made.append(f"DO $$BEGIN IF to_regclass('{quoted}.eventbus_idempotency_keys') IS NOT NULL THEN "
+                    f"GRANT INSERT ON {quoted}.eventbus_idempotency_keys TO {name}; END IF; END$$")  # fmt: skip
     return made
 
 
@@ -103,7 +107,7 @@ def partitioned_grants(schema: str) -> str:
         f"DO $$BEGIN IF to_regclass('{quoted}.eventbus_layout') IS NOT NULL AND EXISTS (SELECT FROM "
         f"pg_catalog.pg_roles WHERE rolname = '{schema}_relay') THEN "
         f"GRANT SELECT ON {quoted}.eventbus_layout TO {name}; "
-        f"GRANT SELECT, UPDATE, DELETE ON {quoted}.eventbus_idempotency_keys, "
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {quoted}.eventbus_idempotency_keys, "
         f"{quoted}.eventbus_outbox_settled_default TO {name}; "
         f"GRANT EXECUTE ON FUNCTION {quoted}.eventbus_outbox_extend(timestamptz), "
         f"{quoted}.eventbus_outbox_drop_settled(timestamptz) TO {name}; END IF; END$$"

@@ -259,9 +259,12 @@ async def test_roles_keep_their_rights_and_limits_after_the_conversion(
     eventbus_dsn: str, eventbus_schema: str, logins: Logins
 ) -> None:
     """Roles made before the conversion: a producer still writes its own tenant's rows only (and takes keys it
-    has no privilege on the key table for); the relay delivers every tenant and runs the partitions' upkeep."""
+    has no privilege on the key table for); the relay delivers every tenant and runs the partitions' upkeep.
+    A policy of the user's own on the plain outbox is kept whole."""
     conn = await asyncpg.connect(eventbus_dsn)
     try:
+        await conn.execute(f"CREATE POLICY no_13 ON {quote_schema(eventbus_schema)}.eventbus_outbox AS RESTRICTIVE "
+                           "FOR INSERT TO PUBLIC WITH CHECK ((payload ->> 'n') IS DISTINCT FROM '13')")  # fmt: skip
         await migrate(conn, eventbus_schema, partitioning="daily")
     finally:
         await conn.close()
@@ -275,6 +278,9 @@ async def test_roles_keep_their_rights_and_limits_after_the_conversion(
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
             async with producer.transaction() as tx:
                 await tx.publish(Order(3), tenant="beta")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with producer.transaction() as tx:
+                await tx.publish(Order(13))
     by_hand = await asyncpg.connect(as_role(eventbus_dsn, logins.producer["acme"]))
     try:
         await by_hand.execute("SELECT set_config('eventbus.tenant', 'beta', false)")
@@ -443,3 +449,74 @@ async def test_a_relay_running_through_the_conversion_keeps_the_partitions_made(
                     await anyio.sleep(0.05)
     finally:
         await conn.close()
+
+
+async def _settle_all(outbox: OutboxRepository) -> int:
+    settled = 0
+    while batch := await outbox.claim(100, 30.0, "w1"):
+        done = Settlement()
+        for envelope in batch:
+            done.mark(envelope, Status.RELAYED)
+        settled += await outbox.settle("w1", done)
+    return settled
+
+
+async def test_keys_last_while_their_rows_are_pending_and_leave_no_index_behind(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """Retention forgets a key taken before its window only once its row left the live partition; a key it forgot
+    can be taken again by a row that then settles among the history rows holding it (no index of the plain layout
+    is left to refuse that)."""
+    conn = await asyncpg.connect(eventbus_dsn)
+    pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=2)
+    schema = quote_schema(eventbus_schema)
+    try:
+        await conn.execute(_history_sql(eventbus_schema, 2000))
+        await migrate(conn, eventbus_schema, partitioning="daily")
+        outbox = OutboxRepository(pool, eventbus_schema)
+        async with pool.acquire() as c, c.transaction():
+            await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}', idempotency_key="later", delay=86400)])
+        await conn.execute(f"UPDATE {schema}.eventbus_idempotency_keys SET created_at = now() - interval '3 days'")
+        await outbox.purge(timedelta(days=1))
+        keys = await conn.fetch(f"SELECT idempotency_key FROM {schema}.eventbus_idempotency_keys")
+        assert [k["idempotency_key"] for k in keys] == ["later"]  # the settled history's keys are gone
+
+        async with pool.acquire() as c, c.transaction():
+            again = await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 2}', idempotency_key=key)
+                                           for key in ("later", "old-1000")])  # fmt: skip
+        assert [row_id is not None for row_id in again.ids] == [False, True]
+        assert await _settle_all(outbox) == 1
+        where = await _where(conn, eventbus_schema)
+        assert _periodic(where) == 2001 and where[("eventbus_outbox_live", 0)] == 1
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def test_a_producer_learns_nothing_of_another_tenants_keys(
+    eventbus_dsn: str, eventbus_schema: str, logins: Logins
+) -> None:
+    """Offering a row of another tenant is refused alike whether that tenant has taken its key or not."""
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        await migrate(conn, eventbus_schema, partitioning="daily")
+    finally:
+        await conn.close()
+    beta = EventBus(as_role(eventbus_dsn, logins.producer["beta"]), schema=eventbus_schema, migrate=False,
+                    relay=False, tenant="beta")  # fmt: skip
+    async with beta, beta.transaction() as tx:
+        assert await tx.publish(Order(1), idempotency_key="taken") is not None
+    by_hand = await asyncpg.connect(as_role(eventbus_dsn, logins.producer["acme"]))
+    insert = (f"INSERT INTO {quote_schema(eventbus_schema)}.eventbus_outbox (id, event_id, tenant, topic, payload, "
+              "idempotency_key) VALUES ($1, $1, 'beta', 'Order', '{}', $2)")  # fmt: skip
+    try:
+        await by_hand.execute("SELECT set_config('eventbus.tenant', 'acme', false)")
+        for key in ("taken", "free"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+                await by_hand.execute(insert, uuid.uuid4(), key)
+        await by_hand.execute("SELECT set_config('eventbus.tenant', 'beta', false)")  # claiming to be beta
+        for key in ("taken", "free"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+                await by_hand.execute(insert, uuid.uuid4(), key)
+    finally:
+        await by_hand.close()

@@ -39,7 +39,9 @@ CREATE FUNCTION __schema__.eventbus_min_id(moment timestamptz) RETURNS uuid
 ALTER TABLE __schema__.eventbus_outbox RENAME TO eventbus_outbox_history;
 ALTER INDEX __schema__.eventbus_outbox_pkey RENAME TO eventbus_outbox_history_pkey;
 ALTER INDEX __schema__.eventbus_outbox_id_brin RENAME TO eventbus_outbox_history_id_brin;
-ALTER INDEX __schema__.eventbus_outbox_idempotency RENAME TO eventbus_outbox_history_idempotency;
+-- Keys are unique through eventbus_idempotency_keys from now on: a key retention forgot may be taken again by a
+-- row that settles into the history, among the rows that took it before.
+DROP INDEX IF EXISTS __schema__.eventbus_outbox_idempotency;
 
 CREATE TABLE __schema__.eventbus_outbox (LIKE __schema__.eventbus_outbox_history INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
     PARTITION BY LIST (status);
@@ -62,7 +64,7 @@ ALTER TABLE __schema__.eventbus_outbox_live SET (
 WITH moved AS (DELETE FROM __schema__.eventbus_outbox_history WHERE status IN (0, 1) RETURNING *)
 INSERT INTO __schema__.eventbus_outbox_live SELECT * FROM moved;
 
--- What only pending and claimed rows used; the history keeps its primary key, BRIN and idempotency index.
+-- What only pending and claimed rows used; the history keeps its primary key and BRIN index.
 DROP INDEX IF EXISTS __schema__.eventbus_outbox_pending_tenants;
 DROP INDEX IF EXISTS __schema__.eventbus_outbox_pending_targets;
 DROP INDEX IF EXISTS __schema__.eventbus_outbox_pending_events;
@@ -88,51 +90,69 @@ BEGIN
 END
 $convert$;
 
--- Row-level security and privileges as the plain outbox had them (its policy and its grants).
+-- Row-level security and privileges as the plain outbox had them: its policies, whole, and its grants.
 ALTER TABLE __schema__.eventbus_outbox ENABLE ROW LEVEL SECURITY;
 ALTER TABLE __schema__.eventbus_outbox FORCE ROW LEVEL SECURITY;
-DO $convert$
+-- (Onto `target`: the plain outbox's grants of `privileges`, and its policies, or only the one `named`.)
+CREATE FUNCTION pg_temp.eventbus_copy_rights(target regclass, privileges text[], named name DEFAULT NULL)
+    RETURNS void
+    LANGUAGE plpgsql AS $function$
 DECLARE
     p record;
     g record;
 BEGIN
-    FOR p IN SELECT polname, pg_get_expr(polqual, polrelid) AS qual FROM pg_catalog.pg_policy
-             WHERE polrelid = '__schema__.eventbus_outbox_history'::regclass LOOP
-        EXECUTE format('CREATE POLICY %I ON __schema__.eventbus_outbox USING (%s)', p.polname, p.qual);
+    FOR p IN SELECT polname, polpermissive, polcmd, pg_get_expr(polqual, polrelid) AS qual,
+                    pg_get_expr(polwithcheck, polrelid) AS checks,
+                    (SELECT string_agg(CASE r WHEN 0 THEN 'PUBLIC' ELSE quote_ident(r::regrole::text) END, ', ')
+                     FROM unnest(polroles) AS r) AS roles
+             FROM pg_catalog.pg_policy WHERE polrelid = '__schema__.eventbus_outbox_history'::regclass
+               AND (named IS NULL OR polname = named) LOOP
+        EXECUTE format('CREATE POLICY %I ON %s AS %s FOR %s TO %s%s%s', p.polname, target,
+                       CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
+                       CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                     WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                       p.roles, ' USING (' || p.qual || ')', ' WITH CHECK (' || p.checks || ')');
     END LOOP;
-    FOR g IN SELECT a.privilege_type, a.grantee FROM pg_catalog.pg_class AS c, aclexplode(c.relacl) AS a
-             WHERE c.oid = '__schema__.eventbus_outbox_history'::regclass AND a.grantee <> c.relowner LOOP
-        IF g.grantee = 0 THEN
-            EXECUTE format('GRANT %s ON __schema__.eventbus_outbox TO PUBLIC', g.privilege_type);
-        ELSE
-            EXECUTE format('GRANT %s ON __schema__.eventbus_outbox TO %s', g.privilege_type, g.grantee::regrole);
-        END IF;
+    FOR g IN SELECT DISTINCT a.privilege_type, a.grantee FROM pg_catalog.pg_class AS c, aclexplode(c.relacl) AS a
+             WHERE c.oid = '__schema__.eventbus_outbox_history'::regclass AND a.grantee <> c.relowner
+               AND a.privilege_type = ANY (privileges) LOOP
+        EXECUTE format('GRANT %s ON %s TO %s', g.privilege_type, target,
+                       CASE g.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(g.grantee::regrole::text) END);
     END LOOP;
 END
-$convert$;
+$function$;
+SELECT pg_temp.eventbus_copy_rights('__schema__.eventbus_outbox',
+                                    ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']);
 
 -- Producer idempotency across partitions: a key is taken by the first row offered with it, for as long as the
--- outbox keeps rows (retention removes keys with the rows).
+-- outbox keeps rows (retention forgets keys taken before its window whose rows are neither pending nor claimed).
+-- Under the outbox's tenant policy, and insertable by whoever may insert outbox rows: a producer taking a key does so
+-- as itself, so offering another tenant's row fails alike whether that tenant took the key or not.
 CREATE TABLE __schema__.eventbus_idempotency_keys (
     tenant          text        NOT NULL,
     idempotency_key text        NOT NULL,
     event_id        uuid        NOT NULL,
+    row_id          uuid        NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, idempotency_key)
 );
 CREATE INDEX eventbus_idempotency_keys_created_brin ON __schema__.eventbus_idempotency_keys USING brin (created_at);
-INSERT INTO __schema__.eventbus_idempotency_keys (tenant, idempotency_key, event_id, created_at)
-SELECT tenant, idempotency_key, event_id, created_at FROM __schema__.eventbus_outbox
+INSERT INTO __schema__.eventbus_idempotency_keys (tenant, idempotency_key, event_id, row_id, created_at)
+SELECT tenant, idempotency_key, event_id, id, created_at FROM __schema__.eventbus_outbox
 WHERE idempotency_key IS NOT NULL
 ON CONFLICT DO NOTHING;
+ALTER TABLE __schema__.eventbus_idempotency_keys ENABLE ROW LEVEL SECURITY;
+ALTER TABLE __schema__.eventbus_idempotency_keys FORCE ROW LEVEL SECURITY;
+SELECT pg_temp.eventbus_copy_rights('__schema__.eventbus_idempotency_keys', ARRAY['INSERT'], 'eventbus_tenant');
+DROP FUNCTION pg_temp.eventbus_copy_rights(regclass, text[], name);
 
--- Runs as the owner: producers need no privilege on the key table. A row whose key is taken is not inserted
--- (the offer reports it as a repeat, as the plain layout's unique index does).
+-- A row whose key is taken is not inserted (the offer reports it as a repeat, as the plain layout's unique index
+-- does).
 CREATE FUNCTION __schema__.eventbus_take_idempotency_key() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $function$
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $function$
 BEGIN
-    INSERT INTO __schema__.eventbus_idempotency_keys (tenant, idempotency_key, event_id)
-    VALUES (NEW.tenant, NEW.idempotency_key, NEW.event_id)
+    INSERT INTO __schema__.eventbus_idempotency_keys (tenant, idempotency_key, event_id, row_id)
+    VALUES (NEW.tenant, NEW.idempotency_key, NEW.event_id, NEW.id)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
         RETURN NEW;

@@ -611,13 +611,16 @@ WITH doomed AS (
 DELETE FROM __schema__.eventbus_outbox_settled_default AS o USING doomed WHERE o.id = doomed.id;
 
 -- name: idempotency_purge
--- Delete up to $2 idempotency keys taken more than $1 seconds ago (the partitioned layout).
+-- Delete up to $2 idempotency keys taken more than $1 seconds ago whose rows are no longer pending or claimed
+-- (the partitioned layout).
 -- $1 older_than_seconds float8
 -- $2 limit int
 WITH doomed AS (
-    SELECT tenant, idempotency_key FROM __schema__.eventbus_idempotency_keys
-    WHERE created_at < now() - make_interval(secs => $1) LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    SELECT k.tenant, k.idempotency_key FROM __schema__.eventbus_idempotency_keys AS k
+    WHERE k.created_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (SELECT FROM __schema__.eventbus_outbox AS o WHERE o.id = k.row_id AND o.status IN (0, 1))
+    LIMIT $2
+    FOR UPDATE OF k SKIP LOCKED
 )
 DELETE FROM __schema__.eventbus_idempotency_keys AS k USING doomed
 WHERE k.tenant = doomed.tenant AND k.idempotency_key = doomed.idempotency_key;
