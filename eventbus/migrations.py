@@ -24,8 +24,8 @@ from .roles import partitioned_grants
 from .sql import Migration, Queries, contractions, migrations, partitioned_layout, quote_schema
 
 __all__ = [
-    "Partitioning", "check_migrations", "latest_version", "migrate", "pending_migrations", "pending_sql",
-    "schemas_found",
+    "Partitioning", "check_migrations", "latest_version", "migrate", "migration_script", "pending_migrations",
+    "pending_sql", "schemas_found",
 ]  # fmt: skip
 
 #: The partitioned outbox layout, by the span of its settled partitions (see ``eventbus/sql/partitioned.sql``).
@@ -62,14 +62,43 @@ async def pending_sql(
     queries = Queries(schema)
     planned = _planned(await _applied(conn, queries), schema, to, contract)
     if partitioning is not None and await _layout(conn, queries) is None:
-        planned.append(_conversion(schema, partitioning))
+        planned.append(_conversion(schema, partitioning, to))
     return planned
 
 
-def _conversion(schema: str, partitioning: Partitioning) -> Migration:
+def _conversion(schema: str, partitioning: Partitioning, to: int | None = None) -> Migration:
+    """The conversion to the partitioned layout, with the relay role's grants for it."""
     if partitioning not in _PERIODS:
         raise ConfigurationError(f"partitioning {partitioning!r} is not one of 'daily', 'hourly' (or None: plain)")
-    return Migration(0, f"partitioned_outbox ({partitioning})", partitioned_layout(schema, _PERIODS[partitioning]))
+    if to is not None and to < latest_version():
+        raise ConfigurationError(f"partitioning needs every migration (up to {latest_version()}): leave out to={to} "
+                                 "(--to), or migrate in two runs")  # fmt: skip
+    sql = f"{partitioned_layout(schema, _PERIODS[partitioning]).rstrip()}\n\n{partitioned_grants(schema)};\n"
+    return Migration(0, f"partitioned_outbox ({partitioning})", sql)
+
+
+def migration_script(schema: str, planned: list[Migration], *, lock_timeout: float = 2.0) -> str:
+    """``planned`` (from :func:`pending_sql`) as one SQL script that does what :func:`migrate` would do, in one
+    transaction: for ``eventbus migrate --dry-run``, to read, or to run by hand (``psql -1 -f`` is not needed: it
+    has its BEGIN and COMMIT). Unlike :func:`migrate`, it does not try again when a lock is not free in time."""
+    queries = Queries(schema)
+    lock = f"eventbus.migrate.{schema}"  # a schema name is [a-z0-9_]: nothing to escape
+    parts = [
+        "BEGIN;",
+        queries.migrate_lock.replace("$1", f"'{lock}'").rstrip().rstrip(";") + ";",
+        f"SET LOCAL lock_timeout = '{max(1, round(lock_timeout * 1000))}ms';",
+        queries.migrate_prepare.rstrip(),
+    ]
+    for migration in planned:
+        version = -migration.version if migration.contract else migration.version
+        name = f"{migration.name} (contract)" if migration.contract else migration.name
+        title = f"{migration.version:04d}_{name}" if migration.version else name
+        parts.append(f"-- {title}\n{migration.sql.rstrip()}")
+        if migration.version != 0:  # the conversion is recorded in eventbus_layout
+            quoted = "'" + name.replace("'", "''") + "'"
+            parts.append(queries.migrate_record.replace("$1", str(version)).replace("$2", quoted).rstrip())
+    parts.append("COMMIT;")
+    return "\n\n".join(parts) + "\n"
 
 
 async def _layout(conn: Connection, queries: Queries) -> str | None:
@@ -109,7 +138,7 @@ async def migrate(
     the period for the partitions made from then on. The conversion needs every producer and relay to run this
     release or a later one (the release before names a unique index the layout lacks)."""
     if partitioning is not None:
-        _conversion(schema, partitioning)  # refuse a bad value before any lock is taken
+        _conversion(schema, partitioning, to)  # refuse a bad value before any lock is taken
     started = time.monotonic()
     tries = 0
     while True:
@@ -153,8 +182,6 @@ async def _migrate_once(
             period = await _layout(conn, queries)
             if period is None:
                 await conn.execute(_conversion(schema, partitioning).sql)
-                await conn.execute(queries.outbox_extend)
-                await conn.execute(partitioned_grants(schema))
                 done.append(0)
             elif period != _PERIODS[partitioning]:
                 await conn.execute(queries.outbox_set_period, _PERIODS[partitioning])

@@ -57,7 +57,8 @@ def test_migrate_converts_to_the_partitioned_layout_and_status_says_so(
     capsys.readouterr()
     assert main(["migrate", "--dry-run", "--partitioning", "hourly", *common]) == 0
     dry = capsys.readouterr().out
-    assert "-- partitioned outbox (hourly)" in dry and "ATTACH PARTITION" in dry
+    assert "lacks 1 migration(s): partitioned outbox (hourly)." in dry and "ATTACH PARTITION" in dry
+    assert dry.rstrip().endswith("COMMIT;")
     assert main(["status", *common]) == 0
     assert "layout" not in capsys.readouterr().out  # the dry run changed nothing
     assert main(["migrate", "--partitioning", "hourly", *common]) == 0

@@ -17,7 +17,8 @@ import pytest
 from logins import Logins, as_role
 
 from eventbus import Context, Envelope, EventBus, NewEvent, OutboxRepository, RelayConfig, Settlement, Status
-from eventbus.migrations import migrate, pending_sql
+from eventbus.errors import ConfigurationError
+from eventbus.migrations import latest_version, migrate, pending_migrations, pending_sql
 from eventbus.sql import quote_schema
 
 pytestmark = pytest.mark.anyio
@@ -520,3 +521,48 @@ async def test_a_producer_learns_nothing_of_another_tenants_keys(
                 await by_hand.execute(insert, uuid.uuid4(), key)
     finally:
         await by_hand.close()
+
+
+async def test_claimed_rows_keep_their_lease_for_as_long_as_the_conversion_held_their_relay(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    """The conversion waits for its lock behind a writer for a second: the claimed row's lease is a second
+    longer afterwards (its relay could not renew it meanwhile)."""
+    conn = await asyncpg.connect(eventbus_dsn)
+    writer = await asyncpg.connect(eventbus_dsn)
+    pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=2)
+    schema = quote_schema(eventbus_schema)
+    try:
+        outbox = OutboxRepository(pool, eventbus_schema)
+        async with pool.acquire() as c, c.transaction():
+            await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}')])
+        [claimed] = await outbox.claim(1, 30.0, "w1")
+        before = await conn.fetchval(f"SELECT claimed_until FROM {schema}.eventbus_outbox")
+
+        async def hold() -> None:
+            async with writer.transaction():
+                await writer.execute(f"LOCK TABLE {schema}.eventbus_outbox IN ROW EXCLUSIVE MODE")
+                await anyio.sleep(1.0)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold)
+            await anyio.sleep(0.1)
+            await migrate(conn, eventbus_schema, partitioning="daily", lock_timeout=10)
+        after = await conn.fetchval(f"SELECT claimed_until FROM {schema}.eventbus_outbox WHERE id = $1", claimed.id)
+        assert after - before >= timedelta(seconds=0.85)
+    finally:
+        await pool.close()
+        await writer.close()
+        await conn.close()
+
+
+async def test_partitioning_needs_every_migration(eventbus_dsn: str, unmigrated_schema: str) -> None:
+    conn = await asyncpg.connect(eventbus_dsn)
+    try:
+        with pytest.raises(ConfigurationError, match="partitioning needs every migration"):
+            await migrate(conn, unmigrated_schema, to=5, partitioning="daily")
+        with pytest.raises(ConfigurationError, match="partitioning needs every migration"):
+            await pending_sql(conn, unmigrated_schema, to=5, partitioning="daily")
+        assert await pending_migrations(conn, unmigrated_schema) == list(range(1, latest_version() + 1))
+    finally:
+        await conn.close()

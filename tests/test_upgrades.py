@@ -3,6 +3,7 @@ never queue the outbox's traffic behind a lock they wait for."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -212,10 +213,25 @@ def test_migrate_dry_run_prints_the_sql_and_applies_nothing(
     assert [m["name"] for m in listed["pending"]] == [f"{m.version:04d}_{m.name}" for m in migrations(old_schema)]
     assert main(["status", *common]) == 2, "nothing was applied: not even the schema is there"
     assert "not found" in capsys.readouterr().err
-    assert main(["migrate", *common]) == 0
-    capsys.readouterr()
+    # The printed script, run as it is, migrates as `eventbus migrate` would.
+    asyncio.run(_execute(eventbus_dsn, shown))
     assert main(["migrate", "--dry-run", *common]) == 0
     assert "no migration would run" in capsys.readouterr().out
+    assert main(["migrate", "--dry-run", "--partitioning", "daily", *common]) == 0
+    asyncio.run(_execute(eventbus_dsn, capsys.readouterr().out))
+    assert main(["migrate", "--partitioning", "daily", "--json", *common]) == 0
+    assert msgspec.json.decode(capsys.readouterr().out)["applied"] == []
+    assert main(["status", *common]) == 0
+    assert "layout     partitioned (daily)" in capsys.readouterr().out
+
+
+async def _execute(dsn: str, script: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(script)
+        assert not conn.is_in_transaction(), "the script commits"
+    finally:
+        await conn.close()
 
 
 def _release_before(into: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .._driver import connect
-from ..migrations import migrate, pending_sql
+from ..migrations import migrate, migration_script, pending_sql
 from ..roles import apply_roles, role_sql, roles_for
 from ..sql import Migration, contractions, migrations
 from ._common import EXIT_OK, new_bus, schema_of
@@ -39,15 +39,16 @@ async def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     if args.dry_run:
         if args.json:
             out.json({"schema": schema, "pending": [{"name": _name(m, names), "sql": m.sql} for m in pending],
+                      "script": migration_script(schema, pending, lock_timeout=args.lock_timeout) if pending else None,
                       "roles": [] if args.roles is None else role_sql(schema, args.roles)})  # fmt: skip
             return EXIT_OK
         elif pending:
-            out.line(f"-- schema {schema!r} lacks {len(pending)} migration(s); `eventbus migrate` would run, in one "
-                     f"transaction, each statement waiting at most {args.lock_timeout:g} s for its lock:")
-            for m in pending:
-                out.line()
-                out.line(f"-- {_name(m, names)}")
-                out.line(m.sql.rstrip())
+            out.line(f"-- schema {schema!r} lacks {len(pending)} migration(s): "
+                     f"{', '.join(_name(m, names) for m in pending)}. `eventbus migrate` would run this script, in one "
+                     f"transaction, each statement waiting at most {args.lock_timeout:g} s for its lock (and try "
+                     "again when one is busy; the script, run by hand, fails instead):")  # fmt: skip
+            out.line()
+            out.line(migration_script(schema, pending, lock_timeout=args.lock_timeout).rstrip())
         else:
             out.line(f"-- schema {schema!r} is up to date (migration {latest}): no migration would run")
         if args.roles is not None:

@@ -120,7 +120,8 @@ def partitioned_layout(schema: str, period: str) -> str:
     partitions spanning ``period`` ('day' or 'hour')."""
     if period not in ("day", "hour"):
         raise ConfigurationError(f"period {period!r} is not 'day' or 'hour'")
-    return _package_text("partitioned.sql").replace(_PLACEHOLDER, quote_schema(schema)).replace("__period__", period)
+    # The period first: a schema name may hold "__period__" too.
+    return _package_text("partitioned.sql").replace("__period__", period).replace(_PLACEHOLDER, quote_schema(schema))
 
 
 class Queries:

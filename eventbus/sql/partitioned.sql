@@ -167,7 +167,8 @@ CREATE TRIGGER eventbus_idempotency BEFORE INSERT ON __schema__.eventbus_outbox_
 -- the relay role only). Each waits at most 200 ms for a lock and otherwise leaves the work to its next run, and
 -- runs in UTC whatever the caller's time zone (periods are UTC days and hours; a local day can last 23 hours).
 
--- Make settled partitions, one per period, until they cover `upto`; returns how many were made. Each is made
+-- Make settled partitions, one per period, until they cover `upto` (at most 200 in one call); returns how many
+-- were made. Each is made
 -- apart and attached (a lock that lets settles go on; the default partition is locked and read, and is nearly
 -- always empty).
 CREATE FUNCTION __schema__.eventbus_outbox_extend(upto timestamptz) RETURNS integer
@@ -181,7 +182,7 @@ DECLARE
     made integer := 0;
 BEGIN
     SELECT * INTO layout FROM __schema__.eventbus_layout FOR UPDATE;
-    WHILE layout.settled_upto < upto LOOP
+    WHILE layout.settled_upto < upto AND made < 200 LOOP  -- a bounded run, whatever `upto` its caller asks for
         stop := date_trunc(layout.period, layout.settled_upto, 'UTC') + ('1 ' || layout.period)::interval;
         name := 'eventbus_outbox_settled_'
                 || to_char(layout.settled_upto AT TIME ZONE 'UTC',
@@ -236,4 +237,12 @@ $function$;
 REVOKE ALL ON FUNCTION __schema__.eventbus_outbox_extend(timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION __schema__.eventbus_outbox_drop_settled(timestamptz) FROM PUBLIC;
 
+-- The settled partitions of the next two periods.
+SELECT __schema__.eventbus_outbox_extend(now() + 2 * '1 __period__'::interval);
+
 ANALYZE __schema__.eventbus_outbox_live;
+
+-- Claimed rows get their leases back for as long as this transaction has held their relays up (it began before
+-- waiting for its lock): a relay that could not renew meanwhile does not lose its rows to a reclaim.
+UPDATE __schema__.eventbus_outbox_live SET claimed_until = claimed_until + (clock_timestamp() - now())
+WHERE status = 1;
