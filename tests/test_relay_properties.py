@@ -323,6 +323,9 @@ class Outcome:
     effects: dict[int, int]
     stored_ns: set[int]
     unsettled: int
+    #: The tables the outbox's rows lie in (the partitioned layout: its partitions).
+    tables: set[str] = field(default_factory=set)
+    partitioned: bool = False
 
 
 async def run_history(
@@ -456,7 +459,11 @@ async def _collect(conn: asyncpg.Connection, schema: str) -> Outcome:
     effects = {r["n"]: r["count"] for r in await conn.fetch(f"SELECT n, count(*) FROM {s}.effects GROUP BY n")}
     stored = {r["n"] for r in await conn.fetch(f"SELECT (payload->>'n')::int AS n FROM {s}.eventbus_outbox")}
     unsettled = await conn.fetchval(f"SELECT count(*) FROM {s}.eventbus_outbox WHERE status IN (0, 1)")
-    return Outcome(list(letters), effects, stored, unsettled)
+    tables = {r["t"].split(".")[-1] for r in await conn.fetch(
+        f"SELECT DISTINCT tableoid::regclass::text AS t FROM {s}.eventbus_outbox")}  # fmt: skip
+    partitioned = await conn.fetchval("SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass",
+                                      f"{s}.eventbus_outbox")  # fmt: skip
+    return Outcome(list(letters), effects, stored, unsettled, tables, partitioned)
 
 
 # -- the invariants ------------------------------------------------------------------------------------------
@@ -657,6 +664,9 @@ def test_delivery_invariants_hold_on_the_partitioned_outbox(eventbus_dsn: str, h
     taken through its trigger, and claims read it alone."""
     world, outcome = anyio.run(run_history, eventbus_dsn, history, "hourly", backend="asyncio")
     check_invariants(world, outcome)
+    assert outcome.partitioned
+    assert outcome.tables <= {"eventbus_outbox_history", *(t for t in outcome.tables if t.startswith(
+        "eventbus_outbox_settled_2"))}, f"every row settled out of the live partition: {outcome.tables}"  # fmt: skip
 
 
 def test_the_checker_catches_broken_histories() -> None:

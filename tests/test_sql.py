@@ -15,7 +15,7 @@ import pytest
 import eventbus
 from eventbus import ConfigurationError, EventBus, MigrationsMissing, OutboxRepository, check_migrations, migrate
 from eventbus.migrations import latest_version, pending_migrations
-from eventbus.sql import Queries, migrations, quote_schema
+from eventbus.sql import Queries, migrations, partitioned_layout, quote_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -227,3 +227,8 @@ async def test_check_migrations_on_empty_schema_says_how_to_migrate(
     assert await pending_migrations(conn, fresh_schema) == [m.version for m in migrations(fresh_schema)]
     tables, _ = await _schema_objects(conn, fresh_schema)
     assert tables == set(), "checking must not create anything"
+
+
+def test_a_schema_name_holding_the_period_placeholder_stays_itself() -> None:
+    sql = partitioned_layout("a__period__", "day")
+    assert '"a__period__".eventbus_outbox' in sql and '"aday"' not in sql
