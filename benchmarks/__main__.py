@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 import asyncpg
 
-from . import burndown, fanout, isolation, latency, nats, offer, peer, purge, scale, telemetry, tenants
+from . import burndown, fanout, isolation, latency, nats, offer, peer, purge, replay, scale, telemetry, tenants
 from ._common import Outcome, Row, Settings, format_table, machine_info, redact_dsn, row_dicts
 
 Benchmark = Callable[[Settings], Awaitable[Outcome]]
@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, float, float]] = {
     nats.NAME: (nats.run, 120, 400),
     tenants.NAME: (tenants.run, 120, 400),
     scale.NAME: (scale.run, 240, 7200),
+    replay.NAME: (replay.run, 300, 900),
 }
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"

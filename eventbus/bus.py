@@ -502,8 +502,9 @@ class EventBus:
     ) -> None:
         await self.stop()
 
-    async def drain(self, timeout: float = 30.0) -> None:
-        """Wait until every committed event is handled or dead-lettered (no row pending or claimed).
+    async def drain(self, timeout: float = 30.0, *, poll_interval: float = 0.02) -> None:
+        """Wait until every committed event is handled or dead-lettered (no row pending or claimed), looking every
+        ``poll_interval`` seconds.
 
         Raises ``TimeoutError`` saying how many rows are left after ``timeout`` seconds. A connection lost
         meanwhile is replaced and the wait goes on.
@@ -522,7 +523,7 @@ class EventBus:
                     return
                 if self._relay is not None:
                     self._relay.wake()
-                await anyio.sleep(0.02)
+                await anyio.sleep(poll_interval)
         raise TimeoutError(
             f"{left} events were still pending or claimed after {timeout:g} s; is a relay running "
             "(`async with bus:` with subscribers, or `eventbus relay`)? Delayed retries count as pending, and so do "

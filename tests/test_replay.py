@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 
 import anyio
+import asyncpg
 import msgspec
 import pytest
 from hypothesis import strategies as st
@@ -150,3 +151,30 @@ def test_harness_passes_the_same_handler_made_transactional(eventbus_dsn: str) -
         _planted_bus(transactional=True), events=ORDERS, setup=_setup, check=_one_reservation_per_order,
         dsn=eventbus_dsn, max_examples=15,
     )  # fmt: skip
+
+
+def test_each_example_gets_the_schema_as_new(eventbus_dsn: str) -> None:
+    """What a setup made (a table named like eventbus's own included) is gone before the next example's setup,
+    eventbus's tables are empty, and the schema is reused (a setup failing on it would get a new one)."""
+    from eventbus.testing import _prepare, _Scratch
+
+    async def setup(conn: object) -> None:
+        await conn.execute("CREATE TABLE eventbus_audit (n int); INSERT INTO eventbus_audit VALUES (1)")  # type: ignore[attr-defined]
+
+    async def examples() -> None:
+        scratch = _Scratch()
+        conn = await asyncpg.connect(f"{eventbus_dsn}?search_path={scratch.name},public")
+        try:
+            for _ in range(3):
+                await _prepare(conn, scratch, setup)
+                assert await conn.fetchval("SELECT count(*) FROM eventbus_audit") == 1
+                await conn.execute("INSERT INTO eventbus_tenant_roles VALUES ('someone', 'acme')")
+                assert scratch.reuse
+            await _prepare(conn, scratch, None)
+            assert await conn.fetchval("SELECT to_regclass('eventbus_audit')") is None
+            assert await conn.fetchval("SELECT count(*) FROM eventbus_tenant_roles") == 0
+        finally:
+            await conn.execute(f"DROP SCHEMA {scratch.name} CASCADE")
+            await conn.close()
+
+    anyio.run(examples)

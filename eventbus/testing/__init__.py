@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 from hypothesis import HealthCheck, given, note, settings
@@ -130,7 +131,10 @@ def _faulty(sub: Subscription, run: _Run, timeout: float) -> Subscription:
         run.seen.add(ctx.event_id)
         plan = run.plans.get(ctx.event_id, Fault())
         if ctx.attempt in plan.timeout_on:
-            await anyio.sleep(timeout * 10)
+            # What the runtime raises when an attempt passes its deadline, raised at once: the attempt is handled
+            # as a timeout (retried, or dead-lettered as HandlerTimeout) without the example waiting for it.
+            await anyio.lowlevel.checkpoint()
+            raise TimeoutError
         if ctx.attempt in plan.raise_on:
             raise InjectedFault(f"planned failure on attempt {ctx.attempt}")
         args = (event, ctx) if sub.takes_context else (event,)
@@ -143,7 +147,7 @@ def _faulty(sub: Subscription, run: _Run, timeout: float) -> Subscription:
 
     return dataclasses.replace(
         sub, handler=handler, is_async=True, takes_context=True, timeout=timeout,
-        backoff=Backoff(initial=0.01, factor=1.0, jitter=0.0),
+        backoff=Backoff(initial=0.0, factor=1.0, jitter=0.0),
     )  # fmt: skip
 
 
@@ -210,7 +214,7 @@ async def _one_history(
             raise ReplayCheckFailed(f"bus_factory must build EventBus(dsn, schema=schema); it used {bus.schema!r}")
         run = _Run()
         bus.subscriptions = {name: _faulty(sub, run, timeout) for name, sub in bus.subscriptions.items()}
-        bus.relay_config = RelayConfig(poll_interval=0.02, lease=max(2.0, timeout * 5), reclaim_interval=0.2)
+        bus.relay_config = RelayConfig(poll_interval=0.005, lease=max(2.0, timeout * 5), reclaim_interval=0.2)
         committed: list[tuple[uuid.UUID, HistoryStep]] = []
         rolled_back: set[uuid.UUID] = set()
         async with bus:
@@ -225,7 +229,7 @@ async def _one_history(
                     committed.append((row_id, step))
                 except _Rollback:
                     rolled_back.add(row_id)
-            await bus.drain(timeout=60)
+            await bus.drain(timeout=60, poll_interval=0.002)
             again = [bus.encode(s.event, key=s.key) for _, s in committed if s.fault.delivered_twice]
             if again:
                 ids = {i: s for i, s in committed if s.fault.delivered_twice}
@@ -233,7 +237,7 @@ async def _one_history(
                     await tx.offer(
                         [msgspec.structs.replace(new, event_id=i) for new, i in zip(again, ids, strict=True)]
                     )
-                await bus.drain(timeout=60)
+                await bus.drain(timeout=60, poll_interval=0.002)
             replay_ids = {i for i, s in committed if s.fault.replay_dead_letters}
             if replay_ids:
                 letters = [d for d in await bus.dead_letters.list(limit=10_000) if d.event_id in replay_ids]
@@ -241,7 +245,7 @@ async def _one_history(
                     for event_id in {d.event_id for d in letters}:
                         run.plans[event_id] = Fault()  # the dependency recovered
                     await bus.dead_letters.replay(ids=[d.id for d in letters])
-                    await bus.drain(timeout=60)
+                    await bus.drain(timeout=60, poll_interval=0.002)
             letters = await bus.dead_letters.list(limit=10_000)
         problems: list[str] = []
         leaked = rolled_back & run.seen
@@ -302,8 +306,11 @@ def assert_replay_safe(
     puts it first on the ``search_path``, so ``setup(conn)`` can create your tables there and your handlers find
     them unqualified.
     ``check(conn, committed_events)`` is your post-condition (raise ``AssertionError``), run after every
-    delivery has settled. Handler timeouts are set to ``handler_timeout`` and backoff to 10 ms so that a run
-    takes seconds. ``dsn`` defaults to ``EVENTBUS_TEST_DSN``, else the embedded server.
+    delivery has settled. Handler timeouts are set to ``handler_timeout``, retries follow at once, and an attempt
+    planned to time out ends as a timeout at once (the harness raises ``TimeoutError`` before your handler runs,
+    as the runtime does at the deadline), so that an example takes a fraction of a second and a failing run
+    reports its shrunk history in about a minute. ``dsn`` defaults to ``EVENTBUS_TEST_DSN``, else the embedded
+    server.
     """
     if dsn is None:
         import os
