@@ -155,26 +155,35 @@ def test_harness_passes_the_same_handler_made_transactional(eventbus_dsn: str) -
 
 def test_each_example_gets_the_schema_as_new(eventbus_dsn: str) -> None:
     """What a setup made (a table named like eventbus's own included) is gone before the next example's setup,
-    eventbus's tables are empty, and the schema is reused (a setup failing on it would get a new one)."""
-    from eventbus.testing import _prepare, _Scratch
+    eventbus's rows are gone, and the schema and the bus are reused; an example that ends in an error gets a new
+    schema and a new bus."""
+    from eventbus.testing import _Session
 
     async def setup(conn: object) -> None:
         await conn.execute("CREATE TABLE eventbus_audit (n int); INSERT INTO eventbus_audit VALUES (1)")  # type: ignore[attr-defined]
 
     async def examples() -> None:
-        scratch = _Scratch()
-        conn = await asyncpg.connect(f"{eventbus_dsn}?search_path={scratch.name},public")
+        session = _Session(eventbus_dsn, _planted_bus(transactional=True), setup, 0.2)  # type: ignore[arg-type]
         try:
+            conn, first = await session.prepare()
             for _ in range(3):
-                await _prepare(conn, scratch, setup)
                 assert await conn.fetchval("SELECT count(*) FROM eventbus_audit") == 1
                 await conn.execute("INSERT INTO eventbus_tenant_roles VALUES ('someone', 'acme')")
-                assert scratch.reuse
-            await _prepare(conn, scratch, None)
-            assert await conn.fetchval("SELECT to_regclass('eventbus_audit')") is None
-            assert await conn.fetchval("SELECT count(*) FROM eventbus_tenant_roles") == 0
+                async with first.transaction() as tx:
+                    await tx.publish(Ordered("o-1"))
+                assert await session.prepare() == (conn, first)
+                assert await conn.fetchval("SELECT count(*) FROM eventbus_outbox") == 0
+                assert await conn.fetchval("SELECT count(*) FROM eventbus_tenant_roles") == 0
+            await session.discard()
+            again, second = await session.prepare()
+            assert again is conn and second is not first
+            assert await conn.fetchval("SELECT count(*) FROM eventbus_audit") == 1
         finally:
-            await conn.execute(f"DROP SCHEMA {scratch.name} CASCADE")
-            await conn.close()
+            await session.close()
+        probe = await asyncpg.connect(eventbus_dsn)
+        try:
+            assert await probe.fetchval("SELECT to_regnamespace($1)", session.name) is None
+        finally:
+            await probe.close()
 
     anyio.run(examples)

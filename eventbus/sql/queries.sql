@@ -648,17 +648,14 @@ WHERE n.oid = '__schema__'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', '
 ORDER BY c.relkind = 'S';
 
 -- name: replay_reset
--- Make a migrated schema as a fresh one for the next replay example (what replay_leftovers lists dropped first):
--- empty eventbus's tables and free every key partition. DELETE, not TRUNCATE: the tables hold a few rows, and
--- TRUNCATE makes new files for every table and index.
+-- Make a migrated schema as a fresh one for the next replay example (what replay_leftovers lists dropped first),
+-- under the bus the examples share: empty the tables of events, dead letters, inbox and tenant roles (the relay's
+-- registration and partitions stay its own). DELETE, not TRUNCATE: the tables hold a few rows, and TRUNCATE makes
+-- new files for every table and index.
 DELETE FROM __schema__.eventbus_outbox;
 DELETE FROM __schema__.eventbus_dead_letters;
 DELETE FROM __schema__.eventbus_inbox;
-DELETE FROM __schema__.eventbus_relays;
-DELETE FROM __schema__.eventbus_subscriptions;
 DELETE FROM __schema__.eventbus_tenant_roles;
-UPDATE __schema__.eventbus_partitions SET owner = NULL, lease_until = NULL
-WHERE owner IS NOT NULL OR lease_until IS NOT NULL;
 
 -- name: migrate_lock_timeout
 -- Let each statement of this migration transaction wait at most $1 for a table lock.

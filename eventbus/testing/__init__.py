@@ -6,7 +6,8 @@ build, injects faults — a handler that raises or times out on a given attempt,
 replayed — and checks the delivery invariants plus your own post-condition. When it fails, hypothesis shrinks
 the history and it is printed in plain words.
 
-Call it from a plain (synchronous) test function; it runs its own event loop per example.
+Call it from a plain (synchronous) test function; it runs its own event loop, in a thread of its own, for the
+whole run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import msgspec
@@ -124,10 +126,12 @@ class _Run:
     seen: set[uuid.UUID] = field(default_factory=set)
 
 
-def _faulty(sub: Subscription, run: _Run, timeout: float) -> Subscription:
+def _faulty(sub: Subscription, session: _Session, timeout: float) -> Subscription:
+    """``sub`` with the current example's faults (``session.run``) put into its attempts."""
     original = sub.handler
 
     async def handler(event: Any, ctx: Context) -> None:
+        run = session.run
         run.seen.add(ctx.event_id)
         plan = run.plans.get(ctx.event_id, Fault())
         if ctx.attempt in plan.timeout_on:
@@ -156,129 +160,167 @@ async def _maybe(value: Any) -> Any:
 
 
 @dataclass
-class _Scratch:
-    """The schema every example of one run uses: migrated once, then made as a fresh one before each example
-    (what ``setup`` made dropped, eventbus's tables emptied), which costs a fraction of a new migrated schema.
-    Should ``setup`` fail on a reused schema (it makes something the reset does not drop, a type or a
-    function), that example and every later one get a new schema."""
+class _Session:
+    """What one run keeps from example to example, on the event loop it has for the whole run: one schema,
+    migrated once, and one started bus built by ``bus_factory``. Before each example, what ``setup`` made is
+    dropped and eventbus's rows emptied (the relay's registration and partitions stay its own), which costs a
+    fraction of a new migrated schema and a new bus. An example that ends with anything but a clean pass or a
+    failed check stops the bus and gets a new schema for the next one; so does one whose ``setup`` fails on a
+    reused schema (it makes something the reset does not drop, a type or a function)."""
 
+    dsn: str
+    bus_factory: Callable[[str, str], EventBus | Awaitable[EventBus]]
+    setup: Callable[[Connection], Awaitable[None]] | None
+    timeout: float
     name: str = field(default_factory=lambda: f"replay_{uuid.uuid4().hex[:12]}")
     migrated: bool = False
     reuse: bool = True
+    bus: EventBus | None = None
+    admin: Connection | None = None
+    run: _Run = field(default_factory=_Run)
 
+    @property
+    def scoped_dsn(self) -> str:
+        separator = "&" if "?" in self.dsn else "?"
+        return f"{self.dsn}{separator}search_path={self.name},public"
 
-async def _prepare(admin: Connection, scratch: _Scratch, setup: Callable[[Connection], Awaitable[None]] | None) -> None:
-    import asyncpg
+    async def prepare(self) -> tuple[Connection, EventBus]:
+        """The schema as a fresh one, the admin connection and the started bus, for the next example."""
+        import asyncpg
 
-    from ..migrations import migrate
-    from ..sql import Queries, quote_schema
+        from ..migrations import migrate
+        from ..sql import Queries, quote_schema
 
-    queries = Queries(scratch.name)
-    if scratch.migrated and scratch.reuse:
-        for row in await admin.fetch(queries.replay_leftovers):
-            await admin.execute(row["statement"])
-        await admin.execute(queries.replay_reset)
+        if self.admin is None:
+            self.admin = await asyncpg.connect(self.scoped_dsn)
+        admin = self.admin
+        if self.migrated and self.reuse:
+            queries = Queries(self.name)
+            for row in await admin.fetch(queries.replay_leftovers):
+                await admin.execute(row["statement"])
+            await admin.execute(queries.replay_reset)
+            try:
+                if self.setup is not None:
+                    await self.setup(admin)
+                return admin, await self._started()
+            except asyncpg.PostgresError:
+                pass  # a new schema, below
+        await self.close_bus()
+        if self.migrated:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(self.name)} CASCADE")
+        await migrate(admin, self.name)
+        self.migrated = self.reuse = True
+        if self.setup is not None:
+            await self.setup(admin)
+        return admin, await self._started()
+
+    async def _started(self) -> EventBus:
+        if self.bus is not None:
+            return self.bus
+        bus: EventBus = await _maybe(self.bus_factory(self.scoped_dsn, self.name))
+        if bus.schema != self.name:
+            raise ReplayCheckFailed(f"bus_factory must build EventBus(dsn, schema=schema); it used {bus.schema!r}")
+        bus.subscriptions = {name: _faulty(sub, self, self.timeout) for name, sub in bus.subscriptions.items()}
+        bus.relay_config = RelayConfig(poll_interval=0.005, lease=max(2.0, self.timeout * 5), reclaim_interval=0.2)
+        await bus.start()
+        self.bus = bus
+        return bus
+
+    async def close_bus(self) -> None:
+        bus, self.bus = self.bus, None
+        if bus is not None:
+            with anyio.CancelScope(shield=True):
+                await bus.stop()
+
+    async def discard(self) -> None:
+        """After an example that did not end cleanly: a new bus and a new schema for the next one."""
+        await self.close_bus()
+        self.reuse = False
+
+    async def close(self) -> None:
+        from ..sql import quote_schema
+
         try:
-            if setup is not None:
-                await setup(admin)
-            return
-        except asyncpg.PostgresError:
-            scratch.reuse = False
-    if scratch.migrated:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(scratch.name)} CASCADE")
-    await migrate(admin, scratch.name)
-    scratch.migrated = True
-    if setup is not None:
-        await setup(admin)
+            await self.close_bus()
+        finally:
+            if self.admin is not None:
+                admin, self.admin = self.admin, None
+                try:
+                    if self.migrated:
+                        await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(self.name)} CASCADE")
+                finally:
+                    await admin.close()
 
 
 async def _one_history(
     history: Sequence[HistoryStep],
-    bus_factory: Callable[[str, str], EventBus | Awaitable[EventBus]],
-    dsn: str,
-    setup: Callable[[Connection], Awaitable[None]] | None,
+    session: _Session,
     check: Callable[[Connection, list[Any]], Awaitable[None]] | None,
-    timeout: float,
-    scratch: _Scratch,
 ) -> None:
-    import asyncpg
-
-    schema = scratch.name
-    separator = "&" if "?" in dsn else "?"
-    scoped_dsn = f"{dsn}{separator}search_path={schema},public"
-    admin = await asyncpg.connect(scoped_dsn)
     try:
-        await _prepare(admin, scratch, setup)
-        bus = await _maybe(bus_factory(scoped_dsn, schema))
-        if bus.schema != schema:
-            raise ReplayCheckFailed(f"bus_factory must build EventBus(dsn, schema=schema); it used {bus.schema!r}")
-        run = _Run()
-        bus.subscriptions = {name: _faulty(sub, run, timeout) for name, sub in bus.subscriptions.items()}
-        bus.relay_config = RelayConfig(poll_interval=0.005, lease=max(2.0, timeout * 5), reclaim_interval=0.2)
-        committed: list[tuple[uuid.UUID, HistoryStep]] = []
-        rolled_back: set[uuid.UUID] = set()
-        async with bus:
-            for step in history:
-                try:
-                    async with bus.transaction() as tx:
-                        row_id = await tx.publish(step.event, key=step.key)
-                        assert row_id is not None
-                        run.plans[row_id] = step.fault
-                        if not step.commit:
-                            raise _Rollback
-                    committed.append((row_id, step))
-                except _Rollback:
-                    rolled_back.add(row_id)
+        await _play(history, session, check)
+    except ReplayCheckFailed:
+        raise
+    except BaseException:
+        await session.discard()
+        raise
+
+
+async def _play(
+    history: Sequence[HistoryStep],
+    session: _Session,
+    check: Callable[[Connection, list[Any]], Awaitable[None]] | None,
+) -> None:
+    admin, bus = await session.prepare()
+    run = session.run = _Run()
+    committed: list[tuple[uuid.UUID, HistoryStep]] = []
+    rolled_back: set[uuid.UUID] = set()
+    for step in history:
+        try:
+            async with bus.transaction() as tx:
+                row_id = await tx.publish(step.event, key=step.key)
+                assert row_id is not None
+                run.plans[row_id] = step.fault
+                if not step.commit:
+                    raise _Rollback
+            committed.append((row_id, step))
+        except _Rollback:
+            assert row_id is not None
+            rolled_back.add(row_id)
+    await bus.drain(timeout=60, poll_interval=0.002)
+    again = [bus.encode(s.event, key=s.key) for _, s in committed if s.fault.delivered_twice]
+    if again:
+        ids = {i: s for i, s in committed if s.fault.delivered_twice}
+        async with bus.transaction() as tx:
+            await tx.offer([msgspec.structs.replace(new, event_id=i) for new, i in zip(again, ids, strict=True)])
+        await bus.drain(timeout=60, poll_interval=0.002)
+    replay_ids = {i for i, s in committed if s.fault.replay_dead_letters}
+    if replay_ids:
+        letters = [d for d in await bus.dead_letters.list(limit=10_000) if d.event_id in replay_ids]
+        if letters:
+            for event_id in {d.event_id for d in letters}:
+                run.plans[event_id] = Fault()  # the dependency recovered
+            await bus.dead_letters.replay(ids=[d.id for d in letters])
             await bus.drain(timeout=60, poll_interval=0.002)
-            again = [bus.encode(s.event, key=s.key) for _, s in committed if s.fault.delivered_twice]
-            if again:
-                ids = {i: s for i, s in committed if s.fault.delivered_twice}
-                async with bus.transaction() as tx:
-                    await tx.offer(
-                        [msgspec.structs.replace(new, event_id=i) for new, i in zip(again, ids, strict=True)]
-                    )
-                await bus.drain(timeout=60, poll_interval=0.002)
-            replay_ids = {i for i, s in committed if s.fault.replay_dead_letters}
-            if replay_ids:
-                letters = [d for d in await bus.dead_letters.list(limit=10_000) if d.event_id in replay_ids]
-                if letters:
-                    for event_id in {d.event_id for d in letters}:
-                        run.plans[event_id] = Fault()  # the dependency recovered
-                    await bus.dead_letters.replay(ids=[d.id for d in letters])
-                    await bus.drain(timeout=60, poll_interval=0.002)
-            letters = await bus.dead_letters.list(limit=10_000)
-        problems: list[str] = []
-        leaked = rolled_back & run.seen
-        if leaked:
-            problems.append(f"{len(leaked)} events from rolled-back transactions were delivered")
-        dead = {(d.subscriber, d.event_id) for d in letters if d.replayed_at is None}
-        for row_id, step in committed:
-            for name, sub in bus.subscriptions.items():
-                if step.event.__class__ not in sub.event_types:
-                    continue
-                if run.completed.get((name, row_id), 0) == 0 and (name, row_id) not in dead:
-                    problems.append(f"{name} never handled {step.event!r} and it is not in the dead-letter table")
-        if check is not None:
-            try:
-                await check(admin, [s.event for _, s in committed])
-            except AssertionError as exc:
-                problems.append(f"your check failed: {exc}")
-        if problems:
-            raise ReplayCheckFailed("; ".join(problems))
-    finally:
-        await admin.close()
-
-
-async def _drop(dsn: str, schema: str) -> None:
-    import asyncpg
-
-    from ..sql import quote_schema
-
-    admin = await asyncpg.connect(dsn)
-    try:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(schema)} CASCADE")
-    finally:
-        await admin.close()
+    letters = await bus.dead_letters.list(limit=10_000)
+    problems: list[str] = []
+    leaked = rolled_back & run.seen
+    if leaked:
+        problems.append(f"{len(leaked)} events from rolled-back transactions were delivered")
+    dead = {(d.subscriber, d.event_id) for d in letters if d.replayed_at is None}
+    for row_id, step in committed:
+        for name, sub in bus.subscriptions.items():
+            if step.event.__class__ not in sub.event_types:
+                continue
+            if run.completed.get((name, row_id), 0) == 0 and (name, row_id) not in dead:
+                problems.append(f"{name} never handled {step.event!r} and it is not in the dead-letter table")
+    if check is not None:
+        try:
+            await check(admin, [s.event for _, s in committed])
+        except AssertionError as exc:
+            problems.append(f"your check failed: {exc}")
+    if problems:
+        raise ReplayCheckFailed("; ".join(problems))
 
 
 class _Rollback(Exception):
@@ -301,15 +343,15 @@ def assert_replay_safe(
     """Check that your handlers are safe under retries, timeouts, duplicate deliveries and replays.
 
     ``bus_factory(dsn, schema)`` builds your ``EventBus`` (``EventBus(dsn, schema=schema)`` plus your
-    ``@bus.subscribe`` handlers); each example gets a schema as a fresh one (one schema serves the whole run:
-    before each example, what your ``setup`` made there is dropped and eventbus's tables are emptied), and ``dsn``
-    puts it first on the ``search_path``, so ``setup(conn)`` can create your tables there and your handlers find
-    them unqualified.
+    ``@bus.subscribe`` handlers); each example gets a schema as a fresh one (one schema and one started bus serve
+    the whole run: before each example, what your ``setup`` made there is dropped and eventbus's rows are
+    emptied; an example that ends in an error gets a new schema and a new bus), and ``dsn`` puts it first on the
+    ``search_path``, so ``setup(conn)`` can create your tables there and your handlers find them unqualified.
     ``check(conn, committed_events)`` is your post-condition (raise ``AssertionError``), run after every
     delivery has settled. Handler timeouts are set to ``handler_timeout``, retries follow at once, and an attempt
     planned to time out ends as a timeout at once (the harness raises ``TimeoutError`` before your handler runs,
-    as the runtime does at the deadline), so that an example takes a fraction of a second and a failing run
-    reports its shrunk history in about a minute. ``dsn`` defaults to ``EVENTBUS_TEST_DSN``, else the embedded
+    as the runtime does at the deadline), so that an example takes about a tenth of a second and a failing run
+    reports its shrunk history in well under a minute. ``dsn`` defaults to ``EVENTBUS_TEST_DSN``, else the embedded
     server.
     """
     if dsn is None:
@@ -320,20 +362,20 @@ def assert_replay_safe(
             from .._embedded import _start, default_data_dir
 
             dsn = _start(default_data_dir())
-    resolved_dsn = dsn
 
-    @settings(
-        max_examples=max_examples, deadline=None, database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )  # fmt: skip
-    @given(histories(events, keys=keys, faults=faults, max_size=max_events))
-    def replay_safe(history: list[HistoryStep]) -> None:
-        note("history, in words:\n" + "\n".join(f"  {n}. {s.words()}" for n, s in enumerate(history, 1)))
-        anyio.run(_one_history, history, bus_factory, resolved_dsn, setup, check, handler_timeout, scratch)
+    with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal:
+        session = _Session(dsn, bus_factory, setup, handler_timeout)
 
-    scratch = _Scratch()
-    try:
-        replay_safe()
-    finally:
-        if scratch.migrated:
-            anyio.run(_drop, resolved_dsn, scratch.name)
+        @settings(
+            max_examples=max_examples, deadline=None, database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )  # fmt: skip
+        @given(histories(events, keys=keys, faults=faults, max_size=max_events))
+        def replay_safe(history: list[HistoryStep]) -> None:
+            note("history, in words:\n" + "\n".join(f"  {n}. {s.words()}" for n, s in enumerate(history, 1)))
+            portal.call(_one_history, history, session, check)
+
+        try:
+            replay_safe()
+        finally:
+            portal.call(session.close)
