@@ -1,6 +1,11 @@
-"""The pytest plugin's fixtures work from sync tests and from async ones."""
+"""The pytest plugin's fixtures work from sync tests and from async ones, and leave no schema behind."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -46,3 +51,26 @@ def test_the_schema_fixture_serves_a_sync_test(eventbus_dsn: str, eventbus_schem
 async def test_the_schema_fixture_serves_an_async_test(eventbus_dsn: str, eventbus_schema: str) -> None:
     assert await _tables(eventbus_dsn, eventbus_schema) > 0
     assert await _round_trip(eventbus_dsn, eventbus_schema) == ["ada"]
+
+
+def test_the_schema_fixture_drops_its_schema_afterwards(eventbus_dsn: str, tmp_path: Path) -> None:
+    """An inner pytest run, as a user's project runs the plugin: its test's schema is gone once the run ends."""
+    seen = tmp_path / "schema.txt"
+    (tmp_path / "test_inner.py").write_text(
+        "def test_inner(eventbus_schema):\n"
+        f"    open({str(seen)!r}, 'w').write(eventbus_schema)\n"
+    )
+    env = {**os.environ, "EVENTBUS_TEST_DSN": eventbus_dsn}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    schema = seen.read_text()
+    assert schema and anyio.run(_exists, eventbus_dsn, schema) is False
+
+
+async def _exists(dsn: str, schema: str) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return bool(await conn.fetchval("SELECT to_regnamespace($1) IS NOT NULL", schema))
+    finally:
+        await conn.close()
