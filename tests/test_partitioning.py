@@ -494,6 +494,28 @@ async def test_keys_last_while_their_rows_are_pending_and_leave_no_index_behind(
         await conn.close()
 
 
+async def test_grants_to_roles_whose_names_need_quotes_survive_the_conversion(
+    eventbus_dsn: str, eventbus_schema: str
+) -> None:
+    role = f"Rv_{uuid.uuid4().hex[:8]}-App"  # capitals and a dash: a quoted identifier
+    conn = await asyncpg.connect(eventbus_dsn)
+    schema = quote_schema(eventbus_schema)
+    try:
+        await conn.execute(f'CREATE ROLE "{role}"')
+        await conn.execute(f'GRANT SELECT, INSERT ON {schema}.eventbus_outbox TO "{role}"')
+        await migrate(conn, eventbus_schema, partitioning="daily")
+        rights = await conn.fetchrow(
+            "SELECT has_table_privilege($1, $2, 'INSERT') AS outbox, has_table_privilege($1, $3, 'INSERT') AS keys, "
+            "has_table_privilege($1, $2, 'DELETE') AS deletes",
+            role, f"{schema}.eventbus_outbox", f"{schema}.eventbus_idempotency_keys",
+        )  # fmt: skip
+        assert dict(rights) == {"outbox": True, "keys": True, "deletes": False}
+    finally:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await conn.close()
+
+
 async def test_a_producer_learns_nothing_of_another_tenants_keys(
     eventbus_dsn: str, eventbus_schema: str, logins: Logins
 ) -> None:
@@ -526,30 +548,37 @@ async def test_a_producer_learns_nothing_of_another_tenants_keys(
 async def test_claimed_rows_keep_their_lease_for_as_long_as_the_conversion_held_their_relay(
     eventbus_dsn: str, eventbus_schema: str
 ) -> None:
-    """The conversion waits for its lock behind a writer for a second: the claimed row's lease is a second
-    longer afterwards (its relay could not renew it meanwhile)."""
+    """The conversion waits for its lock behind a writer for a second, and the claimed row's renewal waits behind
+    the conversion: the lease is a second longer afterwards all the same. A lease that had run out stays so."""
     conn = await asyncpg.connect(eventbus_dsn)
     writer = await asyncpg.connect(eventbus_dsn)
-    pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(eventbus_dsn, min_size=1, max_size=3)
     schema = quote_schema(eventbus_schema)
     try:
         outbox = OutboxRepository(pool, eventbus_schema)
         async with pool.acquire() as c, c.transaction():
-            await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}')])
+            await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}') for _ in range(2)])
         [claimed] = await outbox.claim(1, 30.0, "w1")
-        before = await conn.fetchval(f"SELECT claimed_until FROM {schema}.eventbus_outbox")
+        [expired] = await outbox.claim(1, 0.01, "w2")
+        lease_of = f"SELECT claimed_until FROM {schema}.eventbus_outbox WHERE id = $1"
+        before, ran_out = await conn.fetchval(lease_of, claimed.id), await conn.fetchval(lease_of, expired.id)
 
         async def hold() -> None:
             async with writer.transaction():
                 await writer.execute(f"LOCK TABLE {schema}.eventbus_outbox IN ROW EXCLUSIVE MODE")
                 await anyio.sleep(1.0)
 
+        async def renew() -> None:
+            await anyio.sleep(0.3)  # behind the conversion's lock request
+            await outbox.renew("w1", [claimed.id], 30.0)
+
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(hold)
+            tasks.start_soon(renew)
             await anyio.sleep(0.1)
             await migrate(conn, eventbus_schema, partitioning="daily", lock_timeout=10)
-        after = await conn.fetchval(f"SELECT claimed_until FROM {schema}.eventbus_outbox WHERE id = $1", claimed.id)
-        assert after - before >= timedelta(seconds=0.85)
+        assert await conn.fetchval(lease_of, claimed.id) - before >= timedelta(seconds=0.85)
+        assert await conn.fetchval(lease_of, expired.id) == ran_out
     finally:
         await pool.close()
         await writer.close()

@@ -103,7 +103,7 @@ DECLARE
 BEGIN
     FOR p IN SELECT polname, polpermissive, polcmd, pg_get_expr(polqual, polrelid) AS qual,
                     pg_get_expr(polwithcheck, polrelid) AS checks,
-                    (SELECT string_agg(CASE r WHEN 0 THEN 'PUBLIC' ELSE quote_ident(r::regrole::text) END, ', ')
+                    (SELECT string_agg(CASE r WHEN 0 THEN 'PUBLIC' ELSE r::regrole::text END, ', ')
                      FROM unnest(polroles) AS r) AS roles
              FROM pg_catalog.pg_policy WHERE polrelid = '__schema__.eventbus_outbox_history'::regclass
                AND (named IS NULL OR polname = named) LOOP
@@ -113,11 +113,12 @@ BEGIN
                                      WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
                        p.roles, ' USING (' || p.qual || ')', ' WITH CHECK (' || p.checks || ')');
     END LOOP;
-    FOR g IN SELECT DISTINCT a.privilege_type, a.grantee FROM pg_catalog.pg_class AS c, aclexplode(c.relacl) AS a
-             WHERE c.oid = '__schema__.eventbus_outbox_history'::regclass AND a.grantee <> c.relowner
-               AND a.privilege_type = ANY (privileges) LOOP
+    -- Its owner's rights too (the new tables belong to the role migrating, which need not be the owner).
+    FOR g IN SELECT DISTINCT a.privilege_type, a.grantee
+             FROM pg_catalog.pg_class AS c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) AS a
+             WHERE c.oid = '__schema__.eventbus_outbox_history'::regclass AND a.privilege_type = ANY (privileges) LOOP
         EXECUTE format('GRANT %s ON %s TO %s', g.privilege_type, target,
-                       CASE g.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(g.grantee::regrole::text) END);
+                       CASE g.grantee WHEN 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
     END LOOP;
 END
 $function$;
@@ -243,6 +244,7 @@ SELECT __schema__.eventbus_outbox_extend(now() + 2 * '1 __period__'::interval);
 ANALYZE __schema__.eventbus_outbox_live;
 
 -- Claimed rows get their leases back for as long as this transaction has held their relays up (it began before
--- waiting for its lock): a relay that could not renew meanwhile does not lose its rows to a reclaim.
+-- waiting for its lock): a relay that could not renew meanwhile does not lose its rows to a reclaim (a renewal
+-- that waited behind the conversion never shortens a lease). Leases that had run out stay run out.
 UPDATE __schema__.eventbus_outbox_live SET claimed_until = claimed_until + (clock_timestamp() - now())
-WHERE status = 1;
+WHERE status = 1 AND claimed_until >= now();

@@ -290,7 +290,8 @@ WITH mine AS (
     FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE __schema__.eventbus_outbox
-SET claimed_until = now() + make_interval(secs => $3)
+-- Never shorter than it is: a renewal that waited (behind the partitioned conversion, say) began earlier.
+SET claimed_until = greatest(claimed_until, now() + make_interval(secs => $3))
 WHERE id = ANY(ARRAY(SELECT id FROM mine));
 
 -- name: reclaim
