@@ -58,11 +58,16 @@ async def pending_sql(
 ) -> list[Migration]:  # fmt: skip
     """The migrations :func:`migrate` would apply to ``schema`` (up to version ``to``), with their SQL; with
     ``contract``, then the contract steps it would run; with ``partitioning``, then the conversion of the outbox
-    (version 0), unless it has that layout already."""
+    (version 0), unless it has that layout already (then the change of its period, if it has another)."""
     queries = Queries(schema)
     planned = _planned(await _applied(conn, queries), schema, to, contract)
-    if partitioning is not None and await _layout(conn, queries) is None:
-        planned.append(_conversion(schema, partitioning, to))
+    if partitioning is not None:
+        period = await _layout(conn, queries)
+        if period is None:
+            planned.append(_conversion(schema, partitioning, to))
+        elif period != _PERIODS[partitioning]:
+            sql = queries.outbox_set_period.replace("$1", f"'{_PERIODS[partitioning]}'").rstrip() + "\n"
+            planned.append(Migration(0, f"partitioning period ({partitioning})", sql))
     return planned
 
 
@@ -74,7 +79,7 @@ def _conversion(schema: str, partitioning: Partitioning, to: int | None = None) 
         raise ConfigurationError(f"partitioning needs every migration (up to {latest_version()}): leave out to={to} "
                                  "(--to), or migrate in two runs")  # fmt: skip
     sql = f"{partitioned_layout(schema, _PERIODS[partitioning]).rstrip()}\n\n{partitioned_grants(schema)};\n"
-    return Migration(0, f"partitioned_outbox ({partitioning})", sql)
+    return Migration(0, f"partitioned outbox ({partitioning})", sql)
 
 
 def migration_script(schema: str, planned: list[Migration], *, lock_timeout: float = 2.0) -> str:

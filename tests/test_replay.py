@@ -155,28 +155,34 @@ def test_harness_passes_the_same_handler_made_transactional(eventbus_dsn: str) -
 
 def test_each_example_gets_the_schema_as_new(eventbus_dsn: str) -> None:
     """What a setup made (a table named like eventbus's own included) is gone before the next example's setup,
-    eventbus's rows are gone, and the schema and the bus are reused; an example that ends in an error gets a new
-    schema and a new bus."""
+    eventbus's rows are gone, and the schema and the bus are reused; setup and check get a new connection each
+    example (its temporary table and settings go with it); an example that ends in an error gets a new schema
+    and a new bus."""
     from eventbus.testing import _Session
 
     async def setup(conn: object) -> None:
-        await conn.execute("CREATE TABLE eventbus_audit (n int); INSERT INTO eventbus_audit VALUES (1)")  # type: ignore[attr-defined]
+        await conn.execute(  # type: ignore[attr-defined]
+            "CREATE TABLE eventbus_audit (n int); INSERT INTO eventbus_audit VALUES (1); "
+            "CREATE TEMP TABLE scratch (n int); SET work_mem = '8MB'"  # what a session keeps
+        )
 
     async def examples() -> None:
         session = _Session(eventbus_dsn, _planted_bus(transactional=True), setup, 0.2)  # type: ignore[arg-type]
         try:
             conn, first = await session.prepare()
             for _ in range(3):
+                assert await conn.fetchval("SHOW work_mem") == "8MB"
                 assert await conn.fetchval("SELECT count(*) FROM eventbus_audit") == 1
                 await conn.execute("INSERT INTO eventbus_tenant_roles VALUES ('someone', 'acme')")
                 async with first.transaction() as tx:
                     await tx.publish(Ordered("o-1"))
-                assert await session.prepare() == (conn, first)
+                conn, bus = await session.prepare()
+                assert bus is first and session.reuse
                 assert await conn.fetchval("SELECT count(*) FROM eventbus_outbox") == 0
                 assert await conn.fetchval("SELECT count(*) FROM eventbus_tenant_roles") == 0
             await session.discard()
-            again, second = await session.prepare()
-            assert again is conn and second is not first
+            conn, second = await session.prepare()
+            assert second is not first
             assert await conn.fetchval("SELECT count(*) FROM eventbus_audit") == 1
         finally:
             await session.close()

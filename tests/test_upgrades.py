@@ -223,6 +223,10 @@ def test_migrate_dry_run_prints_the_sql_and_applies_nothing(
     assert msgspec.json.decode(capsys.readouterr().out)["applied"] == []
     assert main(["status", *common]) == 0
     assert "layout     partitioned (daily)" in capsys.readouterr().out
+    assert main(["migrate", "--dry-run", "--partitioning", "hourly", *common]) == 0
+    asyncio.run(_execute(eventbus_dsn, capsys.readouterr().out))
+    assert main(["status", *common]) == 0
+    assert "layout     partitioned (hourly)" in capsys.readouterr().out
 
 
 async def _execute(dsn: str, script: str) -> None:

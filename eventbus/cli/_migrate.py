@@ -15,6 +15,8 @@ __all__ = ["cmd_migrate"]
 
 
 def _name(migration: Migration, names: dict[int, str]) -> str:
+    if migration.version == 0:  # the partitioned layout's conversion, or the change of its period
+        return migration.name
     return names[-migration.version if migration.contract else migration.version]
 
 

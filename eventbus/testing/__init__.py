@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ __all__ = [
     "fault_plans",
     "histories",
 ]
+
+log = logging.getLogger("eventbus.testing")
 
 
 def events_of(cls: type[msgspec.Struct], **overrides: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -191,9 +194,10 @@ class _Session:
         from ..migrations import migrate
         from ..sql import Queries, quote_schema
 
-        if self.admin is None:
-            self.admin = await asyncpg.connect(self.scoped_dsn)
-        admin = self.admin
+        # A connection of its own per example: what setup or check left in their session (a temporary table, a
+        # setting, a role) goes with it.
+        await self._close_admin()
+        admin = self.admin = await asyncpg.connect(self.scoped_dsn)
         if self.migrated and self.reuse:
             queries = Queries(self.name)
             for row in await admin.fetch(queries.replay_leftovers):
@@ -232,24 +236,40 @@ class _Session:
             with anyio.CancelScope(shield=True):
                 await bus.stop()
 
+    async def _close_admin(self) -> None:
+        admin, self.admin = self.admin, None
+        if admin is not None:
+            try:
+                await admin.close(timeout=5)
+            except Exception:
+                admin.terminate()
+
     async def discard(self) -> None:
-        """After an example that did not end cleanly: a new bus and a new schema for the next one."""
-        await self.close_bus()
+        """After an example that did not end cleanly: a new bus and a new schema for the next one. What goes
+        wrong stopping the bus is logged, not raised: the example's own error is the one to report."""
         self.reuse = False
+        try:
+            await self.close_bus()
+        except Exception:
+            log.warning("could not stop the bus of a failed replay example", exc_info=True)
+        await self._close_admin()
 
     async def close(self) -> None:
+        """Stop the bus and drop the schema (on a connection of its own), at the end of the run."""
+        import asyncpg
+
         from ..sql import quote_schema
 
         try:
             await self.close_bus()
         finally:
-            if self.admin is not None:
-                admin, self.admin = self.admin, None
+            await self._close_admin()
+            if self.migrated:
+                conn = await asyncpg.connect(self.dsn)
                 try:
-                    if self.migrated:
-                        await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(self.name)} CASCADE")
+                    await conn.execute(f"DROP SCHEMA IF EXISTS {quote_schema(self.name)} CASCADE")
                 finally:
-                    await admin.close()
+                    await conn.close()
 
 
 async def _one_history(
@@ -347,6 +367,9 @@ def assert_replay_safe(
     the whole run: before each example, what your ``setup`` made there is dropped and eventbus's rows are
     emptied; an example that ends in an error gets a new schema and a new bus), and ``dsn`` puts it first on the
     ``search_path``, so ``setup(conn)`` can create your tables there and your handlers find them unqualified.
+    ``setup`` and ``check`` get a new connection each example. Since the bus is built once per run, whatever your
+    handlers keep in memory (a counter, a cache) lasts from one example to the next: keep such state in your
+    tables, or reset it in ``setup``.
     ``check(conn, committed_events)`` is your post-condition (raise ``AssertionError``), run after every
     delivery has settled. Handler timeouts are set to ``handler_timeout``, retries follow at once, and an attempt
     planned to time out ends as a timeout at once (the harness raises ``TimeoutError`` before your handler runs,
@@ -377,5 +400,11 @@ def assert_replay_safe(
 
         try:
             replay_safe()
-        finally:
-            portal.call(session.close)
+        except BaseException:
+            # The report is hypothesis's: a failure to clean up after it is logged, not raised instead of it.
+            try:
+                portal.call(session.close)
+            except Exception:
+                log.warning("could not stop the replay run's bus or drop its schema %r", session.name, exc_info=True)
+            raise
+        portal.call(session.close)
