@@ -203,8 +203,9 @@ async def _statement(pool: asyncpg.Pool) -> AsyncIterator[Any]:
 SERIALIZATION_TRIES = 8
 
 
-async def _run(pool: asyncpg.Pool, method: str, query: str, args: tuple[Any, ...]) -> Any:
-    """One statement in a transaction of its own, run again when it fails to serialize (SQLSTATE 40001).
+async def _run(pool: asyncpg.Pool, statement: Callable[[Any], Awaitable[Any]]) -> Any:
+    """``statement(conn)``, one statement in a transaction of its own, run again when it fails to serialize
+    (SQLSTATE 40001).
 
     With the partitioned outbox, a settle moves its rows out of the live partition; a statement that read such a
     row before that commit and then locks it (a renew, a reclaim, a claim) cannot follow it to its new
@@ -213,30 +214,30 @@ async def _run(pool: asyncpg.Pool, method: str, query: str, args: tuple[Any, ...
     for tries in range(1, SERIALIZATION_TRIES + 1):
         try:
             async with _statement(pool) as conn:
-                return await getattr(conn, method)(query, *args)
+                return await statement(conn)
         except asyncpg.SerializationError:
             if tries == SERIALIZATION_TRIES:
                 raise
-            await anyio.sleep(random.uniform(0, 0.001 * 2**tries))
+            await anyio.sleep(random.uniform(0, 0.001 * 2**tries))  # up to 2 ms, then 4, 8, ...
     raise AssertionError("unreachable")
 
 
 async def fetch(pool: asyncpg.Pool, query: str, *args: Any) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await _run(pool, "fetch", query, args)
+    rows: list[asyncpg.Record] = await _run(pool, lambda conn: conn.fetch(query, *args))
     return rows
 
 
 async def fetchrow(pool: asyncpg.Pool, query: str, *args: Any) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await _run(pool, "fetchrow", query, args)
+    row: asyncpg.Record | None = await _run(pool, lambda conn: conn.fetchrow(query, *args))
     return row
 
 
 async def fetchval(pool: asyncpg.Pool, query: str, *args: Any) -> Any:
-    return await _run(pool, "fetchval", query, args)
+    return await _run(pool, lambda conn: conn.fetchval(query, *args))
 
 
 async def execute(pool: asyncpg.Pool, query: str, *args: Any) -> str:
-    status: str = await _run(pool, "execute", query, args)
+    status: str = await _run(pool, lambda conn: conn.execute(query, *args))
     return status
 
 

@@ -55,6 +55,14 @@ async def _leaves(conn: asyncpg.Connection, schema: str) -> dict[str, str]:
     return {row["relname"]: row["bound"] for row in rows}
 
 
+def _relayed(batch: list[Envelope]) -> Settlement:
+    """Every row of ``batch`` settled as relayed."""
+    done = Settlement()
+    for envelope in batch:
+        done.mark(envelope, Status.RELAYED)
+    return done
+
+
 def _periodic(where: Counter[tuple[str, int]]) -> int:
     """How many relayed rows lie in the history and the partitions of a period (not the default partition)."""
     return sum(n for (table, status), n in where.items()
@@ -91,10 +99,7 @@ async def test_conversion_moves_what_is_live_and_keeps_keys_taken(eventbus_dsn: 
         assert "eventbus_outbox_settled_default" in leaves and len(leaves) == 4  # history, default, two days ahead
 
         # The claimed rows keep their lease: the relay that holds them settles them.
-        done = Settlement()
-        for envelope in claimed:
-            done.mark(envelope, Status.RELAYED)
-        assert await outbox.settle("w1", done) == 2
+        assert await outbox.settle("w1", _relayed(claimed)) == 2
         assert (await _where(conn, eventbus_schema))[("eventbus_outbox_live", 1)] == 0
 
         # A key is taken whether its row is pending, settled before the conversion, or settled after it.
@@ -122,10 +127,7 @@ async def test_claims_read_only_the_live_partition(eventbus_dsn: str, eventbus_s
             await outbox.offer(c, [NewEvent(topic="Order", payload=b'{"n": 1}') for _ in range(500)])
         for _ in range(3):  # settled rows in the hour's partition too
             batch = await outbox.claim(100, 30.0, "w1")
-            done = Settlement()
-            for envelope in batch:
-                done.mark(envelope, Status.RELAYED)
-            await outbox.settle("w1", done)
+            await outbox.settle("w1", _relayed(batch))
         await conn.execute(f"ANALYZE {quote_schema(eventbus_schema)}.eventbus_outbox")
         async with conn.transaction():
             plan = "\n".join(
@@ -339,9 +341,7 @@ async def test_statements_meeting_rows_moved_by_a_settle_are_tried_again(
         async def race_settle(worker: str, lease: float, batch: list[Envelope]) -> None:
             """Renews and reclaims of ``batch``'s rows, over and over, while they settle."""
             settled = anyio.Event()
-            done = Settlement()
-            for envelope in batch:
-                done.mark(envelope, Status.RELAYED)
+            done = _relayed(batch)
 
             async def race(call: Callable[[], Awaitable[object]]) -> None:
                 while not settled.is_set():
@@ -455,10 +455,7 @@ async def test_a_relay_running_through_the_conversion_keeps_the_partitions_made(
 async def _settle_all(outbox: OutboxRepository) -> int:
     settled = 0
     while batch := await outbox.claim(100, 30.0, "w1"):
-        done = Settlement()
-        for envelope in batch:
-            done.mark(envelope, Status.RELAYED)
-        settled += await outbox.settle("w1", done)
+        settled += await outbox.settle("w1", _relayed(batch))
     return settled
 
 

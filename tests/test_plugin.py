@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -34,12 +35,16 @@ async def _round_trip(dsn: str, schema: str) -> list[str]:
     return seen
 
 
-async def _tables(dsn: str, schema: str) -> int:
+async def _value(dsn: str, query: str, *args: object) -> Any:
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = $1", schema))
+        return await conn.fetchval(query, *args)
     finally:
         await conn.close()
+
+
+async def _tables(dsn: str, schema: str) -> int:
+    return int(await _value(dsn, "SELECT count(*) FROM pg_tables WHERE schemaname = $1", schema))
 
 
 def test_the_schema_fixture_serves_a_sync_test(eventbus_dsn: str, eventbus_schema: str) -> None:
@@ -69,8 +74,4 @@ def test_the_schema_fixture_drops_its_schema_afterwards(eventbus_dsn: str, tmp_p
 
 
 async def _exists(dsn: str, schema: str) -> bool:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return bool(await conn.fetchval("SELECT to_regnamespace($1) IS NOT NULL", schema))
-    finally:
-        await conn.close()
+    return bool(await _value(dsn, "SELECT to_regnamespace($1) IS NOT NULL", schema))

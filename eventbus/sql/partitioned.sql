@@ -127,8 +127,8 @@ SELECT pg_temp.eventbus_copy_rights('__schema__.eventbus_outbox',
 
 -- Producer idempotency across partitions: a key is taken by the first row offered with it, for as long as the
 -- outbox keeps rows (retention forgets keys taken before its window whose rows are neither pending nor claimed).
--- Under the outbox's tenant policy, and insertable by whoever may insert outbox rows: a producer taking a key does so
--- as itself, so offering another tenant's row fails alike whether that tenant took the key or not.
+-- Under the outbox's tenant policy, and insertable by whoever may insert outbox rows: a producer takes a key as
+-- itself, so offering another tenant's row fails alike whether that tenant took the key or not.
 CREATE TABLE __schema__.eventbus_idempotency_keys (
     tenant          text        NOT NULL,
     idempotency_key text        NOT NULL,
@@ -169,9 +169,8 @@ CREATE TRIGGER eventbus_idempotency BEFORE INSERT ON __schema__.eventbus_outbox_
 -- runs in UTC whatever the caller's time zone (periods are UTC days and hours; a local day can last 23 hours).
 
 -- Make settled partitions, one per period, until they cover `upto` (at most 200 in one call); returns how many
--- were made. Each is made
--- apart and attached (a lock that lets settles go on; the default partition is locked and read, and is nearly
--- always empty).
+-- were made. Each is made apart and attached (a lock that lets settles go on; the default partition is locked
+-- and read, and is nearly always empty).
 CREATE FUNCTION __schema__.eventbus_outbox_extend(upto timestamptz) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '200ms'
     SET timezone = 'UTC'

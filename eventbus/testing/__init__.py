@@ -129,8 +129,9 @@ class _Run:
     seen: set[uuid.UUID] = field(default_factory=set)
 
 
-def _faulty(sub: Subscription, session: _Session, timeout: float) -> Subscription:
-    """``sub`` with the current example's faults (``session.run``) put into its attempts."""
+def _faulty(sub: Subscription, session: _Session) -> Subscription:
+    """``sub`` with the current example's faults (``session.run``) put into its attempts, and the run's timeout
+    (``session.timeout``)."""
     original = sub.handler
 
     async def handler(event: Any, ctx: Context) -> None:
@@ -153,7 +154,7 @@ def _faulty(sub: Subscription, session: _Session, timeout: float) -> Subscriptio
         run.completed[slot] = run.completed.get(slot, 0) + 1
 
     return dataclasses.replace(
-        sub, handler=handler, is_async=True, takes_context=True, timeout=timeout,
+        sub, handler=handler, is_async=True, takes_context=True, timeout=session.timeout,
         backoff=Backoff(initial=0.0, factor=1.0, jitter=0.0),
     )  # fmt: skip
 
@@ -224,7 +225,7 @@ class _Session:
         bus: EventBus = await _maybe(self.bus_factory(self.scoped_dsn, self.name))
         if bus.schema != self.name:
             raise ReplayCheckFailed(f"bus_factory must build EventBus(dsn, schema=schema); it used {bus.schema!r}")
-        bus.subscriptions = {name: _faulty(sub, self, self.timeout) for name, sub in bus.subscriptions.items()}
+        bus.subscriptions = {name: _faulty(sub, self) for name, sub in bus.subscriptions.items()}
         bus.relay_config = RelayConfig(poll_interval=0.005, lease=max(2.0, self.timeout * 5), reclaim_interval=0.2)
         await bus.start()
         self.bus = bus
